@@ -1,0 +1,200 @@
+"""TrainConfig: the single source of truth for a run. Defaults < YAML (--config) < command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "lamb", "lion", "adan", "rmsprop")
+METRICS = ("val_accuracy", "val_loss", "val_f1")
+CONFIG_FILE = "train_config.yaml"
+
+
+def _f(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a fine-tuning run."""
+
+    model: str = _f("timm/resnet50.a1_in1k", "timm model: Hub id (org/name, hf-hub:org/name[@rev]), local-dir:PATH or a timm architecture name")
+    pretrained: bool = _f(True, "start from the model's pretrained weights")
+    dataset: str = _f("microsoft/cats_vs_dogs", "Hub dataset id, or a local imagefolder directory or parquet file(s)")
+    dataset_revision: str | None = _f(None, "dataset revision (branch, tag or commit sha) on the Hub")
+    image_column: str | None = _f(None, "image column (default: the column with the Image feature)")
+    label_column: str | None = _f(None, "label column (default: the column with the ClassLabel feature)")
+    val_fraction: float = _f(0.1, "fraction held out for validation when the dataset has no validation/test split")
+    max_bad_fraction: float = _f(0.01, "stop if more than this fraction of images cannot be decoded")
+    image_size: int | None = _f(None, "train/eval resolution in pixels (default: the model's pretrained_cfg)")
+    shuffle_buffer: int = _f(1000, "examples held in the streaming shuffle buffer")
+    epochs: int = _f(3, "passes over the training split")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides the length given by --epochs)")
+    batch_size: int = _f(32, "images per process per forward pass")
+    lr: float = _f(5e-4, "peak learning rate")
+    weight_decay: float = _f(0.05, "weight decay")
+    optimizer: str = _f("adamw", "timm optimizer name", choices=OPTIMIZERS)
+    layer_decay: float | None = _f(None, "layer-wise learning-rate decay (timm), e.g. 0.75")
+    warmup_steps: int = _f(0, "linear warmup steps before the cosine decay")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    clip_grad: float | None = _f(None, "clip the gradient norm to this value")
+    mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "mixed precision mode", choices=MIXED_PRECISION)
+    freeze: str = _f("", "comma list of timm groups (stem, stages.0-2, blocks.1) and module globs (layer1.*) to freeze")
+    freeze_bn: bool = _f(False, "also fix BatchNorm statistics in the frozen parts (FrozenBatchNorm2d)")
+    output_dir: str = _f("outputs", "where the checkpoints, metrics and Hub-ready export are written")
+    seed: int = _f(42, "random seed")
+    num_workers: int = _f(2, "data loader worker processes per training process")
+    log_every: int = _f(20, "optimizer steps between log lines")
+    progress: bool = _f(True, "show a progress bar (main process, terminals only)")
+
+    def validate(self) -> None:
+        """Raise one ValueError listing every problem, each naming the flag, the bad value and what is accepted."""
+        problems = []
+
+        def bad(name: str, accepted: str) -> None:
+            problems.append(f"--{name.replace('_', '-')}: got {getattr(self, name)!r}, expected {accepted}")
+
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                bad(f.name, f"one of {', '.join(choices)}")
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                bad(name, "an integer >= 1")
+        for name in ("max_steps", "image_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                bad(name, "an integer >= 1")
+        for name in ("warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                bad(name, "an integer >= 0")
+        if not 0.0 < self.val_fraction < 1.0:
+            bad("val_fraction", "a number strictly between 0 and 1")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            bad("max_bad_fraction", "a number between 0 and 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            bad("lr", "a positive number")
+        if self.weight_decay < 0:
+            bad("weight_decay", "a number >= 0")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            bad("layer_decay", "a number in (0, 1]")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            bad("clip_grad", "a positive number")
+        if not self.model.strip():
+            bad("model", "a timm model name, Hub id or local-dir:PATH")
+        if not self.dataset.strip():
+            bad("dataset", "a Hub dataset id or a local path")
+        if problems:
+            raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML that `--config` reads back."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _base_type(tp: Any) -> type:
+    """The concrete type behind `X | None` / Literal annotations."""
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing), {})  # annotations are strings under `from __future__ import annotations`
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return type(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def _optional(tp: Any) -> bool:
+    return "None" in str(tp)
+
+
+def _convert(name: str, raw: Any, tp: Any) -> Any:
+    """Convert one YAML/flag value to the field's type or raise ValueError naming the key."""
+    if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null") and _optional(tp)):
+        if _optional(tp):
+            return None
+        raise ValueError(f"{name}: got None, expected a value of type {_base_type(tp).__name__}")
+    base = _base_type(tp)
+    if base is bool:
+        if isinstance(raw, bool):
+            return raw
+        raise ValueError(f"{name}: got {raw!r}, expected true or false")
+    try:
+        if base is int and isinstance(raw, float) and not raw.is_integer():
+            raise ValueError
+        return base(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: got {raw!r}, expected a value of type {base.__name__}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per TrainConfig field (plus --config), defaults and help taken from the dataclass."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file with TrainConfig fields (flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if _base_type(f.type) is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(
+                flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text,
+                choices=None,  # choices are checked by validate() so every problem is reported together
+            )
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+    """Build and validate the config: defaults, then the YAML file, then explicit flags."""
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ValueError(f"--config: file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"--config: {path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config: {path} must hold a mapping of option: value, got {type(loaded).__name__}")
+        for key, raw in loaded.items():
+            name = str(key).replace("-", "_")
+            if name not in fields:
+                problems.append(f"{path}: unknown key {key!r}; accepted keys: {', '.join(fields)}")
+                continue
+            values[name] = raw
+    for name in fields:
+        raw = getattr(args, name, None)
+        if raw is not None:
+            values[name] = raw
+    converted = {}
+    for name, raw in values.items():
+        try:
+            converted[name] = _convert("--" + name.replace("_", "-"), raw, fields[name].type)
+        except ValueError as err:
+            problems.append(str(err))
+    cfg = TrainConfig(**converted)
+    try:
+        cfg.validate()
+    except ValueError as err:
+        problems += str(err).splitlines()[1:]
+    if problems:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(p.strip() for p in problems))
+    return cfg
+
+
+def parse(argv: list[str] | None = None, prog: str = "hubtune train") -> TrainConfig:
+    parser = argparse.ArgumentParser(prog=prog, description="Fine-tune a timm image classifier on a streamed dataset.")
+    add_arguments(parser)
+    return from_args(parser.parse_args(argv))

@@ -1,0 +1,189 @@
+"""The timm backbone: creation from any source, preprocessing, partial freezing, parameter tables, export."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+from timm.utils.model import freeze as timm_freeze
+
+HEAD_GROUP = "head"
+
+
+def timm_name(spec: str) -> str:
+    """The name timm.create_model understands for a --model value."""
+    if spec.startswith(("hf-hub:", "local-dir:")) or "/" not in spec:
+        return spec
+    return "hf-hub:" + spec
+
+
+def create(spec: str, num_classes: int | None, pretrained: bool = True, **kwargs: Any) -> torch.nn.Module:
+    """Build the model through timm.create_model with a classifier sized for `num_classes`.
+
+    Raises:
+        ValueError: the model does not exist (as an architecture, on the Hub, or at the local path).
+    """
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    name = timm_name(spec)
+    try:
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except GatedRepoError as err:
+        raise ValueError(f"--model {spec!r} is gated: accept its licence on the Hub and set HF_TOKEN") from err
+    except RevisionNotFoundError as err:
+        raise ValueError(f"--model {spec!r}: that revision does not exist") from err
+    except RepositoryNotFoundError as err:
+        raise ValueError(f"--model {spec!r}: no such model repo on the Hub (private? set HF_TOKEN)") from err
+    except FileNotFoundError as err:
+        raise ValueError(f"--model {spec!r}: {err}") from err
+    except RuntimeError as err:
+        if "Unknown model" in str(err) or "Invalid pretrained tag" in str(err):
+            raise ValueError(
+                f"--model {spec!r} is not a timm architecture; see timm.list_models(), "
+                "or give a Hub id (org/name) or local-dir:PATH"
+            ) from err
+        raise
+
+
+def data_config(model: torch.nn.Module, image_size: int | None) -> dict[str, Any]:
+    """The backbone's own preprocessing (pretrained_cfg), at `image_size` when given."""
+    args = {"input_size": (3, image_size, image_size)} if image_size else None
+    return resolve_data_config(args, model=model)
+
+
+def transforms(cfg: dict[str, Any]) -> tuple[Callable, Callable]:
+    """timm's (train, eval) transforms for this data config."""
+    return create_transform(**cfg, is_training=True), create_transform(**cfg, is_training=False)
+
+
+def _matchers(model: torch.nn.Module) -> dict[str, list[re.Pattern]]:
+    """timm's coarse group_matcher as {group kind: regexes}."""
+    out: dict[str, list[re.Pattern]] = {}
+    for kind, spec in model.group_matcher(coarse=True).items():
+        patterns = [spec] if isinstance(spec, str) else [p for p, _ in spec]
+        out[kind] = [re.compile(p) for p in patterns]
+    return out
+
+
+def param_groups(model: torch.nn.Module) -> dict[str, str]:
+    """Map every parameter name to its group: stem, stages.N (timm's blocks, 0-based), or head."""
+    head = model.pretrained_cfg.get("classifier", "")
+    heads = [head] if isinstance(head, str) else list(head)
+    matchers = _matchers(model)
+    stage_ids: dict[str, str] = {}
+    groups = {}
+    for name, _ in model.named_parameters():
+        group = "other"
+        if any(name == h or name.startswith(h + ".") for h in heads if h):
+            group = HEAD_GROUP
+        else:
+            for kind, patterns in matchers.items():
+                m = next((m for p in patterns if (m := p.match(name))), None)
+                if m is None:
+                    continue
+                if kind == "stem" or not m.groups():
+                    group = kind
+                else:
+                    stage_ids.setdefault(m.group(1), "")
+                    group = f"stages.{m.group(1)}"
+                break
+        groups[name] = group
+    # timm numbers blocks by their module index (resnet layer1..4): renumber stages 0..N-1 in order
+    order = {raw: i for i, raw in enumerate(sorted(stage_ids, key=lambda s: int(s) if s.isdigit() else s))}
+    return {n: f"stages.{order[g[7:]]}" if g.startswith("stages.") else g for n, g in groups.items()}
+
+
+def _expand(token: str) -> list[str]:
+    """'stages.0-2' -> ['stages.0', 'stages.1', 'stages.2']; 'blocks' is an alias of 'stages'."""
+    token = re.sub(r"^blocks(?=\.|$)", "stages", token)
+    m = re.fullmatch(r"stages\.(\d+)-(\d+)", token)
+    if m:
+        return [f"stages.{i}" for i in range(int(m.group(1)), int(m.group(2)) + 1)]
+    return [token]
+
+
+def resolve_freeze(model: torch.nn.Module, spec: str) -> list[str]:
+    """Module names to freeze for a --freeze spec (group names and module-name globs).
+
+    Raises:
+        ValueError: a token matches nothing, or would freeze the classifier without naming it.
+    """
+    tokens = [t.strip() for t in spec.split(",") if t.strip()]
+    groups = param_groups(model)
+    group_names = sorted(set(groups.values()))
+    modules = [n for n, _ in model.named_modules() if n]
+    head_params = {n for n, g in groups.items() if g == HEAD_GROUP}
+    chosen: set[str] = set()
+    problems = []
+    for token in tokens:
+        params: set[str] = set()
+        for item in _expand(token):
+            if item == "stages":
+                params |= {n for n, g in groups.items() if g.startswith("stages.")}
+            elif item in group_names:
+                params |= {n for n, g in groups.items() if g == item}
+            else:
+                params |= {p for p in groups for mod in modules if fnmatch.fnmatchcase(mod, item) and p.startswith(mod + ".")}
+                params |= {p for p in groups if fnmatch.fnmatchcase(p, item)}
+        if not params:
+            problems.append(
+                f"--freeze {token!r} matches no parameters; groups: {', '.join(group_names)}; "
+                f"or a module-name glob such as {modules[0]}*"
+            )
+        explicit_head = token == HEAD_GROUP or token in {n.rsplit(".", 1)[0] for n in head_params}
+        if params & head_params and not explicit_head:
+            problems.append(
+                f"--freeze {token!r} would freeze the classifier head; name it explicitly ('{HEAD_GROUP}') to do that"
+            )
+        chosen |= params
+    if problems:
+        raise ValueError("\n".join(problems))
+    return sorted(chosen)
+
+
+def freeze(model: torch.nn.Module, param_names: list[str], freeze_bn: bool) -> None:
+    """Freeze the given parameters with timm's freeze utility (FrozenBatchNorm2d in frozen parts if freeze_bn)."""
+    owners = sorted({n.rsplit(".", 1)[0] for n in param_names})
+    # a module is frozen whole when all its parameters are chosen; timm then also converts its BatchNorms
+    whole = [m for m in owners if all(n in param_names for n, _ in model.get_submodule(m).named_parameters(m))]
+    if whole:
+        timm_freeze(model, whole, include_bn_running_stats=freeze_bn)
+    params = dict(model.named_parameters())
+    for name in param_names:
+        if name in params:
+            params[name].requires_grad_(False)
+
+
+def parameter_table(model: torch.nn.Module) -> list[tuple[str, int, int, int]]:
+    """(group, total, trainable, frozen) per top-level module, plus a total row."""
+    rows = []
+    for name, child in model.named_children():
+        total = sum(p.numel() for p in child.parameters())
+        if total == 0:
+            continue
+        trainable = sum(p.numel() for p in child.parameters() if p.requires_grad)
+        rows.append((name, total, trainable, total - trainable))
+    rows.append(("total", *(sum(r[i] for r in rows) for i in (1, 2, 3))))
+    return rows
+
+
+def format_table(rows: list[tuple[str, int, int, int]]) -> str:
+    lines = [f"{'group':<16}{'total':>14}{'trainable':>14}{'frozen':>14}"]
+    lines += [f"{g:<16}{t:>14,}{tr:>14,}{fr:>14,}" for g, t, tr, fr in rows]
+    return "\n".join(lines)
+
+
+def export(model: torch.nn.Module, out_dir: str | Path, label_names: list[str], data_cfg: dict[str, Any]) -> None:
+    """Write config.json + model.safetensors in timm's Hub format (plain timm.create_model loads it)."""
+    timm.models.save_for_hf(
+        model, str(out_dir), model_config={"label_names": list(label_names)}, safe_serialization=True,
+        data_config={k: data_cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+                     if k in data_cfg},
+    )

@@ -1,0 +1,88 @@
+"""Shared fixtures: an isolated HF cache, a local Hub on loopback, tiny generated image datasets.
+
+The Hugging Face clients read HF_ENDPOINT when they are imported, so this module reserves a loopback
+port and points the environment at it before anything imports huggingface_hub, datasets or timm.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _reserve_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="hubtune-tests-"))
+HUB_PORT = _reserve_port()
+HUB_URL = f"http://127.0.0.1:{HUB_PORT}"
+os.environ.update(
+    {
+        "HF_ENDPOINT": HUB_URL,
+        "HF_HOME": str(_SESSION_HOME / "hf_home"),
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_UPDATE_DOWNLOAD_COUNTS": "0",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+)
+for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.pop(_var, None)
+assert "huggingface_hub" not in sys.modules, "conftest must run before any Hugging Face import"
+
+import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import make_image_dataset  # noqa: E402
+
+HUB_TOKENS = {
+    "tok-alice-write": ("alice", "write"),
+    "tok-alice-read": ("alice", "read"),
+    "tok-bob-write": ("bob", "write"),
+}
+
+
+@pytest.fixture(scope="session")
+def hub():
+    """A local Hub-compatible server on the reserved port, shared by the session."""
+    from hubtune.hub_server import LocalHub
+
+    server = LocalHub(_SESSION_HOME / "hub", port=HUB_PORT, tokens=HUB_TOKENS).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub_token() -> str:
+    return "tok-alice-write"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_hf_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own HF cache so negative lookups and refs never leak between tests."""
+    cache = tmp_path_factory.mktemp("hf_cache")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache / "hub"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+
+
+@pytest.fixture(scope="session")
+def two_class_parquet(tmp_path_factory) -> Path:
+    """A learnable two-class parquet dataset (train split only) with a few broken images mixed in."""
+    root = tmp_path_factory.mktemp("parquet_ds")
+    return make_image_dataset(root, layout="parquet", per_class=60, bad=True)
+
+
+@pytest.fixture(scope="session")
+def two_class_folder(tmp_path_factory) -> Path:
+    """The same kind of data as an imagefolder tree (class subfolders)."""
+    root = tmp_path_factory.mktemp("folder_ds")
+    return make_image_dataset(root, layout="imagefolder", per_class=60, bad=True)
