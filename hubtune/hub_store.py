@@ -48,11 +48,14 @@ class HubError(Exception):
     status = 400
     code: str | None = None
 
-    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status or self.status
         self.code = code or self.code
+        self.headers = headers or {}
+        self.extra = extra or {}
 
 
 class RepoNotFound(HubError):
@@ -247,6 +250,8 @@ class HubStore:
     # ---- commits -------------------------------------------------------------------------------------------------
     def _entry(self, sha256: str, lfs: bool) -> dict[str, Any]:
         path = self.object_path(sha256)
+        if not path.is_file():
+            raise HubError(f"object {sha256} is not stored; upload the file content before committing it")
         size = path.stat().st_size
         oid = hashlib.sha1(lfs_pointer(sha256, size).encode()).hexdigest() if lfs else git_blob_sha1(path.read_bytes())
         return {"sha256": sha256, "size": size, "oid": oid, "lfs": lfs}
