@@ -30,7 +30,15 @@ from urllib.parse import parse_qs, quote, unquote
 
 import yaml
 
-from hubtune.hub_store import INITIAL_GITATTRIBUTES, EntryNotFound, HubError, HubStore, Op, RepoNotFound
+from hubtune.hub_store import (
+    INITIAL_GITATTRIBUTES,
+    EntryNotFound,
+    HubError,
+    HubStore,
+    Op,
+    RepoNotFound,
+    lfs_pointer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +82,8 @@ def tree_entry(path: str, entry: dict[str, Any]) -> dict[str, Any]:
     """A file entry in the Hub's tree format (``size`` is always the real content size)."""
     out = {"type": "file", "path": path, "oid": entry["oid"], "size": entry["size"]}
     if entry["lfs"]:
-        pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{entry['sha256']}\nsize {entry['size']}\n"
-        out["lfs"] = {"oid": entry["sha256"], "size": entry["size"], "pointerSize": len(pointer)}
+        pointer_size = len(lfs_pointer(entry["sha256"], entry["size"]))
+        out["lfs"] = {"oid": entry["sha256"], "size": entry["size"], "pointerSize": pointer_size}
     return out
 
 
@@ -85,7 +93,8 @@ def list_tree(tree: dict[str, Any], prefix: str, recursive: bool) -> list[dict[s
     for path in sorted(tree):
         parts = path.split("/")
         for i in range(1, len(parts)):
-            dir_hashes.setdefault("/".join(parts[:i]), hashlib.sha1()).update(f"{path}\0{tree[path]['oid']}\n".encode())
+            folder = "/".join(parts[:i])
+            dir_hashes.setdefault(folder, hashlib.sha1()).update(f"{path}\0{tree[path]['oid']}\n".encode())
     if prefix and prefix not in dir_hashes:
         what = "is a file, not a folder" if prefix in tree else "does not exist"
         raise EntryNotFound(f"path {prefix!r} {what} at this revision")
@@ -236,7 +245,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("X-Request-Id", self._rid)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
-        if not self._body_done and (self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers):
+        has_body = self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers
+        if has_body and not self._body_done:
             self.close_connection = True  # unread request body: the connection cannot be reused
             self.send_header("Connection", "close")
         self.end_headers()
@@ -251,18 +261,19 @@ class _Handler(BaseHTTPRequestHandler):
         if self._sent:
             self.close_connection = True
             return
-        headers = {"X-Error-Message": err.message.encode("ascii", "backslashreplace").decode()}
+        message = re.sub(r"[\r\n]+", " ", err.message).encode("ascii", "backslashreplace").decode()
+        headers = {"X-Error-Message": message}
         headers.update(err.headers)
         if err.code:
             headers["X-Error-Code"] = err.code
         self._json({"error": err.message, **err.extra}, err.status, headers)
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        if not self.hub.quiet:  # path only: the query can hold an upload signature, headers hold tokens
+        if not self.server.hub.quiet:  # path only: the query can hold an upload signature, headers hold tokens
             logger.info("%s %s %s -> %s", self.address_string(), self.command, self.path.split("?")[0], code)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        if not self.hub.quiet:
+        if not self.server.hub.quiet:
             logger.info("%s %s", self.address_string(), re.sub(r"\?\S*", "?...", format % args))
 
     # ---- auth ----------------------------------------------------------------------------------------------------
@@ -639,7 +650,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _lfs_put(self, rtype: str, repo_id: str, oid: str) -> None:
         size, expires, nonce = int(self._arg("size", "-1")), int(self._arg("expires", "0")), self._arg("nonce")
         if not hmac.compare_digest(self._arg("sig"), self._signature(oid, size, expires, nonce)):
-            raise HubError("upload URL signature is invalid; request a new one from the LFS batch endpoint", status=403)
+            raise HubError("upload URL signature is invalid; request a new one from the LFS batch endpoint",
+                           status=403)
         if expires < time.time() or nonce in self.hub._used_nonces:
             raise HubError("upload URL expired or already used; request a new one from the LFS batch endpoint",
                            status=403)

@@ -350,7 +350,7 @@ class HubStore:
                 if bad or _HEX40.fullmatch(name) or any(c in name for c in " ~^:?*[\\\0"):
                     raise HubError(f"invalid {what} name {name!r}: use letters, digits, '-', '_', '.' and '/'")
                 if name in state[kind] and not exist_ok:
-                    raise Conflict(f"{what} {name!r} already exists in {repo_id}; pick another name or delete it first")
+                    raise Conflict(f"{what} {name!r} already exists in {repo_id}; pick another name or delete it")
                 state[kind][name] = sha
             self._save_repo(repo_type, repo_id, state)
             return sha
