@@ -45,15 +45,16 @@ def _summary(args: argparse.Namespace) -> int:
         size = model_lib.data_config(net, args.image_size)["input_size"]
         print(f"{args.model}: input {tuple(size)}, {len(frozen)} frozen parameter tensors")
         print(model_lib.format_table(model_lib.parameter_table(net)))
-        print("\nlayers (group, module, parameters, trainable):")
+        print("\nlayers (group, module, type, parameters, trainable):")
         groups = model_lib.param_groups(net)
         for name, module in net.named_modules():
-            own = list(module.named_parameters(recurse=False))
-            if own:
-                n = sum(p.numel() for _, p in own)
-                trainable = all(p.requires_grad for _, p in own)
-                group = groups.get(f"{name}.{own[0][0]}", "")
-                print(f"  {group:<10} {name:<40} {type(module).__name__:<20} {n:>10,} {'yes' if trainable else 'no'}")
+            counted = model_lib.counted_parameters(module, recurse=False)
+            if not counted:
+                continue
+            n = sum(k for k, _ in counted)
+            trainable = "yes" if all(t for _, t in counted) else "no"
+            group = groups.get(f"{name}.weight", groups.get(f"{name}.bias", ""))
+            print(f"  {group:<10} {name:<40} {type(module).__name__:<20} {n:>10,} {trainable}")
         with torch.no_grad():
             feats = net.forward_features(torch.zeros(1, *size))
         print(f"\nfeature map for one {tuple(size)} image: {tuple(feats.shape)}")

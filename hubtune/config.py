@@ -58,6 +58,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise one ValueError listing every problem, each naming the flag, the bad value and what is accepted."""
+        problems = self.problems()
+        if problems:
+            raise ValueError(format_problems(problems))
+
+    def problems(self) -> list[str]:
+        """Every invalid value, one message each."""
         problems = []
 
         def bad(name: str, accepted: str) -> None:
@@ -92,8 +98,7 @@ class TrainConfig:
             bad("model", "a timm model name, Hub id or local-dir:PATH")
         if not self.dataset.strip():
             bad("dataset", "a Hub dataset id or a local path")
-        if problems:
-            raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+        return problems
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,6 +106,13 @@ class TrainConfig:
     def save(self, path: str | Path) -> None:
         """Write the resolved config as YAML that `--config` reads back."""
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def format_problems(problems: list[str]) -> str:
+    """One line for one problem; one line per problem (under a heading) for several."""
+    if len(problems) == 1:
+        return f"invalid configuration: {problems[0]}"
+    return f"invalid configuration ({len(problems)} problems):\n  " + "\n  ".join(problems)
 
 
 def _base_type(tp: Any) -> type:
@@ -185,12 +197,9 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
         except ValueError as err:
             problems.append(str(err))
     cfg = TrainConfig(**converted)
-    try:
-        cfg.validate()
-    except ValueError as err:
-        problems += str(err).splitlines()[1:]
+    problems += cfg.problems()
     if problems:
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(p.strip() for p in problems))
+        raise ValueError(format_problems(problems))
     return cfg
 
 

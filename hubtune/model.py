@@ -10,9 +10,12 @@ from typing import Any, Callable
 import timm
 import torch
 from timm.data import create_transform, resolve_data_config
+from timm.layers import FrozenBatchNormAct2d
 from timm.utils.model import freeze as timm_freeze
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 HEAD_GROUP = "head"
+FROZEN_BN = (FrozenBatchNorm2d, FrozenBatchNormAct2d)
 
 
 def timm_name(spec: str) -> str:
@@ -161,14 +164,23 @@ def freeze(model: torch.nn.Module, param_names: list[str], freeze_bn: bool) -> N
             params[name].requires_grad_(False)
 
 
+def counted_parameters(module: torch.nn.Module, recurse: bool = True) -> list[tuple[int, bool]]:
+    """(numel, trainable) of each parameter, counting the affine weights that FrozenBatchNorm keeps as buffers."""
+    out = [(p.numel(), p.requires_grad) for p in module.parameters(recurse=recurse)]
+    frozen_bn = [m for m in (module.modules() if recurse else [module]) if isinstance(m, FROZEN_BN)]
+    out += [(m.weight.numel() + m.bias.numel(), False) for m in frozen_bn]
+    return out
+
+
 def parameter_table(model: torch.nn.Module) -> list[tuple[str, int, int, int]]:
     """(group, total, trainable, frozen) per top-level module, plus a total row."""
     rows = []
     for name, child in model.named_children():
-        total = sum(p.numel() for p in child.parameters())
+        counted = counted_parameters(child)
+        total = sum(n for n, _ in counted)
         if total == 0:
             continue
-        trainable = sum(p.numel() for p in child.parameters() if p.requires_grad)
+        trainable = sum(n for n, t in counted if t)
         rows.append((name, total, trainable, total - trainable))
     rows.append(("total", *(sum(r[i] for r in rows) for i in (1, 2, 3))))
     return rows

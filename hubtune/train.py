@@ -101,11 +101,22 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
                              t_in_epochs=False, lr_min=0.0)
 
 
+def _cpu_only_launch() -> bool:
+    """True when a multi-process launcher (torchrun, `accelerate launch --multi_gpu`) started us without GPUs.
+
+    Accelerate then treats every process as a lone single-process run unless told to use the CPU, and each
+    would train and write the outputs on its own; with cpu=True they form one gloo process group instead.
+    """
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Run the whole fine-tuning job described by `cfg` and write the Hub-ready export to cfg.output_dir."""
     # --- setup
     cfg.validate()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=_cpu_only_launch())
     set_seed(cfg.seed, device_specific=True)
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -211,10 +222,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         skipped["val"] = val["skipped"]
         row = {"epoch": epoch + 1, "step": global_step, "train_loss": loss_total / max(epoch_examples, 1),
                "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],
-               "train_examples": epoch_examples, "val_examples": val["examples"]}
+               "train_examples": epoch_examples, "val_examples": val["examples"], "per_class": val["per_class"],
+               "confusion_matrix": val["confusion_matrix"]}
         history.append(row)
         if not best or row["val_accuracy"] > best["val_accuracy"]:
-            best = {**row, "per_class": val["per_class"], "confusion_matrix": val["confusion_matrix"]}
+            best = row
         logger.info(f"epoch {epoch + 1}/{cfg.epochs} | step {global_step} | train_loss {row['train_loss']:.4f} | "
                     f"val_loss {row['val_loss']:.4f} | val_acc {row['val_accuracy']:.4f} | val_f1 {row['val_f1']:.4f}"
                     f" | {epoch_examples} train / {val['examples']} val images | {time.time() - t0:.1f}s")

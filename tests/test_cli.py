@@ -1,0 +1,66 @@
+"""The command lines users type: the same flags three ways, one-line errors, the summary table."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HUBTUNE = [sys.executable, "-m", "hubtune.cli"]
+
+
+def run(args, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+def flags(dataset, out, *extra):
+    return ["--model", "test_resnet", "--no-pretrained", "--dataset", str(dataset), "--image-size", "32",
+            "--epochs", "1", "--batch-size", "16", "--num-workers", "0", "--max-bad-fraction", "0.05",
+            "--output-dir", str(out), "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("entry", [
+    [sys.executable, "-m", "hubtune.train"],
+    HUBTUNE + ["train"],
+    [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+     "--mixed_precision", "no", "--dynamo_backend", "no", "hubtune/train.py"],
+], ids=["python-m", "hubtune-train", "accelerate-launch"])
+def test_same_flags_work_through_every_entry_point(entry, two_class_folder, tmp_path):
+    proc = run(entry + flags(two_class_folder, tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "train_config.yaml").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mixed-precision", "fp8"], "invalid configuration: --mixed-precision: got 'fp8', expected one of no, bf16, fp16"),
+    (["--label-column", "breed"], "--label-column 'breed' is not in the dataset; columns: image (Image), label (ClassLabel)"),
+    (["--freeze", "stages.7"], "--freeze 'stages.7' matches no parameters"),
+])
+def test_bad_input_is_one_line_error_without_traceback(extra, message, two_class_folder, tmp_path):
+    proc = run(HUBTUNE + ["train", *flags(two_class_folder, tmp_path / "out", *extra)])
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("hubtune: error")]) == 1
+
+
+def test_unknown_model_is_named(two_class_folder, tmp_path):
+    proc = run(HUBTUNE + ["train", *flags(two_class_folder, tmp_path / "o"), "--model", "resnet_nope"])
+    assert proc.returncode == 2 and "--model 'resnet_nope' is not a timm architecture" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_summary_prints_group_table_and_layers():
+    proc = run(HUBTUNE + ["summary", "test_resnet", "--freeze", "stem,stages.0-1", "--freeze-bn", "--image-size", "64"])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:4] == ["group", "total", "trainable", "frozen"])
+    layer1 = next(line for line in lines[header:] if line.startswith("layer1"))
+    _, total, trainable, frozen = layer1.split()
+    assert trainable == "0" and frozen == total
+    assert "FrozenBatchNorm2d" in proc.stdout
+    assert "input (3, 64, 64)" in proc.stdout

@@ -1,0 +1,92 @@
+"""Data: decoding every image mode to RGB, skipping broken files, column discovery, the stable val split."""
+
+import io
+from types import SimpleNamespace
+
+import pytest
+from helpers import BAD_FILES, CLASSES, examples, make_image_dataset
+from PIL import Image
+
+from hubtune import data
+from hubtune.config import TrainConfig
+
+
+def test_odd_modes_become_rgb_and_exif_orientation_is_applied():
+    items = {name: blob for name, blob, _ in examples(per_class=1, odd=True)}
+    for name in ("gray.png", "palette.png", "rgba.png", "cmyk.jpg", "deep16.png", "exif_rotated.jpg"):
+        img = data.decode(items[name])
+        assert img is not None and img.mode == "RGB", name
+    assert data.decode(items["exif_rotated.jpg"]).size == (30, 40)  # stored 40x30, orientation 6 rotates it
+    deep = data.decode(items["deep16.png"])
+    assert max(deep.getextrema()[0]) > 100  # 16-bit range scaled, not clipped to white/black
+    rgba = data.decode(items["rgba.png"])
+    assert rgba.getpixel((0, 0))[0] > 128  # composited on white, not on black
+
+
+def test_broken_images_decode_to_none():
+    items = {name: blob for name, blob, _ in examples(per_class=1, bad=True)}
+    for name, _ in BAD_FILES:
+        assert data.decode(items[name]) is None, name
+
+
+def _cfg(dataset, **kw):
+    return TrainConfig(dataset=str(dataset), **kw)
+
+
+@pytest.mark.parametrize("fixture", ["two_class_parquet", "two_class_folder"])
+def test_columns_and_classes_found_by_feature_type(fixture, request):
+    train, val, info = data.open_splits(_cfg(request.getfixturevalue(fixture)))
+    assert info.class_names == list(CLASSES)
+    assert info.val_source == "hash:0.1"
+    assert info.label_column in ("labels", "label")
+
+
+def test_wrong_column_lists_the_columns_that_exist(two_class_parquet):
+    with pytest.raises(ValueError, match=r"--label-column 'target' is not in the dataset; columns: image \(Image\), labels \(ClassLabel\)"):
+        data.open_splits(_cfg(two_class_parquet, label_column="target"))
+    with pytest.raises(ValueError, match=r"--image-column 'labels' is ClassLabel, expected a Image column"):
+        data.open_splits(_cfg(two_class_parquet, image_column="labels"))
+
+
+def test_missing_local_dataset_names_the_path(tmp_path):
+    with pytest.raises(ValueError, match="no such local file or directory"):
+        data.open_splits(_cfg(tmp_path / "nope" / "x"))
+
+
+def _hashes(path, keep_val, rank=0, world=1, shuffle_seed=None):
+    train, _, info = data.open_splits(_cfg(path))
+    ds = data.build_stream(train, info, transform=lambda img: img.tobytes(), keep_val=keep_val, val_fraction=0.1,
+                           rank=rank, world_size=world, shuffle_seed=shuffle_seed, shuffle_buffer=16)
+    return [hash(ex["pixel_values"]) for ex in ds if ex["pixel_values"] is not None]
+
+
+def test_val_split_is_disjoint_stable_and_independent_of_processes_and_shuffle(two_class_parquet):
+    val_1 = _hashes(two_class_parquet, True)
+    train_1 = _hashes(two_class_parquet, False)
+    assert val_1 and train_1 and not set(val_1) & set(train_1)
+    val_2 = _hashes(two_class_parquet, True, 0, 2) + _hashes(two_class_parquet, True, 1, 2)
+    assert sorted(val_2) == sorted(val_1)
+    assert sorted(_hashes(two_class_parquet, True, shuffle_seed=3)) == sorted(val_1)
+    assert sorted(_hashes(two_class_parquet, False, shuffle_seed=3)) == sorted(train_1)
+
+
+def test_hash_split_keeps_each_class_near_the_fraction():
+    blobs = [(b, lab) for _, b, lab in examples(per_class=400, odd=False)]
+    for label in (0, 1):
+        share = sum(data.in_val(b, 0.2) for b, lab in blobs if lab == label) / 400
+        assert 0.14 < share < 0.26
+
+
+def test_existing_validation_split_is_used_as_is(tmp_path):
+    for split, per_class in (("train", 20), ("validation", 5)):
+        make_image_dataset(tmp_path / split, "imagefolder", per_class=per_class, seed=len(split))
+    _, val, info = data.open_splits(_cfg(tmp_path))
+    assert info.val_source == "split:validation"
+    assert sum(1 for _ in val) == 2 * 5 + 6
+
+
+def test_collate_drops_and_counts_bad_examples():
+    good = {"pixel_values": data.torch.zeros(3, 4, 4), "label": 1}
+    batch = data.collate([good, {"pixel_values": None, "label": 0}, good])
+    assert batch["pixel_values"].shape == (2, 3, 4, 4) and batch["n_bad"] == 1
+    assert batch["labels"].tolist() == [1, 1]

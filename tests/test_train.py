@@ -1,0 +1,149 @@
+"""End-to-end training on generated data: learning, freezing, export, bad images, multi-process runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from hubtune import data
+from hubtune import model as model_lib
+from hubtune.config import TrainConfig
+from hubtune.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def backbone(tmp_path_factory) -> Path:
+    """A 'pretrained' test_resnet saved in timm's Hub format (5-class head, to be replaced)."""
+    torch.manual_seed(0)
+    net = timm.create_model("test_resnet", num_classes=5)
+    with torch.no_grad():  # non-trivial BN statistics, so a frozen BN that drifted would show
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.9, 1.1)
+    path = tmp_path_factory.mktemp("backbone")
+    timm.models.save_for_hf(net, str(path), safe_serialization=True)
+    return path
+
+
+def tiny_config(dataset, out, **kw) -> TrainConfig:
+    base = dict(model="test_resnet", pretrained=False, dataset=str(dataset), image_size=32, epochs=3, batch_size=16,
+                lr=3e-3, output_dir=str(out), num_workers=0, max_bad_fraction=0.05, progress=False, shuffle_buffer=64)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def frozen_run(tmp_path_factory, two_class_parquet, backbone):
+    out = tmp_path_factory.mktemp("frozen_run")
+    cfg = tiny_config(two_class_parquet, out, model=f"local-dir:{backbone}", pretrained=True,
+                      freeze="stem,stages.0", freeze_bn=True)
+    return train(cfg), cfg
+
+
+def test_tiny_model_learns_the_two_class_task(frozen_run):
+    result, _ = frozen_run
+    assert result.best["val_accuracy"] >= 0.9
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_frozen_parameters_and_bn_statistics_are_bit_identical(frozen_run, backbone):
+    result, _ = frozen_run
+    before = load_file(str(backbone / "model.safetensors"))
+    after = load_file(str(result.output_dir / "model.safetensors"))
+    frozen = [k for k in before if k.startswith(("conv1.", "bn1.", "layer1."))]
+    assert any("running_mean" in k for k in frozen)
+    for key in frozen:
+        if key.endswith("num_batches_tracked"):
+            continue
+        assert torch.equal(before[key], after[key]), key
+    changed = [k for k in before if k.startswith("layer3.") and k.endswith("weight")]
+    assert all(not torch.equal(before[k], after[k]) for k in changed)
+
+
+def test_export_is_plain_timm_with_label_names_and_resolved_config(frozen_run):
+    result, cfg = frozen_run
+    out = result.output_dir
+    assert {"config.json", "model.safetensors", "metrics.json", "train_config.yaml"} <= {p.name for p in out.iterdir()}
+    net = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert net.pretrained_cfg["label_names"] == ["cat", "dog"]
+    assert net.num_classes == 2
+    assert tuple(net.pretrained_cfg["input_size"]) == (3, 32, 32)
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt*"))
+
+
+def test_metrics_json_history_best_counts_and_skipped_images(frozen_run):
+    result, _ = frozen_run
+    m = json.loads((result.output_dir / "metrics.json").read_text())
+    assert [h["epoch"] for h in m["history"]] == [1, 2, 3]
+    assert {"train_loss", "val_loss", "val_accuracy"} <= set(m["history"][0])
+    assert m["best"]["epoch"] in (1, 2, 3) and m["best"]["val_accuracy"] == max(h["val_accuracy"] for h in m["history"])
+    # 2 x 60 generated + 6 odd-mode images decode; the 3 broken files are skipped and counted exactly
+    assert m["train_examples"] + m["val_examples"] == 126
+    assert m["skipped_images"]["train"] + m["skipped_images"]["val"] == 3
+    assert set(m["best"]["per_class"]) == {"cat", "dog"}
+
+
+def test_too_many_bad_images_stop_the_run(two_class_parquet, tmp_path):
+    cfg = tiny_config(two_class_parquet, tmp_path, max_bad_fraction=0.0, epochs=1)
+    with pytest.raises(RuntimeError, match=r"could not be decoded, over --max-bad-fraction 0.0"):
+        train(cfg)
+
+
+def test_non_finite_loss_stops_with_step_and_advice(two_class_folder, tmp_path):
+    cfg = tiny_config(two_class_folder, tmp_path, lr=1e30, epochs=1, optimizer="sgd")
+    with pytest.raises(FloatingPointError, match=r"at step \d+ .*--mixed-precision bf16 or a lower --lr"):
+        train(cfg)
+
+
+def test_optimizer_only_sees_trainable_parameters(two_class_folder, tmp_path, backbone):
+    from timm.optim import create_optimizer_v2
+
+    net = model_lib.create(f"local-dir:{backbone}", num_classes=2)
+    model_lib.freeze(net, model_lib.resolve_freeze(net, "stem,stages.0-2"), freeze_bn=False)
+    opt = create_optimizer_v2(net, opt="adamw", lr=1e-3)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in net.parameters() if p.requires_grad}
+
+
+def _launch(args: list[str], env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_process_run_matches_single_process_eval_of_its_export(two_class_folder, tmp_path):
+    out = tmp_path / "ddp"
+    flags = ["--model", "test_resnet", "--no-pretrained", "--dataset", str(two_class_folder), "--image-size", "32",
+             "--epochs", "2", "--batch-size", "8", "--lr", "3e-3", "--num-workers", "0", "--max-bad-fraction", "0.05",
+             "--output-dir", str(out), "--no-progress"]
+    # accelerate 1.15 runs `--cpu --num_processes 2` as one process unless mpirun is set up; --multi_gpu starts
+    # two processes through torchrun, and hubtune joins them in a gloo group when there is no GPU
+    proc = _launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "hubtune/train.py", *flags])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_processes"] == 2
+    # the same examples are held out as in a one-process run, and each is evaluated exactly once
+    cfg = tiny_config(two_class_folder, out)
+    _, val_src, info = data.open_splits(cfg)
+    net = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    _, eval_tf = model_lib.transforms(model_lib.data_config(net, 32))
+    val = data.build_stream(val_src, info, eval_tf, keep_val=True, val_fraction=0.1, rank=0, world_size=1)
+
+    from accelerate import Accelerator
+
+    from hubtune.metrics import evaluate
+
+    single = evaluate(net, data.make_loader(val, 8, 0, False), Accelerator(cpu=True), info.class_names)
+    assert single["examples"] == m["val_examples"]
+    assert single["accuracy"] == pytest.approx(m["history"][-1]["val_accuracy"], abs=1e-9)
+    assert single["confusion_matrix"] == m["history"][-1]["confusion_matrix"]
