@@ -169,14 +169,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._path, _, query = self.path.partition("?")
         self._query = parse_qs(query, keep_blank_values=True)
         try:
-            self._route(method, self._path.split("/")[1:])
-        except HubError as err:
-            self._error(err)
-        except OSError:  # client went away mid-transfer
+            try:
+                self._route(method, self._path.split("/")[1:])
+            except HubError as err:
+                self._error(err)
+            except (ConnectionError, TimeoutError):
+                raise
+            except Exception:
+                logger.exception("local hub failed on %s %s", method, self._path)
+                self._error(HubError("internal error in the local hub; see the server log", status=500))
+        except (ConnectionError, TimeoutError):  # the client went away mid-transfer
             self.close_connection = True
-        except Exception:
-            logger.exception("local hub failed on %s %s", method, self._path)
-            self._error(HubError("internal error in the local hub; see the server log", status=500))
         finally:
             self.hub._record(method, self._path, self._status, self.headers.get("Range"))
 
@@ -698,6 +701,7 @@ class LocalHub:
         self.orgs = {user: list(names) for user, names in (orgs or {}).items()}
         self.quiet, self.page_size = quiet, page_size
         self.url = ""
+        # Recent (method, decoded path, status, Range header) for tests; never headers or query strings.
         self.requests: deque[tuple[str, str, int, str | None]] = deque(maxlen=5000)
         self._secret = os.urandom(32)
         self._used_nonces: set[str] = set()
