@@ -540,8 +540,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _settings(self, rtype: str, repo_id: str, segs: list[str]) -> None:
         self._repo(rtype, repo_id, write=True)
         body = self._json_body()
-        if body.get("private") is not None:
-            self.store.set_private(rtype, repo_id, bool(body["private"]))
+        if body.get("gated") not in (None, False):
+            raise HubError("gated repos are not supported by the local hub; leave `gated` unset or False")
+        private = body.get("private") if body.get("private") is not None else body.get("visibility")
+        if private is not None:
+            self.store.set_private(rtype, repo_id, private in (True, "private"))
         self._json({})
 
     def _validate_yaml(self) -> None:

@@ -99,6 +99,8 @@ def test_create_repo_variants_and_whoami(hub, api):
     assert err.value.response.status_code == 409
     private = api.create_repo(_repo(), private=True)
     assert api.model_info(private.repo_id).private is True
+    api.update_repo_settings(private.repo_id, private=False)
+    assert HfApi(endpoint=hub.url, token=False).model_info(private.repo_id).private is False
     dataset = api.create_repo(_repo(), repo_type="dataset")
     assert dataset == f"{hub.url}/datasets/{dataset.repo_id}"
     assert api.dataset_info(dataset.repo_id).id == dataset.repo_id
@@ -149,6 +151,16 @@ def test_upload_folder_and_download_by_every_kind_of_revision(hub, api, tmp_path
     assert snap.name == first.oid
     assert (snap / "nested" / "weights.bin").read_bytes() == (src / "nested" / "weights.bin").read_bytes()
     assert api.file_exists(repo_id, "nested/weights.bin") and not api.file_exists(repo_id, "nope.txt")
+
+    api.delete_branch(repo_id, branch="feature/x")
+    api.delete_tag(repo_id, tag="v1")
+    refs = api.list_repo_refs(repo_id)
+    assert [b.name for b in refs.branches] == ["main"] and refs.tags == []
+    with pytest.raises(RevisionNotFoundError):
+        api.model_info(repo_id, revision="v1")
+    with pytest.raises(HfHubHTTPError):
+        api.delete_branch(repo_id, branch="main")
+    assert api.model_info(repo_id, revision=first.oid).sha == first.oid  # old commits stay reachable by sha
 
 
 def test_create_commit_additions_deletions_and_parent_check(hub, api):
@@ -425,6 +437,11 @@ def test_dataset_parquet_and_imagefolder_streaming(hub, api, hub_token, tmp_path
     assert stream.features == features
     rows = list(stream)
     assert [r["labels"] for r in rows] == [0, 1, 0, 1, 1, 0] and rows[0]["image"].size == (16, 16)
+    info = api.dataset_info(parquet_repo, files_metadata=True)
+    parquet = [s for s in info.siblings if s.rfilename.endswith(".parquet")]
+    assert len(parquet) == 1 and parquet[0].lfs is not None and parquet[0].size == parquet[0].lfs.size > 0
+    assert api.dataset_info(parquet_repo, revision=info.sha[:7]).sha == info.sha
+    assert info.card_data["dataset_info"]["features"]  # README written by push_to_hub, parsed into cardData
 
     folder_repo = _repo(prefix="imagefolder")
     for label in ("cat", "dog"):
