@@ -51,6 +51,12 @@ class TrainConfig:
     freeze: str = _f("", "comma list of timm groups (stem, stages.0-2, blocks.1) and module globs (layer1.*) to freeze")
     freeze_bn: bool = _f(False, "also fix BatchNorm statistics in the frozen parts (FrozenBatchNorm2d)")
     output_dir: str = _f("outputs", "where the checkpoints, metrics and Hub-ready export are written")
+    save_every: str = _f("epoch", "checkpoint every epoch, or every N optimizer steps (and at each epoch end)")
+    keep_last: int = _f(2, "checkpoints kept besides the best one; older ones are deleted once a newer one is complete")
+    metric: str = _f("val_accuracy", "validation metric that picks the best checkpoint", choices=METRICS)
+    early_stopping_patience: int | None = _f(None, "stop after this many evaluations without improvement")
+    early_stopping_min_delta: float = _f(0.0, "smallest change of --metric that counts as an improvement")
+    resume: str | None = _f(None, "'latest' (newest complete checkpoint in --output-dir) or a checkpoint directory")
     seed: int = _f(42, "random seed")
     num_workers: int = _f(2, "data loader worker processes per training process")
     log_every: int = _f(20, "optimizer steps between log lines")
@@ -79,6 +85,14 @@ class TrainConfig:
         for name in ("max_steps", "image_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
+        if not (self.save_every == "epoch" or (self.save_every.isdigit() and int(self.save_every) > 0)):
+            bad("save_every", "'epoch' or a positive number of optimizer steps")
+        if self.keep_last < 1:
+            bad("keep_last", "an integer >= 1")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            bad("early_stopping_patience", "an integer >= 1")
+        if self.early_stopping_min_delta < 0:
+            bad("early_stopping_min_delta", "a number >= 0")
         for name in ("warmup_steps", "num_workers"):
             if getattr(self, name) < 0:
                 bad(name, "an integer >= 0")
@@ -99,6 +113,10 @@ class TrainConfig:
         if not self.dataset.strip():
             bad("dataset", "a Hub dataset id or a local path")
         return problems
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric != "val_loss"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

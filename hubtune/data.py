@@ -1,18 +1,15 @@
-"""Streaming image-classification data: loading, column discovery, the hash validation split, decoding, loaders."""
+"""Streaming image-classification data: loading, column discovery, per-process sources, image decoding."""
 
 from __future__ import annotations
 
 import glob
-import functools
-import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import datasets
 import numpy as np
-import torch
 from datasets.distributed import split_dataset_by_node
 from datasets.utils.file_utils import xopen
 from PIL import Image, ImageOps
@@ -129,16 +126,6 @@ def image_bytes(value: dict[str, Any]) -> bytes:
         return b""
 
 
-def in_val(data: bytes, fraction: float) -> bool:
-    """Stable membership: a hash of the image content, the same in every run, process and shuffle order.
-
-    Each class keeps `fraction` of its examples in validation (in expectation), so the split is stratified;
-    identical images always land on the same side, so duplicates cannot leak from train into val.
-    """
-    digest = hashlib.blake2b(data, digest_size=8, person=b"hubtune-val").digest()
-    return int.from_bytes(digest, "big") / 2**64 < fraction
-
-
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode (L, P, LA, RGBA, CMYK, I;16, I, F) to RGB; transparency is composited on white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -167,63 +154,24 @@ def decode(data: bytes) -> Image.Image | None:
         return None
 
 
-def _split_side(example: dict, fraction: float, keep_val: bool) -> bool:
-    return in_val(example["data"], fraction) == keep_val
-
-
 def _prepare(example: dict, image_col: str, label_col: str) -> dict:
     return {"data": image_bytes(example[image_col]), "label": example[label_col]}
 
 
-def _transform(example: dict, transform: Callable) -> dict:
-    img = decode(example["data"])
-    return {"pixel_values": None if img is None else transform(img), "label": example["label"]}
-
-
-def build_stream(
-    ds: datasets.IterableDataset,
-    info: DataInfo,
-    transform: Callable,
-    *,
-    keep_val: bool | None,
-    val_fraction: float,
-    rank: int,
-    world_size: int,
-    shuffle_seed: int | None = None,
-    shuffle_buffer: int = 1000,
-) -> datasets.IterableDataset:
-    """Shard for this process, shuffle, apply the hash split (keep_val None: no split), decode and transform.
+def process_source(ds: datasets.IterableDataset, info: DataInfo, *, rank: int, world_size: int,
+                   shuffle_seed: int | None) -> datasets.IterableDataset:
+    """This process's part of a split as {data: bytes, label}, with the shard order shuffled per epoch.
 
     Each process reads only its own part of the stream with `split_dataset_by_node` (by whole parquet row groups
     when they divide evenly). Accelerate's dispatching would make rank 0 read and decode every batch and broadcast
     it, and its IterableDatasetShard would make every rank read and decode every batch; both waste the input
-    pipeline that is the bottleneck on image data.
+    pipeline that is the bottleneck on image data. Example order within shards is shuffled in hubtune.stream.
     """
+    ds = ds.reshard()  # parquet row groups become shards: finer splitting and cheap position restores
     if world_size > 1:
-        ds = split_dataset_by_node(ds.reshard(), rank=rank, world_size=world_size)
+        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     if shuffle_seed is not None:
-        ds = ds.shuffle(seed=shuffle_seed, buffer_size=shuffle_buffer)
-    ds = ds.map(_prepare, fn_kwargs={"image_col": info.image_column, "label_col": info.label_column},
-                remove_columns=[info.image_column, info.label_column])
-    if keep_val is not None:
-        ds = ds.filter(functools.partial(_split_side, fraction=val_fraction, keep_val=keep_val))
-    return ds.map(_transform, fn_kwargs={"transform": transform}, remove_columns=["data"])
-
-
-def collate(batch: list[dict]) -> dict[str, Any]:
-    """Stack decodable examples; undecodable ones are dropped here and counted in `n_bad`."""
-    good = [ex for ex in batch if ex["pixel_values"] is not None]
-    return {
-        "pixel_values": torch.stack([ex["pixel_values"] for ex in good]) if good else None,
-        "labels": torch.tensor([ex["label"] for ex in good], dtype=torch.long),
-        "n_bad": len(batch) - len(good),
-    }
-
-
-def make_loader(ds: datasets.IterableDataset, batch_size: int, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
-    # datasets hands whole shards to workers: more workers than shards would sit idle
-    workers = min(num_workers, max(ds.num_shards, 1))
-    return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
-        persistent_workers=False, prefetch_factor=4 if workers else None,
-    )
+        # buffer_size=1 shuffles only the shard order (restorably); examples are shuffled in hubtune.stream
+        ds = ds.shuffle(seed=shuffle_seed, buffer_size=1)
+    return ds.map(_prepare, fn_kwargs={"image_col": info.image_column, "label_col": info.label_column},
+                  remove_columns=[info.image_column, info.label_column])

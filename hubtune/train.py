@@ -10,9 +10,11 @@ import contextlib
 import json
 import logging
 import math
+import os
+import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,13 +22,15 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
+from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from hubtune import data, metrics
+from hubtune import checkpoint, data, metrics, stream
 from hubtune import model as model_lib
 from hubtune.config import CONFIG_FILE, TrainConfig
+from hubtune.run_state import RunState, StopRequest, TrainingInterrupted, resume_differences, update_best
 
 logger = get_logger("hubtune")
 METRICS_FILE = "metrics.json"
@@ -37,25 +41,28 @@ class TrainResult:
     output_dir: Path
     history: list[dict[str, Any]]
     best: dict[str, Any]
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any]
 
 
 class BadDataError(RuntimeError):
     """Too many images could not be decoded."""
 
 
-def synced_batches(loader: Any, accelerator: Accelerator, counts: dict[str, int]) -> Iterator[tuple[dict, bool]]:
+def synced_batches(loader: Any, accelerator: Accelerator, fetched: dict) -> Iterator[tuple[dict, bool]]:
     """Yield (batch, is_last) and stop on every process as soon as any process runs out of data.
 
     Shards of a stream hold different numbers of examples, so processes agree before each step that all
-    of them have a batch; otherwise DDP would wait forever for the process that has finished.
+    of them have a batch; otherwise DDP would wait forever for the process that has finished. Each batch
+    carries the loader position and decode counters after it, so a checkpoint never includes the batch fetched
+    ahead; `fetched` counts everything the loader produced (the epoch totals).
     """
 
     def fetch(it: Iterator) -> dict | None:
         for batch in it:
-            counts["bad"] += batch["n_bad"]
-            counts["seen"] += batch["n_bad"] + len(batch["labels"])
+            fetched["bad"] += batch["n_bad"]
+            fetched["seen"] += batch["n_bad"] + len(batch["labels"])
             if batch["pixel_values"] is not None:
+                batch["position"] = {"loader": loader.state_dict(), "bad": fetched["bad"], "seen": fetched["seen"]}
                 return batch
         return None
 
@@ -94,22 +101,56 @@ def steps_per_epoch_hint(cfg: TrainConfig, info: data.DataInfo, world_size: int)
     return max(1, math.ceil(n / (cfg.batch_size * world_size * cfg.grad_accum)))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int | None) -> CosineLRScheduler:
+def make_scheduler(optimizer: Any, cfg: TrainConfig, state: RunState) -> CosineLRScheduler:
+    """Warmup + cosine over optimizer steps, positioned at state.global_step."""
+    total = cfg.max_steps or (state.steps_per_epoch * cfg.epochs if state.steps_per_epoch else None)
     # an unknown length (no split size in the metadata) holds the peak lr until the first epoch has counted it
-    t_initial = total_steps or 10**9
-    return CosineLRScheduler(optimizer, t_initial=t_initial, warmup_t=cfg.warmup_steps, warmup_lr_init=0.0,
-                             t_in_epochs=False, lr_min=0.0)
+    scheduler = CosineLRScheduler(optimizer, t_initial=total or 10**9, warmup_t=cfg.warmup_steps,
+                                  warmup_lr_init=0.0, t_in_epochs=False, lr_min=0.0)
+    if state.global_step:
+        scheduler.step_update(num_updates=state.global_step)
+    return scheduler
 
 
-def _cpu_only_launch() -> bool:
-    """True when a multi-process launcher (torchrun, `accelerate launch --multi_gpu`) started us without GPUs.
+def save_checkpoint(accelerator: Accelerator, out: Path, net: Any, optimizer: Any, state: RunState,
+                    epoch_progress: dict, cfg: TrainConfig, run: dict) -> Path:
+    """Gather every process's RNG and data position, then the main process writes one atomic checkpoint."""
+    rng_meta, rng_tensors = checkpoint.rng_state()
+    mine = ({**rng_meta, "progress": epoch_progress}, rng_tensors)
+    ranks = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    path = checkpoint.step_dir(out, state.global_step)
+    if accelerator.is_main_process:
+        opt_meta, opt_tensors = checkpoint.optimizer_state(optimizer.optimizer)
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        payload = {"run_state": state.to_dict(), "config": cfg.to_dict(), "run": run, "grad_scaler": scaler}
+        checkpoint.write(out, state.global_step, accelerator.unwrap_model(net).state_dict(), opt_meta, opt_tensors,
+                         ranks, payload)
+        keep = {state.best["checkpoint"]} if state.best.get("checkpoint") else set()
+        for gone in checkpoint.prune(out, cfg.keep_last, keep):
+            logger.info(f"deleted old checkpoint {gone.name}")
+        logger.info(f"saved checkpoint {path.name}")
+    accelerator.wait_for_everyone()
+    return path
 
-    Accelerate then treats every process as a lone single-process run unless told to use the CPU, and each
-    would train and write the outputs on its own; with cpu=True they form one gloo process group instead.
-    """
-    import os
 
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+def restore(path: Path, accelerator: Accelerator, net: Any, optimizer: Any, cfg: TrainConfig, run: dict) -> tuple[RunState, dict]:
+    """Load a checkpoint into the model, optimizer and RNGs; return its RunState and this process's progress."""
+    saved, model_tensors, opt_tensors, rank_tensors = checkpoint.read(path)
+    diffs = resume_differences(saved, cfg, run)
+    if diffs:
+        raise ValueError(f"cannot resume from {path}: the run would change meaning:\n  " + "\n  ".join(diffs)
+                         + "\n  (start a new --output-dir for a different run)")
+    accelerator.unwrap_model(net).load_state_dict(model_tensors)
+    checkpoint.load_optimizer_state(optimizer.optimizer, saved["optimizer"], opt_tensors)
+    mine = saved["ranks"][accelerator.process_index]
+    checkpoint.set_rng_state(mine, checkpoint.rank_tensors(rank_tensors, accelerator.process_index))
+    if accelerator.scaler is not None and saved.get("grad_scaler"):
+        accelerator.scaler.load_state_dict(saved["grad_scaler"])
+    state = RunState.from_dict(saved["run_state"])
+    if state.stopped and state.stopped["reason"] != "early_stopping":
+        state.stopped = None  # a finished run resumed with more --epochs/--max-steps continues
+    logger.info(f"resumed from {path} at epoch {state.epoch + 1}, step {state.global_step}")
+    return state, mine["progress"]
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -119,6 +160,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=_cpu_only_launch())
     set_seed(cfg.seed, device_specific=True)
     out = Path(cfg.output_dir)
+    resume_from = checkpoint.find_resume(out, cfg.resume) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        logger.info(f"--resume latest: no checkpoint in {out}, starting fresh")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / CONFIG_FILE)
@@ -133,136 +177,192 @@ def train(cfg: TrainConfig) -> TrainResult:
     net = model_lib.create(cfg.model, num_classes=len(class_names), pretrained=cfg.pretrained)
     frozen = model_lib.resolve_freeze(net, cfg.freeze) if cfg.freeze else []
     model_lib.freeze(net, frozen, cfg.freeze_bn)  # before DDP wraps it: no find_unused_parameters needed
+    if not any(p.requires_grad for p in net.parameters()):
+        raise ValueError(f"--freeze {cfg.freeze!r} leaves no trainable parameters")
     logger.info("parameters:\n" + model_lib.format_table(model_lib.parameter_table(net)))
     data_cfg = model_lib.data_config(net, cfg.image_size)
     train_tf, eval_tf = model_lib.transforms(data_cfg)
-    common = dict(info=info, val_fraction=cfg.val_fraction, rank=accelerator.process_index,
-                  world_size=accelerator.num_processes)
+    where = dict(rank=accelerator.process_index, world_size=accelerator.num_processes)
     hashed = info.val_source.startswith("hash")
-    train_ds = data.build_stream(train_src, transform=train_tf, keep_val=False if hashed else None,
-                                 shuffle_seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, **common)
-    val_ds = data.build_stream(val_src, transform=eval_tf, keep_val=True if hashed else None, **common)
+    train_ds = stream.ExampleStream(data.process_source(train_src, info, shuffle_seed=cfg.seed, **where), train_tf,
+                                    keep_val=False if hashed else None, val_fraction=cfg.val_fraction,
+                                    seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
+    val_ds = stream.ExampleStream(data.process_source(val_src, info, shuffle_seed=None, **where), eval_tf,
+                                  keep_val=True if hashed else None, val_fraction=cfg.val_fraction, seed=None,
+                                  shuffle_buffer=cfg.shuffle_buffer)
     pin = accelerator.device.type == "cuda"
-    train_loader = data.make_loader(train_ds, cfg.batch_size, cfg.num_workers, pin)
-    val_loader = data.make_loader(val_ds, cfg.batch_size, cfg.num_workers, pin)
+    train_loader = stream.make_loader(train_ds, cfg.batch_size, cfg.num_workers, pin)
+    val_loader = stream.make_loader(val_ds, cfg.batch_size, cfg.num_workers, pin)
 
-    if not any(p.requires_grad for p in net.parameters()):
-        raise ValueError(f"--freeze {cfg.freeze!r} leaves no trainable parameters")
     optimizer = create_optimizer_v2(net, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     layer_decay=cfg.layer_decay)  # timm skips frozen parameters
-    # the loaders are not prepared: each process already reads its own shard (see data.build_stream)
+    # the loaders are not prepared: each process already reads its own shard (see data.process_source)
     net, optimizer = accelerator.prepare(net, optimizer)
-    steps_per_epoch = steps_per_epoch_hint(cfg, info, accelerator.num_processes)
-    total_steps = cfg.max_steps or (steps_per_epoch * cfg.epochs if steps_per_epoch else None)
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    run = {"dataset_revision": info.revision, "class_names": class_names, "val_source": info.val_source,
+           "num_processes": accelerator.num_processes, "frozen_parameters": frozen}
+    state = RunState(steps_per_epoch=steps_per_epoch_hint(cfg, info, accelerator.num_processes))
+    progress = {"loss_sum": 0.0, "n": 0, "bad": 0, "seen": 0, "loader": None}
+    if resume_from is not None:
+        state, progress = restore(resume_from, accelerator, net, optimizer, cfg, run)
+    scheduler = make_scheduler(optimizer, cfg, state)
+    save_every = None if cfg.save_every == "epoch" else int(cfg.save_every)
+    command = _resume_command()
 
     # --- loop
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {}
-    global_step = 0
-    examples_seen = 0
-    skipped = {"train": 0, "val": 0}
-    for epoch in range(cfg.epochs):
-        train_ds.set_epoch(epoch)
-        net.train()
-        counts = {"bad": 0, "seen": 0}
-        loss_sum = 0.0
-        n_local = 0
-        micro = 0
-        bar = _progress(cfg, accelerator, steps_per_epoch, epoch)
-        t0 = time.time()
-        for batch, is_last in synced_batches(train_loader, accelerator, counts):
-            x = batch["pixel_values"].to(accelerator.device, non_blocking=True)
-            y = batch["labels"].to(accelerator.device, non_blocking=True)
-            micro += 1
-            sync = micro % cfg.grad_accum == 0 or is_last
-            with accelerator.no_sync(net) if not sync else contextlib.nullcontext():
-                loss = F.cross_entropy(net(x).float(), y)
-                accelerator.backward(loss / cfg.grad_accum)
-            loss_all = accelerator.gather(loss.detach()) if accelerator.num_processes > 1 else loss.detach()
-            if not torch.isfinite(loss_all).all():
-                raise FloatingPointError(
-                    f"loss became {loss_all.tolist()} at step {global_step + 1} (epoch {epoch + 1}); "
-                    f"try --mixed-precision bf16 or a lower --lr (now {cfg.lr})"
-                )
-            loss_sum += loss.item() * len(y)
-            n_local += len(y)
-            if not sync:
-                continue
-            if cfg.clip_grad:
-                accelerator.clip_grad_norm_(net.parameters(), cfg.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            scheduler.step_update(num_updates=global_step)
+    with StopRequest() as stop:
+        while state.epoch < cfg.epochs and state.stopped is None and not _reached_max_steps(cfg, state):
+            if state.in_epoch and progress["loader"] is not None:
+                train_loader.load_state_dict(progress["loader"])
+            else:
+                train_ds.set_epoch(state.epoch)
+                progress = {"loss_sum": 0.0, "n": 0, "bad": 0, "seen": 0, "loader": None}
+            state.in_epoch = True
+            net.train()
+            bar = _progress_bar(cfg, accelerator, state)
+            t0, micro = time.time(), 0
+            fetched = {"bad": progress["bad"], "seen": progress["seen"]}
+            for batch, is_last in synced_batches(train_loader, accelerator, fetched):
+                x = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+                y = batch["labels"].to(accelerator.device, non_blocking=True)
+                micro += 1
+                sync = micro % cfg.grad_accum == 0 or is_last
+                with contextlib.nullcontext() if sync else accelerator.no_sync(net):
+                    loss = F.cross_entropy(net(x).float(), y)
+                    accelerator.backward(loss / cfg.grad_accum)
+                signals = torch.tensor([loss.item(), float(stop.signum or 0)], device=accelerator.device)
+                signals = accelerator.gather(signals[None]) if accelerator.num_processes > 1 else signals[None]
+                if not torch.isfinite(signals[:, 0]).all():
+                    raise FloatingPointError(
+                        f"loss became {signals[:, 0].tolist()} at step {state.global_step + 1} (epoch "
+                        f"{state.epoch + 1}); try --mixed-precision bf16 or a lower --lr (now {cfg.lr})")
+                progress["loss_sum"] += loss.item() * len(y)
+                progress["n"] += len(y)
+                if not sync:
+                    continue
+                if cfg.clip_grad:
+                    accelerator.clip_grad_norm_(net.parameters(), cfg.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.global_step += 1
+                scheduler.step_update(num_updates=state.global_step)
+                lr = optimizer.param_groups[0]["lr"]
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{signals[:, 0].mean():.4f}", lr=f"{lr:.2e}",
+                                    img_s=f"{progress['n'] * accelerator.num_processes / (time.time() - t0):.0f}")
+                if state.global_step % cfg.log_every == 0:
+                    logger.info(f"step {state.global_step} | loss {signals[:, 0].mean():.4f} | lr {lr:.2e}")
+                progress.update(batch["position"])
+                done = is_last or _reached_max_steps(cfg, state)
+                requested = int(signals[:, 1].max())
+                if requested or (save_every and state.global_step % save_every == 0 and not done):
+                    path = save_checkpoint(accelerator, out, net, optimizer, state, progress, cfg, run)
+                    if requested:
+                        raise TrainingInterrupted(requested, path, command)
+                if done:
+                    break
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_all.mean().item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                img_s=f"{n_local * accelerator.num_processes / (time.time() - t0):.0f}")
-            if global_step % cfg.log_every == 0:
-                logger.info(f"step {global_step} | loss {loss_all.mean().item():.4f} | "
-                            f"lr {optimizer.param_groups[0]['lr']:.2e}")
-            if cfg.max_steps and global_step >= cfg.max_steps:
-                break
-        if bar is not None:
-            bar.close()
-        # --- eval
-        loss_total, n_total, n_bad, n_seen = sum_over_processes(
-            accelerator, loss_sum, n_local, counts["bad"], counts["seen"])
-        check_bad_fraction(int(n_bad), int(n_seen), cfg.max_bad_fraction, "training")
-        epoch_examples = int(n_total)
-        examples_seen += epoch_examples
-        skipped["train"] = int(n_bad)
-        if steps_per_epoch is None and epoch == 0 and not cfg.max_steps:
-            steps_per_epoch = global_step
-            scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
-            scheduler.step_update(num_updates=global_step)
-        val = metrics.evaluate(accelerator.unwrap_model(net), val_loader, accelerator, class_names)
-        check_bad_fraction(val["skipped"], val["skipped"] + val["examples"], cfg.max_bad_fraction, "validation")
-        skipped["val"] = val["skipped"]
-        row = {"epoch": epoch + 1, "step": global_step, "train_loss": loss_total / max(epoch_examples, 1),
-               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],
-               "train_examples": epoch_examples, "val_examples": val["examples"], "per_class": val["per_class"],
-               "confusion_matrix": val["confusion_matrix"]}
-        history.append(row)
-        if not best or row["val_accuracy"] > best["val_accuracy"]:
-            best = row
-        logger.info(f"epoch {epoch + 1}/{cfg.epochs} | step {global_step} | train_loss {row['train_loss']:.4f} | "
-                    f"val_loss {row['val_loss']:.4f} | val_acc {row['val_accuracy']:.4f} | val_f1 {row['val_f1']:.4f}"
-                    f" | {epoch_examples} train / {val['examples']} val images | {time.time() - t0:.1f}s")
-        if cfg.max_steps and global_step >= cfg.max_steps:
-            break
+                bar.close()
+
+            # --- eval
+            loss_total, n_total, n_bad, n_seen = sum_over_processes(
+                accelerator, progress["loss_sum"], progress["n"], fetched["bad"], fetched["seen"])
+            check_bad_fraction(int(n_bad), int(n_seen), cfg.max_bad_fraction, "training")
+            state.examples_seen += int(n_total)
+            if state.epoch == 0 and not cfg.max_steps and steps_per_epoch_hint(cfg, info, 1) is None:
+                state.steps_per_epoch = state.global_step  # learned: the schedule now spans all epochs
+                scheduler = make_scheduler(optimizer, cfg, state)
+            val = metrics.evaluate(accelerator.unwrap_model(net), val_loader, accelerator, class_names)
+            check_bad_fraction(val["skipped"], val["skipped"] + val["examples"], cfg.max_bad_fraction, "validation")
+            row = {"epoch": state.epoch + 1, "step": state.global_step, "train_loss": loss_total / max(n_total, 1),
+                   "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],
+                   "train_examples": int(n_total), "val_examples": val["examples"], "per_class": val["per_class"],
+                   "confusion_matrix": val["confusion_matrix"],
+                   "skipped_images": {"train": int(n_bad), "val": val["skipped"]}}
+            state.history.append(row)
+            if update_best(state, row, cfg):
+                state.best["checkpoint"] = checkpoint.step_dir(out, state.global_step).name
+            logger.info(f"epoch {row['epoch']}/{cfg.epochs} | step {row['step']} | train_loss {row['train_loss']:.4f}"
+                        f" | val_loss {row['val_loss']:.4f} | val_acc {row['val_accuracy']:.4f} | val_f1 "
+                        f"{row['val_f1']:.4f} | {row['train_examples']} train / {row['val_examples']} val images | "
+                        f"{time.time() - t0:.1f}s")
+            state.epoch += 1
+            state.in_epoch = False
+            if state.stopped:
+                logger.info(f"early stopping: {state.stopped['detail']}")
+            save_checkpoint(accelerator, out, net, optimizer, state, progress, cfg, run)
 
     # --- save
+    if state.stopped is None:
+        reason, detail = (("max_steps", f"reached --max-steps {cfg.max_steps}") if _reached_max_steps(cfg, state)
+                          else ("max_epochs", f"completed --epochs {cfg.epochs}"))
+        state.stopped = {"reason": reason, "epoch": state.epoch, "step": state.global_step, "detail": detail}
+    result_metrics = _final_metrics(state, info, accelerator, start_time)
+    if accelerator.is_main_process:
+        best_weights = load_file(str(out / checkpoint.CHECKPOINTS / state.best["checkpoint"] / checkpoint.MODEL_FILE))
+        final = accelerator.unwrap_model(net)
+        final.load_state_dict(best_weights)
+        model_lib.export(final, out, class_names, data_cfg)
+        (out / METRICS_FILE).write_text(json.dumps(result_metrics, indent=2))
+        logger.info(f"exported the best checkpoint ({state.best['checkpoint']}, epoch {state.best['epoch']}, "
+                    f"{cfg.metric} {state.best[cfg.metric]:.4f}) to {out}")
     accelerator.wait_for_everyone()
-    result_metrics = {
-        "history": history,
-        "best": best,
-        "train_examples": history[-1]["train_examples"] if history else 0,
-        "val_examples": history[-1]["val_examples"] if history else 0,
-        "examples_seen": examples_seen,
-        "skipped_images": skipped,
-        "global_step": global_step,
-        "class_names": class_names,
+    accelerator.end_training()
+    return TrainResult(output_dir=out, history=state.history, best=state.best, metrics=result_metrics)
+
+
+def _final_metrics(state: RunState, info: data.DataInfo, accelerator: Accelerator, start_time: float) -> dict:
+    last = state.history[-1] if state.history else {}
+    return {
+        "history": state.history,
+        "best": state.best,
+        "stopped": state.stopped,
+        "train_examples": last.get("train_examples", 0),
+        "val_examples": last.get("val_examples", 0),
+        "examples_seen": state.examples_seen,
+        "skipped_images": last.get("skipped_images", {"train": 0, "val": 0}),
+        "global_step": state.global_step,
+        "class_names": info.class_names,
         "dataset_revision": info.revision,
         "num_processes": accelerator.num_processes,
         "wall_time_s": round(time.time() - start_time, 2),
     }
-    if accelerator.is_main_process:
-        model_lib.export(accelerator.unwrap_model(net), out, class_names, data_cfg)
-        (out / METRICS_FILE).write_text(json.dumps(result_metrics, indent=2))
-        logger.info(f"exported to {out} (config.json, model.safetensors, {METRICS_FILE}, {CONFIG_FILE})")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return TrainResult(output_dir=out, history=history, best=best, metrics=result_metrics)
 
 
-def _progress(cfg: TrainConfig, accelerator: Accelerator, total: int | None, epoch: int) -> Any:
+def _reached_max_steps(cfg: TrainConfig, state: RunState) -> bool:
+    return bool(cfg.max_steps) and state.global_step >= cfg.max_steps
+
+
+def _cpu_only_launch() -> bool:
+    """True when a multi-process launcher (torchrun, `accelerate launch --multi_gpu`) started us without GPUs.
+
+    Accelerate then treats every process as a lone single-process run unless told to use the CPU, and each
+    would train and write the outputs on its own; with cpu=True they form one gloo process group instead.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def _resume_command() -> str:
+    """The command line that started this run, without --resume, for the message after an interruption."""
+    args = list(sys.argv[1:])
+    if "--resume" in args:
+        i = args.index("--resume")
+        del args[i : i + 2]
+    args = [a for a in args if not a.startswith("--resume=")]
+    if Path(sys.argv[0]).name == "train.py":
+        head = "accelerate launch hubtune/train.py" if os.environ.get("WORLD_SIZE") else "python -m hubtune.train"
+    else:
+        head = "hubtune"
+    return " ".join([head, *(shlex.quote(a) for a in args)])
+
+
+def _progress_bar(cfg: TrainConfig, accelerator: Accelerator, state: RunState) -> Any:
     if not (cfg.progress and accelerator.is_main_process and sys.stderr.isatty()):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True)
+    return tqdm(total=state.steps_per_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", unit="step",
+                dynamic_ncols=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,7 @@ def examples(per_class: int, seed: int = 0, bad: bool = False, odd: bool = True)
         items += odd_mode_images(rng)
     if bad:
         items += bad_images(rng)
+    rng.shuffle(items)  # stored in no particular class order, like most real datasets
     return items
 
 

@@ -7,7 +7,9 @@ import pytest
 from helpers import BAD_FILES, CLASSES, examples, make_image_dataset
 from PIL import Image
 
-from hubtune import data
+import torch
+
+from hubtune import data, stream
 from hubtune.config import TrainConfig
 
 
@@ -55,8 +57,9 @@ def test_missing_local_dataset_names_the_path(tmp_path):
 
 def _hashes(path, keep_val, rank=0, world=1, shuffle_seed=None):
     train, _, info = data.open_splits(_cfg(path))
-    ds = data.build_stream(train, info, transform=lambda img: img.tobytes(), keep_val=keep_val, val_fraction=0.1,
-                           rank=rank, world_size=world, shuffle_seed=shuffle_seed, shuffle_buffer=16)
+    source = data.process_source(train, info, rank=rank, world_size=world, shuffle_seed=shuffle_seed)
+    ds = stream.ExampleStream(source, lambda img: img.tobytes(), keep_val=keep_val, val_fraction=0.1,
+                              seed=shuffle_seed, shuffle_buffer=16)
     return [hash(ex["pixel_values"]) for ex in ds if ex["pixel_values"] is not None]
 
 
@@ -73,7 +76,7 @@ def test_val_split_is_disjoint_stable_and_independent_of_processes_and_shuffle(t
 def test_hash_split_keeps_each_class_near_the_fraction():
     blobs = [(b, lab) for _, b, lab in examples(per_class=400, odd=False)]
     for label in (0, 1):
-        share = sum(data.in_val(b, 0.2) for b, lab in blobs if lab == label) / 400
+        share = sum(stream.in_val(b, 0.2) for b, lab in blobs if lab == label) / 400
         assert 0.14 < share < 0.26
 
 
@@ -86,7 +89,7 @@ def test_existing_validation_split_is_used_as_is(tmp_path):
 
 
 def test_collate_drops_and_counts_bad_examples():
-    good = {"pixel_values": data.torch.zeros(3, 4, 4), "label": 1}
-    batch = data.collate([good, {"pixel_values": None, "label": 0}, good])
+    good = {"pixel_values": torch.zeros(3, 4, 4), "label": 1}
+    batch = stream.collate([good, {"pixel_values": None, "label": 0}, good])
     assert batch["pixel_values"].shape == (2, 3, 4, 4) and batch["n_bad"] == 1
     assert batch["labels"].tolist() == [1, 1]

@@ -1,0 +1,232 @@
+"""Checkpoint directories: atomic writes, integrity manifest, retention, discovery and safe loading.
+
+A checkpoint is `OUTPUT_DIR/checkpoints/step-NNNNNN/`: tensors in safetensors, everything else in JSON, a manifest
+(size + sha256 of every file) written last. Accelerate's save_state is not used because it pickles RNG states and
+custom objects (loaded with weights_only=False); here nothing needs unpickling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger("hubtune")
+
+CHECKPOINTS = "checkpoints"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+RNG_TENSORS = "rng.safetensors"
+STATE_FILE = "state.json"
+MANIFEST = "manifest.json"
+NAME = re.compile(r"^step-(\d{6,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or damaged."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / CHECKPOINTS / f"step-{step:06d}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested dict/list by {"__tensor__": key}, collecting the tensors."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "value"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {str(k): split_tensors(v, f"{prefix}.{k}" if prefix else str(k), tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [split_tensors(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of split_tensors."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    tensors: dict[str, torch.Tensor] = {}
+    return split_tensors(optimizer.state_dict(), "", tensors), tensors
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    state = join_tensors(meta, tensors)
+    # JSON turned the integer parameter ids of `state` into strings
+    state["state"] = {int(k): v for k, v in state["state"].items()}
+    optimizer.load_state_dict(state)
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """This process's python, numpy, torch and CUDA RNG states."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"python": [version, list(internal), gauss], "numpy": [kind, pos, has_gauss, cached]}
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    return meta, tensors
+
+
+def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def write(
+    root: Path, step: int, model_state: dict[str, torch.Tensor], optimizer_meta: dict,
+    optimizer_tensors: dict[str, torch.Tensor], ranks: list[tuple[dict, dict[str, torch.Tensor]]], state: dict,
+) -> Path:
+    """Write a complete checkpoint atomically: a temporary directory, fsync, then one rename.
+
+    `ranks` holds each process's (json-able state, tensors): RNG and data position. A crash at any point
+    leaves either the previous checkpoints only or the new one complete, never a partial `step-*`.
+    """
+    final = step_dir(root, step)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
+    save_file(optimizer_tensors, str(tmp / OPTIMIZER_TENSORS))
+    rank_tensors = {f"rank{r}.{k}": v for r, (_, tensors) in enumerate(ranks) for k, v in tensors.items()}
+    save_file(rank_tensors, str(tmp / RNG_TENSORS))
+    full_state = {**state, "optimizer": optimizer_meta, "ranks": [meta for meta, _ in ranks]}
+    (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1))
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+    for name in files:
+        _fsync(tmp / name)
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp)
+    if final.exists():  # the same step saved again (e.g. a resumed run interrupted at once): replace it
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync(final.parent)
+    return final
+
+
+def verify(path: Path) -> None:
+    """Raise CheckpointError unless every file listed in the manifest is present with its size and hash."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST} (the save did not finish)")
+    try:
+        listed = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: unreadable {MANIFEST}: {err}") from None
+    for name, meta in listed.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if f.stat().st_size != meta["size"] or _sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"{path}: {name} is damaged (size or checksum differs from the manifest)")
+
+
+def read(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(state, model tensors, optimizer tensors, per-rank tensors) of a verified checkpoint."""
+    verify(path)
+    state = json.loads((path / STATE_FILE).read_text())
+    return (state, load_file(str(path / MODEL_FILE)), load_file(str(path / OPTIMIZER_TENSORS)),
+            load_file(str(path / RNG_TENSORS)))
+
+
+def rank_tensors(all_tensors: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    prefix = f"rank{rank}."
+    return {k[len(prefix):]: v for k, v in all_tensors.items() if k.startswith(prefix)}
+
+
+def listing(root: Path) -> list[Path]:
+    """Checkpoint directories under OUTPUT_DIR, oldest step first (complete or not; see verify)."""
+    base = Path(root) / CHECKPOINTS
+    if not base.is_dir():
+        return []
+    found = [p for p in base.iterdir() if p.is_dir() and NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)))
+
+
+def find_resume(root: Path, spec: str) -> Path | None:
+    """The checkpoint to resume from for --resume latest|PATH; None for 'latest' when there is none.
+
+    Raises:
+        CheckpointError: an explicit PATH does not exist or is damaged, or no checkpoint is usable.
+    """
+    if spec != "latest":
+        path = Path(spec)
+        if not path.is_dir():
+            names = ", ".join(p.name for p in listing(root)) or "none"
+            raise CheckpointError(f"--resume {spec!r} does not exist; checkpoints in {root}: {names}")
+        verify(path)
+        return path
+    candidates = listing(root)
+    for path in reversed(candidates):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as err:
+            logger.warning(f"skipping damaged checkpoint: {err}; trying the previous one")
+    if candidates:
+        raise CheckpointError(f"--resume latest: no usable checkpoint in {root / CHECKPOINTS} (all are damaged)")
+    return None
+
+
+def prune(root: Path, keep_last: int, keep: set[str]) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints and those named in `keep` (the best)."""
+    complete = [p for p in listing(root) if (p / MANIFEST).is_file()]
+    doomed = [p for p in complete[: max(len(complete) - keep_last, 0)] if p.name not in keep]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    for stale in (Path(root) / CHECKPOINTS).glob(".tmp-step-*"):
+        if not stale.name.endswith(f"-{os.getpid()}"):  # left by a run that crashed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+    return doomed
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -1,0 +1,147 @@
+"""The per-process example stream: block shuffle, hash split, decode, seeded augmentation; resumable exactly.
+
+datasets' own shuffle buffer is not restorable (its state_dict drops the buffer content, so a resumed epoch
+would skip what was in it). Here the stream is cut into blocks of `shuffle_buffer` examples, each permuted by
+a generator seeded from (seed, epoch, worker, block). A position is (datasets' state at the block start, block,
+offset): resuming re-reads at most one block, however far into the epoch the run was. Augmentation is seeded
+per example from (seed, epoch, image content), so it does not depend on worker count, process count or resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import random
+import signal
+from itertools import islice
+from typing import Any, Callable, Iterator
+
+import datasets
+import numpy as np
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from hubtune.data import decode
+
+
+def content_key(data: bytes) -> int:
+    """A stable 64-bit key of the image bytes (val membership and augmentation seeds)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, person=b"hubtune-val").digest(), "big")
+
+
+def in_val(data: bytes, fraction: float) -> bool:
+    """Stable membership: a hash of the image content, the same in every run, process and shuffle order.
+
+    Each class keeps `fraction` of its examples in validation (in expectation), so the split is stratified;
+    identical images always land on the same side, so duplicates cannot leak from train into val.
+    """
+    return content_key(data) / 2**64 < fraction
+
+
+def _seeded(transform: Callable, img: Any, seed: int) -> Any:
+    """Run `transform` with python/numpy/torch RNGs seeded by `seed`, leaving the global RNG streams untouched."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            return transform(img)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class ExampleStream(torch.utils.data.IterableDataset):
+    """This process's examples as {"pixel_values", "label"} ("pixel_values" None for undecodable images)."""
+
+    def __init__(
+        self, source: datasets.IterableDataset, transform: Callable, *, keep_val: bool | None, val_fraction: float,
+        seed: int | None, shuffle_buffer: int,
+    ) -> None:
+        self.source = source
+        self.transform = transform
+        self.keep_val = keep_val
+        self.val_fraction = val_fraction
+        self.seed = seed  # None: no shuffling and deterministic (eval) transforms
+        self.block = shuffle_buffer if seed is not None else 256
+        self.epoch = 0
+        self._resume: dict | None = None
+        self._position: dict | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.source.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, **(self._position or {"source": None, "block": 0, "offset": 0})}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_epoch(state["epoch"])
+        self._resume = state
+
+    def _process(self, example: dict) -> dict | None:
+        data = example["data"]
+        key = content_key(data)
+        if self.keep_val is not None and (key / 2**64 < self.val_fraction) != self.keep_val:
+            return None
+        img = decode(data)
+        if img is None:
+            pixels = None
+        elif self.seed is None:
+            pixels = self.transform(img)
+        else:
+            pixels = _seeded(self.transform, img, hash((self.seed, self.epoch, key)) % 2**63)
+        return {"pixel_values": pixels, "label": example["label"]}
+
+    def __iter__(self) -> Iterator[dict]:
+        resume, self._resume = self._resume, None
+        source = self.source
+        if resume and resume["source"] is not None:
+            source = copy.deepcopy(self.source)  # a loaded state must not leak into the next epoch's iteration
+            source.load_state_dict(resume["source"])
+        block_idx, offset = (resume["block"], resume["offset"]) if resume else (0, 0)
+        start = resume["source"] if resume else None
+        worker = torch.utils.data.get_worker_info()
+        worker_id = worker.id if worker else 0
+        it = iter(source)
+        while True:
+            items = list(islice(it, self.block))
+            if not items:
+                return
+            order = range(len(items))
+            if self.seed is not None:
+                order = np.random.default_rng([self.seed, self.epoch, worker_id, block_idx]).permutation(len(items))
+            for j in range(offset, len(items)):
+                self._position = {"source": start, "block": block_idx, "offset": j + 1}
+                out = self._process(items[order[j]])
+                if out is not None:
+                    yield out
+            block_idx, offset = block_idx + 1, 0
+            start = source.state_dict()
+
+
+def collate(batch: list[dict]) -> dict[str, Any]:
+    """Stack decodable examples; undecodable ones are dropped here and counted in `n_bad`."""
+    good = [ex for ex in batch if ex["pixel_values"] is not None]
+    return {
+        "pixel_values": torch.stack([ex["pixel_values"] for ex in good]) if good else None,
+        "labels": torch.tensor([ex["label"] for ex in good], dtype=torch.long),
+        "n_bad": len(batch) - len(good),
+    }
+
+
+def make_loader(stream: ExampleStream, batch_size: int, num_workers: int, pin_memory: bool) -> StatefulDataLoader:
+    """A torchdata StatefulDataLoader: its state_dict() is the exact position after the last batch it returned."""
+    # datasets hands whole shards to workers: more workers than shards would sit idle
+    workers = min(num_workers, max(stream.source.num_shards, 1))
+    return StatefulDataLoader(
+        stream, batch_size=batch_size, num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None, worker_init_fn=_ignore_stop_signals if workers else None,
+    )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave Ctrl-C/SIGTERM to the main process, which saves a checkpoint before shutting them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
