@@ -13,14 +13,19 @@ EXIT_FAILED = 1
 
 def run_guarded(fn: Callable[[], Any]) -> int:
     """Run `fn`; known user-facing failures become one line on stderr and a non-zero exit code."""
+    from hubtune.checkpoint import CheckpointError
+    from hubtune.run_state import TrainingInterrupted
     from hubtune.train import BadDataError
 
     try:
         result = fn()
+    except TrainingInterrupted as stop:
+        print(f"hubtune: {stop}", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("hubtune: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FloatingPointError, BadDataError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, BadDataError, CheckpointError) as err:
         print(f"hubtune: error: {err}", file=sys.stderr)
         return EXIT_USAGE if isinstance(err, ValueError) else EXIT_FAILED
     return result if isinstance(result, int) else 0
@@ -63,6 +68,44 @@ def _summary(args: argparse.Namespace) -> int:
     return run_guarded(run)
 
 
+def _checkpoints(args: argparse.Namespace) -> int:
+    def run() -> int:
+        import json
+        from pathlib import Path
+
+        from hubtune import checkpoint
+
+        root = Path(args.output_dir)
+        found = checkpoint.listing(root)
+        if not found:
+            print(f"no checkpoints in {root / checkpoint.CHECKPOINTS}")
+            return 0
+        latest = checkpoint.find_resume(root, "latest") if found else None
+        rows = []
+        for path in found:
+            try:
+                checkpoint.verify(path)
+                state = json.loads((path / checkpoint.STATE_FILE).read_text())
+                run_state, metric = state["run_state"], state["config"]["metric"]
+                best = run_state["best"]
+                where = "in epoch" if run_state["in_epoch"] else "end of epoch"
+                epoch = run_state["epoch"] + (1 if run_state["in_epoch"] else 0)
+                last = run_state["history"][-1] if run_state["history"] else {}
+                shown = f"{metric} {last[metric]:.4f}" if last and not run_state["in_epoch"] else "-"
+                marks = [m for m, on in (("best", best.get("checkpoint") == path.name), ("latest", path == latest)) if on]
+                rows.append((path.name, str(run_state["global_step"]), f"{where} {epoch}", shown,
+                             f"{checkpoint.dir_size(path) / 2**20:.1f} MiB", ",".join(marks)))
+            except (checkpoint.CheckpointError, KeyError, ValueError) as err:
+                rows.append((path.name, "-", "-", "-", f"{checkpoint.dir_size(path) / 2**20:.1f} MiB", f"DAMAGED: {err}"))
+        header = ("checkpoint", "step", "position", "metric", "size", "")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(6)]
+        for r in [header, *rows]:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        return 0
+
+    return run_guarded(run)
+
+
 def _hub_serve(args: argparse.Namespace) -> int:
     from hubtune.hub_server import run_serve
 
@@ -90,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                    help="load pretrained weights (default: no, the table does not need them)")
     p.set_defaults(func=_summary)
+
+    p = sub.add_parser("checkpoints", help="list the checkpoints of a run: step, epoch, metric, size, best and latest")
+    p.add_argument("output_dir", help="the run's --output-dir")
+    p.set_defaults(func=_checkpoints)
 
     hub = sub.add_parser("hub", help="local Hub-compatible server").add_subparsers(dest="hub_command", required=True)
     p = hub.add_parser("serve", help="serve a Hub-compatible API from a directory (for offline use and tests)")

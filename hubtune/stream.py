@@ -13,6 +13,7 @@ import copy
 import hashlib
 import random
 import signal
+import warnings
 from itertools import islice
 from typing import Any, Callable, Iterator
 
@@ -22,6 +23,9 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from hubtune.data import decode
+
+# torchdata 0.11 calls a deprecated torch API on every iterator; nothing for users to act on
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
 def content_key(data: bytes) -> int:

@@ -1,0 +1,234 @@
+"""Checkpoints: exact resume after SIGKILL (once and twice), SIGTERM, atomicity, retention, best, early stopping."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hubtune import checkpoint
+from hubtune.config import TrainConfig
+from hubtune.run_state import RunState, update_best
+from hubtune.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def flags(dataset, out, *extra):
+    return ["--model", "test_resnet", "--no-pretrained", "--dataset", str(dataset), "--image-size", "32",
+            "--epochs", "3", "--batch-size", "8", "--lr", "3e-3", "--max-bad-fraction", "0.05", "--no-progress",
+            "--output-dir", str(out), "--save-every", "4", "--log-every", "1", "--shuffle-buffer", "48", *extra]
+
+
+def start(args) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "hubtune.cli", "train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def run_until(args, line_marker: str, sig: int) -> tuple[int, str]:
+    """Start a run, read its log until `line_marker` appears after a first checkpoint, then send `sig`."""
+    proc = start(args)
+    seen, saved = [], False
+    for line in proc.stderr:
+        seen.append(line)
+        saved = saved or "saved checkpoint" in line
+        if saved and line_marker in line:
+            proc.send_signal(sig)
+            break
+    rest = proc.stderr.read()
+    code = proc.wait(timeout=300)
+    return code, "".join(seen) + rest
+
+
+def finish(args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "hubtune.cli", "train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def latest_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint.listing(out)[-1] / checkpoint.MODEL_FILE))
+
+
+def history(out: Path) -> list[dict]:
+    return json.loads((out / "metrics.json").read_text())["history"]
+
+
+@pytest.fixture(scope="module")
+def reference(two_class_folder, tmp_path_factory):
+    """An uninterrupted run (one DataLoader worker, so worker state is part of what resumes)."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = finish(flags(two_class_folder, out, "--num-workers", "1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    ref, got = latest_weights(reference), latest_weights(out)
+    assert ref.keys() == got.keys()
+    for key in ref:
+        assert torch.allclose(ref[key].float(), got[key].float(), atol=1e-6), key
+    h_ref, h_got = history(reference), history(out)
+    assert [r["step"] for r in h_got] == [r["step"] for r in h_ref]
+    for a, b in zip(h_ref, h_got):
+        assert a["train_examples"] == b["train_examples"] and a["confusion_matrix"] == b["confusion_matrix"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+        assert a["skipped_images"] == b["skipped_images"]
+
+
+@pytest.mark.parametrize("kills", [1, 2])
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(kills, two_class_folder, tmp_path, reference):
+    args = flags(two_class_folder, tmp_path, "--num-workers", "1")
+    for i, marker in enumerate(["step 6 |", "step 23 |"][:kills]):
+        code, log = run_until(args + (["--resume", "latest"] if i else []), marker, signal.SIGKILL)
+        assert code == -signal.SIGKILL, log[-2000:]
+    done = finish(args + ["--resume", "latest"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from" in done.stderr
+    assert_same_run(tmp_path, reference)
+
+
+def test_sigterm_saves_at_the_step_reached_and_exits_with_resume_hint(two_class_folder, tmp_path, reference):
+    args = flags(two_class_folder, tmp_path, "--num-workers", "1")
+    code, log = run_until(args, "step 9 |", signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, log[-2000:]
+    assert "SIGTERM received: saved" in log and "--resume latest" in log
+    saved_step = int(log.split("SIGTERM received: saved ")[1].split("step-")[1][:6])
+    assert saved_step >= 9
+    state = json.loads((checkpoint.step_dir(tmp_path, saved_step) / checkpoint.STATE_FILE).read_text())
+    assert state["run_state"]["in_epoch"] and state["run_state"]["global_step"] == saved_step
+    done = finish(args + ["--resume", "latest"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_run(tmp_path, reference)
+
+
+def test_damaged_latest_falls_back_to_previous_and_partial_saves_are_invisible(reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    newest, previous = checkpoint.listing(out)[-1], checkpoint.listing(out)[-2]
+    with (newest / checkpoint.MODEL_FILE).open("r+b") as f:
+        f.truncate(100)
+    (out / "checkpoints" / ".tmp-step-999999-1").mkdir()  # a save killed mid-write
+    assert checkpoint.find_resume(out, "latest") == previous
+    (previous / checkpoint.OPTIMIZER_TENSORS).unlink()
+    older = checkpoint.listing(out)[:-2]
+    assert checkpoint.find_resume(out, "latest") == (older[-1] if older else None)
+    with pytest.raises(checkpoint.CheckpointError, match="is damaged"):
+        checkpoint.find_resume(out, str(newest))
+
+
+def test_resume_path_that_does_not_exist_lists_the_checkpoints(reference):
+    names = [p.name for p in checkpoint.listing(reference)]
+    with pytest.raises(checkpoint.CheckpointError, match=f"does not exist; checkpoints in .*: {names[0]}"):
+        checkpoint.find_resume(reference, str(reference / "checkpoints" / "step-424242"))
+
+
+def test_retention_keeps_last_k_and_best(reference):
+    metrics = json.loads((reference / "metrics.json").read_text())
+    names = [p.name for p in checkpoint.listing(reference)]
+    best = metrics["best"]["checkpoint"]
+    assert best in names
+    assert len([n for n in names if n != best]) <= 2
+    assert names[-1] == f"step-{metrics['global_step']:06d}"
+    assert not list((reference / "checkpoints").glob(".tmp-*"))
+
+
+def test_checkpoint_holds_everything_to_continue(reference):
+    path = checkpoint.listing(reference)[-1]
+    assert {p.name for p in path.iterdir()} == {"model.safetensors", "optimizer.safetensors", "rng.safetensors",
+                                                 "state.json", "manifest.json"}
+    state = json.loads((path / "state.json").read_text())
+    assert state["config"]["model"] == "test_resnet" and state["run"]["class_names"] == ["cat", "dog"]
+    assert {"epoch", "global_step", "history", "best", "bad_evals"} <= set(state["run_state"])
+    assert state["ranks"][0]["progress"]["loader"] is not None
+    assert state["optimizer"]["param_groups"]
+
+
+def scripted_cfg(**kw):
+    return TrainConfig(**kw)
+
+
+def test_early_stopping_on_a_scripted_metric_sequence():
+    cfg = scripted_cfg(metric="val_loss", early_stopping_patience=2, early_stopping_min_delta=0.01)
+    state = RunState()
+    for epoch, loss in enumerate([1.0, 0.8, 0.795, 0.7905, 0.5], start=1):
+        update_best(state, {"epoch": epoch, "step": epoch, "val_loss": loss}, cfg)
+        if state.stopped:
+            break
+    assert state.stopped["reason"] == "early_stopping" and state.stopped["epoch"] == 4
+    assert state.best["epoch"] == 2
+    cfg = scripted_cfg(metric="val_accuracy", early_stopping_patience=1)
+    state = RunState()
+    for epoch, acc in enumerate([0.5, 0.7, 0.7], start=1):
+        update_best(state, {"epoch": epoch, "step": epoch, "val_accuracy": acc}, cfg)
+    assert state.stopped["epoch"] == 3 and state.best["epoch"] == 2
+
+
+def tiny(dataset, out, **kw):
+    base = dict(model="test_resnet", pretrained=False, dataset=str(dataset), image_size=32, epochs=2, batch_size=16,
+                lr=3e-3, output_dir=str(out), num_workers=0, max_bad_fraction=0.05, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_export_is_best_not_last_and_early_stopping_counter_survives_resume(two_class_folder, tmp_path):
+    # nothing can improve val_accuracy by more than 0.5 after the first epoch: epoch 1 stays the best
+    cfg = tiny(two_class_folder, tmp_path, epochs=2, early_stopping_patience=2, early_stopping_min_delta=0.5)
+    first = train(cfg)
+    assert first.metrics["stopped"]["reason"] == "max_epochs" and first.best["epoch"] == 1
+    best_dir = tmp_path / "checkpoints" / first.best["checkpoint"]
+    exported = load_file(str(tmp_path / "model.safetensors"))
+    best = load_file(str(best_dir / "model.safetensors"))
+    last = latest_weights(tmp_path)
+    assert all(torch.equal(exported[k], best[k]) for k in exported)
+    assert any(not torch.equal(exported[k], last[k]) for k in exported)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["best"]["epoch"] == 1 and m["best"]["checkpoint"] == first.best["checkpoint"]
+    # one evaluation without improvement was counted; resumed with more epochs, the second one stops the run
+    again = train(tiny(two_class_folder, tmp_path, epochs=6, early_stopping_patience=2, early_stopping_min_delta=0.5,
+                       resume="latest"))
+    assert again.metrics["stopped"]["reason"] == "early_stopping" and again.metrics["stopped"]["epoch"] == 3
+    assert [h["epoch"] for h in again.history] == [1, 2, 3]
+
+
+def test_resume_with_a_different_run_is_refused_naming_each_difference(two_class_folder, two_class_parquet, reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    cfg = tiny(two_class_parquet, out, batch_size=4, resume="latest")
+    with pytest.raises(ValueError) as err:
+        train(cfg)
+    msg = str(err.value)
+    assert "the run would change meaning" in msg
+    assert f"--dataset: checkpoint has {str(two_class_folder)!r}, this run has {str(two_class_parquet)!r}" in msg
+    assert "--batch-size: checkpoint has 8, this run has 4" in msg
+
+
+def test_resume_latest_without_checkpoints_starts_fresh(two_class_folder, tmp_path):
+    result = train(tiny(two_class_folder, tmp_path, epochs=1, resume="latest"))
+    assert result.metrics["global_step"] > 0
+
+
+def test_checkpoints_command_marks_best_and_latest(reference):
+    proc = subprocess.run([sys.executable, "-m", "hubtune.cli", "checkpoints", str(reference)], capture_output=True,
+                          text=True, check=True)
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:5] == ["checkpoint", "step", "position", "metric", "size"]
+    assert any(line.rstrip().endswith("latest") for line in lines) and any("best" in line for line in lines)
+    assert "MiB" in proc.stdout
+
+
+def test_a_different_process_count_is_refused(reference):
+    from hubtune.run_state import resume_differences
+
+    saved = json.loads((checkpoint.listing(reference)[-1] / checkpoint.STATE_FILE).read_text())
+    cfg = TrainConfig(**saved["config"])
+    run = {**saved["run"], "num_processes": 2}
+    assert resume_differences(saved, cfg, saved["run"]) == []
+    assert resume_differences(saved, cfg, run) == ["number of processes: checkpoint has 1, this run has 2"]
