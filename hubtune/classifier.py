@@ -1,0 +1,294 @@
+"""Inference with a trained classifier (timm Hub format) from a local directory or a Hub repo: `hubtune predict`.
+
+torch, timm and huggingface_hub are imported inside the functions that use them: the CLI imports this module to
+build its parser for every command, and huggingface_hub reads HF_ENDPOINT once, when it is first imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+
+from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+PICKLED_SUFFIXES = (".bin", ".pth", ".pt", ".pth.tar", ".ckpt")
+HUB_PREFIX, LOCAL_PREFIX = "hf-hub:", "local-dir:"
+
+ImageInput = Union[str, Path, bytes, Image.Image]
+
+
+def _is_weights(name: str) -> bool:
+    return name.endswith((".safetensors", *PICKLED_SUFFIXES))
+
+
+def _check_weights(files: Sequence[str], where: str, trust_pickled_weights: bool) -> list[str]:
+    """The top-level weight files timm may load from `files`; pickled ones only when trusted.
+
+    timm picks `model.safetensors` before any other file, so its presence makes the load safe whatever else is there.
+
+    Raises:
+        ValueError: there are no weights, or only pickled ones and they are not trusted.
+    """
+    top = [f for f in files if "/" not in f and _is_weights(f)]
+    if SAFE_WEIGHTS_NAME in top:
+        return [SAFE_WEIGHTS_NAME]
+    pickled = sorted(f for f in top if f.endswith(PICKLED_SUFFIXES))
+    if pickled and not trust_pickled_weights:
+        raise ValueError(
+            f"{where} has no {SAFE_WEIGHTS_NAME}, only pickled weights ({', '.join(pickled)}), which can run code "
+            "when loaded; pass trust_pickled_weights=True (CLI: --trust-pickled-weights) only for sources you trust"
+        )
+    if not top:
+        raise ValueError(f"{where} has no weights: expected {SAFE_WEIGHTS_NAME} (as written by hubtune and timm)")
+    return sorted(top)
+
+
+def _split_source(source: str | Path, revision: str | None) -> tuple[Path | None, str, str | None]:
+    """(local directory or None, Hub repo id, revision) for a `from_pretrained` source; an existing path wins."""
+    if isinstance(source, Path):
+        return source.expanduser(), "", revision
+    if source.startswith(LOCAL_PREFIX):
+        return Path(source[len(LOCAL_PREFIX):]).expanduser(), "", revision
+    path = Path(source).expanduser()
+    if not source.startswith(HUB_PREFIX) and (path.exists() or source.startswith((".", "/", "~", "\\"))):
+        return path, "", revision
+    repo_id = source[len(HUB_PREFIX):] if source.startswith(HUB_PREFIX) else source
+    if "@" in repo_id:
+        repo_id, _, at_rev = repo_id.partition("@")
+        if revision is not None and revision != at_rev:
+            raise ValueError(f"{source!r} names revision {at_rev!r} but revision={revision!r} was also given")
+        revision = at_rev
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(
+            f"{source!r} is neither an existing local directory nor a Hub repo id (org/name, hf-hub:org/name[@rev])"
+        )
+    return None, repo_id, revision
+
+
+def _hub_snapshot(repo_id: str, revision: str | None, token: str | None, cache_dir: str | Path | None,
+                  trust_pickled_weights: bool) -> tuple[Path, str]:
+    """Download config.json and the vetted weights of a Hub repo; (snapshot directory, commit sha).
+
+    Raises:
+        ValueError: the repo, revision or config.json does not exist, or the weights are refused.
+    """
+    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from hubtune import __version__
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    url = f"{constants.ENDPOINT}/{repo_id}"
+    lib = {"token": token, "cache_dir": cache_dir, "library_name": "hubtune", "library_version": __version__}
+    offline = constants.is_offline_mode()
+    try:
+        # config.json by the requested name first: that records the branch or tag in the cache for offline runs,
+        # and its snapshot folder is named by the commit, which pins everything after it
+        config = hf_hub_download(repo_id, CONFIG_NAME, revision=revision, local_files_only=offline, **lib)
+        folder, sha = Path(config).parent, Path(config).parent.name
+        if offline:
+            files = [p.name for p in folder.iterdir()]
+        else:
+            info = HfApi(token=token, library_name="hubtune", library_version=__version__).model_info(
+                repo_id, revision=sha)
+            files = [s.rfilename for s in info.siblings or []]
+    except GatedRepoError as err:
+        raise ValueError(f"{url} is gated: accept its licence there, then set HF_TOKEN or `hf auth login`") from err
+    except RevisionNotFoundError as err:
+        raise ValueError(f"{url} has no revision {revision!r}; give an existing branch, tag or commit sha") from err
+    except RepositoryNotFoundError as err:
+        raise ValueError(
+            f"model repo {repo_id!r} not found at {url} (private? set HF_TOKEN or run `hf auth login`)"
+        ) from err
+    except LocalEntryNotFoundError as err:
+        raise ValueError(f"{where} is not in the local HF cache and HF_HUB_OFFLINE is set; download it first") from err
+    except EntryNotFoundError as err:
+        at = f" at revision {revision!r}" if revision else ""
+        raise ValueError(f"{url} has no {CONFIG_NAME}{at}; it is not a timm/hubtune model repo") from err
+    for name in _check_weights(files, f"{url} (revision {sha[:12]})", trust_pickled_weights):
+        hf_hub_download(repo_id, name, revision=sha, local_files_only=offline, **lib)
+    return folder, sha
+
+
+def _load_local(folder: Path, where: str, trust_pickled_weights: bool) -> torch.nn.Module:
+    """timm.create_model over a directory in timm's Hub format, after vetting its weight files."""
+    import pickle
+
+    import timm
+
+    if not folder.is_dir():
+        raise ValueError(f"{where}: no such directory; give a model directory (config.json + {SAFE_WEIGHTS_NAME})"
+                         " or a Hub repo id org/name")
+    if not (folder / CONFIG_NAME).is_file():
+        raise ValueError(f"{where} has no {CONFIG_NAME}; expected a directory written by hubtune or timm.save_for_hf")
+    _check_weights([p.name for p in folder.iterdir() if p.is_file()], where, trust_pickled_weights)
+    try:
+        return timm.create_model(f"{LOCAL_PREFIX}{folder}", pretrained=True)
+    except (RuntimeError, pickle.UnpicklingError, json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"{where}: timm {timm.__version__} cannot load this model: {err}") from err
+
+
+class ImageClassifier:
+    """A timm classifier in eval mode with its label names and eval preprocessing."""
+
+    def __init__(self, model: torch.nn.Module, source: str = "", revision: str | None = None,
+                 device: str | torch.device | None = None) -> None:
+        """Wrap a timm model; its pretrained_cfg supplies label names and preprocessing.
+
+        Args:
+            model: a timm classification model.
+            source: where it came from (directory or Hub repo id), for messages.
+            revision: the Hub commit sha it was loaded at; None for local directories.
+            device: where to run; CUDA when available, else CPU, by default.
+
+        Raises:
+            ValueError: the device is unknown, or the label names do not match the number of classes.
+        """
+        import torch
+        from timm.data import create_transform
+
+        from hubtune.model import data_config
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as err:
+            raise ValueError(f"device must be a torch device like 'cpu', 'cuda' or 'cuda:1', not {device!r}") from err
+        self.model = model.to(self.device).eval()
+        self.source, self.revision = source, revision
+        num_classes = model.num_classes
+        names = model.pretrained_cfg.get("label_names")
+        if names is not None and len(names) != num_classes:
+            raise ValueError(f"{source or 'model'}: {len(names)} label_names for {num_classes} classes in its config")
+        self.label_names: list[str] = [str(n) for n in names] if names else [str(i) for i in range(num_classes)]
+        self.data_config: dict[str, Any] = data_config(model, None)
+        self.transform: Callable[[Image.Image], torch.Tensor] = create_transform(**self.data_config,
+                                                                                 is_training=False)
+
+    @classmethod
+    def from_pretrained(cls, repo_id_or_path: str | Path, revision: str | None = None, *,
+                        device: str | torch.device | None = None, trust_pickled_weights: bool = False,
+                        token: str | None = None, cache_dir: str | Path | None = None) -> ImageClassifier:
+        """Load a classifier from a local directory or a Hub repo (`org/name`, `hf-hub:org/name[@rev]`).
+
+        Args:
+            repo_id_or_path: an existing directory (or `local-dir:PATH`), else a Hub model repo id.
+            revision: Hub branch, tag or commit sha; the default branch when None.
+            device: where to run; CUDA when available, else CPU, by default.
+            trust_pickled_weights: allow pickled weights (pytorch_model.bin, *.pth) when there is no model.safetensors.
+            token: Hub token for private or gated repos; HF_TOKEN or the stored login when None.
+            cache_dir: Hugging Face cache directory for the download; the default cache when None.
+
+        Raises:
+            ValueError: the directory, repo, revision or config.json is missing, or the weights are refused.
+        """
+        folder, repo_id, revision = _split_source(repo_id_or_path, revision)
+        if folder is not None:
+            if revision is not None:
+                raise ValueError(f"revision={revision!r} applies to Hub repos only, not the directory {str(folder)!r}")
+            return cls(_load_local(folder, str(folder), trust_pickled_weights), str(folder), None, device)
+        folder, sha = _hub_snapshot(repo_id, revision, token, cache_dir, trust_pickled_weights)
+        return cls(_load_local(folder, f"{repo_id}@{sha[:12]}", trust_pickled_weights), repo_id, sha, device)
+
+    @property
+    def num_classes(self) -> int:
+        """The number of classes the model predicts."""
+        return len(self.label_names)
+
+    def _image(self, item: ImageInput, name: str) -> Image.Image:
+        """An RGB image from a path, raw bytes or a PIL image."""
+        from hubtune.data import decode, to_rgb
+
+        if isinstance(item, Image.Image):
+            return to_rgb(item)
+        if isinstance(item, (str, Path)):
+            try:
+                item = Path(item).expanduser().read_bytes()
+            except OSError as err:
+                raise ValueError(f"{name}: cannot read the image file ({err.strerror or err})") from err
+        if not isinstance(item, (bytes, bytearray, memoryview)):
+            raise TypeError(f"{name}: images must be file paths, bytes or PIL images, got {type(item).__name__}")
+        img = decode(bytes(item))
+        if img is None:
+            raise ValueError(f"{name}: not a readable image")
+        return img
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 1,
+                batch_size: int = 32) -> list[list[dict[str, Any]]]:
+        """Classify images; per image, the `top_k` {"label", "score"} dicts by descending softmax probability.
+
+        Args:
+            images: one image or a list of them, each a file path, raw encoded bytes or a PIL image.
+            top_k: predictions per image, clipped to the number of classes.
+            batch_size: images per forward pass.
+
+        Raises:
+            ValueError: top_k or batch_size is below 1, or an image cannot be read (named by path or index).
+        """
+        import torch
+
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        k = min(top_k, self.num_classes)
+        out: list[list[dict[str, Any]]] = []
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            names = [str(x) if isinstance(x, (str, Path)) else f"image {start + i}" for i, x in enumerate(batch)]
+            x = torch.stack([self.transform(self._image(item, n)) for item, n in zip(batch, names)])
+            with torch.inference_mode():
+                probs = self.model(x.to(self.device)).float().softmax(dim=-1)
+            scores, indices = probs.topk(k, dim=-1)
+            out += [[{"label": self.label_names[i], "score": s} for s, i in zip(row_s, row_i)]
+                    for row_s, row_i in zip(scores.tolist(), indices.tolist())]
+        return out
+
+    def __repr__(self) -> str:
+        where = f"{self.source}@{self.revision[:12]}" if self.revision else self.source
+        arch = self.model.pretrained_cfg.get("architecture", type(self.model).__name__)
+        return f"ImageClassifier({where!r}, {arch}, {self.num_classes} classes, device={self.device})"
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `hubtune predict` arguments."""
+    parser.add_argument("source", help="model directory (config.json + model.safetensors) or Hub repo id org/name")
+    parser.add_argument("images", nargs="+", help="image files to classify")
+    parser.add_argument("--top-k", type=int, default=1, metavar="K", help="predictions to show per image")
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of text lines")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit sha (default: the main branch)")
+    parser.add_argument("--trust-pickled-weights", action="store_true",
+                        help="allow pickled weights (pytorch_model.bin, *.pth) when there is no model.safetensors; "
+                             "they can run code, so only for sources you trust")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Classify `args.images` with `args.source` and print the predictions (text or JSON) to stdout."""
+    logging.getLogger("timm").setLevel(logging.WARNING)  # its per-load INFO lines would drown the predictions
+    classifier = ImageClassifier.from_pretrained(args.source, args.revision,
+                                                 trust_pickled_weights=args.trust_pickled_weights)
+    results = classifier.predict(args.images, top_k=args.top_k, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps([{"image": str(p), "predictions": r} for p, r in zip(args.images, results)], indent=2))
+    else:
+        for path, preds in zip(args.images, results):
+            for p in preds:
+                print(f"{path}: {p['label']} ({p['score']:.4f})")
+    return 0
