@@ -1,0 +1,106 @@
+"""PNG figures for the model card: the best epoch's confusion matrix and the training curves.
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no global state, no display needed) and
+saved without the "Software" PNG text chunk, so re-rendering the same metrics gives the same bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+PLOTS_DIR = "plots"
+CONFUSION_MATRIX = f"{PLOTS_DIR}/confusion_matrix.png"
+TRAINING_CURVES = f"{PLOTS_DIR}/training_curves.png"
+MAX_ANNOTATED_CLASSES = 20  # above this, cell counts would overlap; the colours still show the pattern
+MAX_TICK_LABELS = 50
+DPI = 100
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    return path
+
+
+def confusion_matrix(matrix: list[list[int]], labels: list[str], path: str | Path) -> Path:
+    """Draw `matrix[true][pred]` as a heatmap with counts; return the path written.
+
+    Args:
+        matrix: square confusion matrix, rows are true classes and columns predicted ones.
+        labels: class names in matrix order.
+        path: where to write the PNG.
+    """
+    n = len(labels)
+    side = min(max(4.0, 0.45 * n + 2.0), 24.0)
+    fig = Figure(figsize=(side + 1.0, side), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="Blues", interpolation="nearest")
+    colorbar = fig.colorbar(image, ax=ax, shrink=0.8, label="images")
+    colorbar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    ax.set_title("Confusion matrix (best epoch, validation)")
+    if n <= MAX_TICK_LABELS:
+        ax.set_xticks(range(n), labels, rotation=45 if n > 2 else 0, ha="right" if n > 2 else "center")
+        ax.set_yticks(range(n), labels)
+    if n <= MAX_ANNOTATED_CLASSES:
+        peak = max((max(row) for row in matrix), default=0)
+        for i, row in enumerate(matrix):
+            for j, count in enumerate(row):
+                ax.text(j, i, str(count), ha="center", va="center",
+                        color="white" if peak and count > peak / 2 else "black")
+    return _save(fig, Path(path))
+
+
+def training_curves(history: list[dict[str, Any]], path: str | Path, best_epoch: int | None = None) -> Path:
+    """Draw train/validation loss and validation accuracy/F1 per epoch; return the path written.
+
+    Args:
+        history: the per-epoch rows of metrics.json (epoch, train_loss, val_loss, val_accuracy, val_f1).
+        path: where to write the PNG.
+        best_epoch: epoch of the exported checkpoint, marked with a dashed line.
+    """
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, score_ax = fig.subplots(1, 2)
+    for ax, series, title in (
+        (loss_ax, (("train_loss", "train loss"), ("val_loss", "validation loss")), "Loss"),
+        (score_ax, (("val_accuracy", "validation accuracy"), ("val_f1", "validation F1 (macro)")), "Validation"),
+    ):
+        for key, label in series:
+            ax.plot(epochs, [row[key] for row in history], marker="o", label=label)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best epoch ({best_epoch})")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        if len(epochs) <= 20:
+            ax.set_xticks(epochs)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    score_ax.set_ylim(-0.02, 1.02)
+    return _save(fig, Path(path))
+
+
+def write_plots(metrics: dict[str, Any], output_dir: str | Path) -> list[str]:
+    """Write every figure the card embeds into `output_dir`; return their paths relative to it.
+
+    Args:
+        metrics: the run's metrics.json content.
+        output_dir: the run's output directory.
+    """
+    out = Path(output_dir)
+    best, history = metrics.get("best") or {}, metrics.get("history") or []
+    written = []
+    if best.get("confusion_matrix"):
+        confusion_matrix(best["confusion_matrix"], list(metrics["class_names"]), out / CONFUSION_MATRIX)
+        written.append(CONFUSION_MATRIX)
+    if history:
+        training_curves(history, out / TRAINING_CURVES, best.get("epoch"))
+        written.append(TRAINING_CURVES)
+    return written
