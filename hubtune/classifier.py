@@ -205,6 +205,30 @@ class ImageClassifier:
         folder, sha = _hub_snapshot(repo_id, revision, token, cache_dir, trust_pickled_weights)
         return cls(_load_local(folder, f"{repo_id}@{sha[:12]}", trust_pickled_weights), repo_id, sha, device)
 
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the model in timm's Hub format (config.json + model.safetensors) with its labels and preprocessing."""
+        from hubtune.model import export
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        export(self.model, folder, self.label_names, self.data_config)
+        return Path(folder)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, revision: str | None = None,
+                    commit_message: str | None = None, token: str | None = None) -> str:
+        """Save to a temporary folder and push it in one verified commit; returns the commit URL.
+
+        Raises:
+            hubtune.hub.PushError: the Hub refused or could not be reached (transient errors are retried).
+        """
+        import tempfile
+
+        from hubtune.hub import push
+
+        with tempfile.TemporaryDirectory(prefix="hubtune-push-") as tmp:
+            self.save_pretrained(tmp)
+            return push(tmp, repo_id, private=private, revision=revision, commit_message=commit_message,
+                        token=token)
+
     @property
     def num_classes(self) -> int:
         """The number of classes the model predicts."""

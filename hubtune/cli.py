@@ -14,6 +14,7 @@ EXIT_FAILED = 1
 def run_guarded(fn: Callable[[], Any]) -> int:
     """Run `fn`; known user-facing failures become one line on stderr and a non-zero exit code."""
     from hubtune.checkpoint import CheckpointError
+    from hubtune.hub import PushError
     from hubtune.run_state import TrainingInterrupted
     from hubtune.train import BadDataError
 
@@ -25,7 +26,7 @@ def run_guarded(fn: Callable[[], Any]) -> int:
     except KeyboardInterrupt:
         print("hubtune: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FloatingPointError, BadDataError, CheckpointError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, BadDataError, CheckpointError, PushError) as err:
         print(f"hubtune: error: {err}", file=sys.stderr)
         return EXIT_USAGE if isinstance(err, ValueError) else EXIT_FAILED
     return result if isinstance(result, int) else 0
@@ -112,7 +113,36 @@ def _hub_serve(args: argparse.Namespace) -> int:
     return run_guarded(lambda: run_serve(args))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _delegate(module: str, runner: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand whose arguments and body live in `module` (imported only when it runs)."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return run_guarded(lambda: getattr(importlib.import_module(module), runner)(args))
+
+    return run
+
+
+# name, help, module, (add-arguments function, run function)
+DELEGATED = [
+    ("push", "push a finished run (best model, card, metrics) to the Hub in one verified commit", "hubtune.hub",
+     ("add_push_arguments", "run_push")),
+    ("prefetch", "download a base model and dataset into the HF cache for runs with HF_HUB_OFFLINE=1",
+     "hubtune.hub", ("add_prefetch_arguments", "run_prefetch")),
+    ("predict", "classify images with a trained model from the Hub or a local folder", "hubtune.classifier",
+     ("add_predict_arguments", "run_predict")),
+    ("card", "re-render OUTPUT_DIR/README.md (the model card) and its plots, offline", "hubtune.card",
+     ("add_card_arguments", "run_card")),
+    ("demo", "the whole story offline in a few minutes: local Hub, fine-tune, interrupt, resume, push, load",
+     "hubtune.demo", ("add_demo_arguments", "run_demo")),
+    ("reproduce", "rerun a published fine-tune from its recorded config and pinned revisions, and compare",
+     "hubtune.reproduce", ("add_reproduce_arguments", "run_reproduce")),
+]
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser; only the module of the subcommand named in `argv` is imported (torch is slow to load)."""
     from hubtune import __version__
     from hubtune.config import add_arguments
 
@@ -138,21 +168,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", help="the run's --output-dir")
     p.set_defaults(func=_checkpoints)
 
+    import importlib
+
+    chosen = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), None)
+    for name, help_text, module, (add_args, runner) in DELEGATED:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            getattr(importlib.import_module(module), add_args)(p)
+        p.set_defaults(func=_delegate(module, runner))
+
     hub = sub.add_parser("hub", help="local Hub-compatible server").add_subparsers(dest="hub_command", required=True)
     p = hub.add_parser("serve", help="serve a Hub-compatible API from a directory (for offline use and tests)")
-    try:
-        from hubtune.hub_server import add_serve_arguments
+    from hubtune.hub_server import add_serve_arguments
 
-        add_serve_arguments(p)
-    except ImportError:
-        pass
+    add_serve_arguments(p)
     p.set_defaults(func=_hub_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(message)s", level=logging.INFO)
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     return args.func(args)
 
 

@@ -48,12 +48,17 @@ def _load(cfg: Any) -> tuple[datasets.IterableDatasetDict, str | None]:
     if cfg.dataset.startswith((".", "/", "~")) or cfg.dataset.count("/") > 1:
         raise ValueError(f"--dataset {cfg.dataset!r}: no such local file or directory (or give a Hub id org/name)")
     from huggingface_hub import HfApi
-    from huggingface_hub.constants import HF_HUB_OFFLINE
+    from huggingface_hub.constants import is_offline_mode
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
+    from hubtune.hub import cached_dataset_dir
+
+    if is_offline_mode():  # compute nodes without internet: the snapshot `hubtune prefetch` cached
+        snapshot = cached_dataset_dir(cfg.dataset, cfg.dataset_revision)
+        return datasets.load_dataset(str(snapshot), streaming=True), snapshot.name
     try:
         # pin the commit once, so every process, epoch and a later reproduction read the same files
-        sha = cfg.dataset_revision if HF_HUB_OFFLINE else HfApi().dataset_info(cfg.dataset, revision=cfg.dataset_revision).sha
+        sha = HfApi().dataset_info(cfg.dataset, revision=cfg.dataset_revision).sha
         return datasets.load_dataset(cfg.dataset, revision=sha, streaming=True), sha
     except RevisionNotFoundError as err:
         raise ValueError(f"--dataset-revision {cfg.dataset_revision!r} does not exist in {cfg.dataset}") from err

@@ -170,6 +170,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._query = parse_qs(query, keep_blank_values=True)
         try:
             try:
+                if self.hub.before_request is not None:
+                    self.hub.before_request(method, unquote(self._path))
                 self._route(method, self._path.split("/")[1:])
             except HubError as err:
                 self._error(err)
@@ -706,6 +708,9 @@ class LocalHub:
         self.url = ""
         # Recent (method, decoded path, status, Range header) for tests; never headers or query strings.
         self.requests: deque[tuple[str, str, int, str | None]] = deque(maxlen=5000)
+        # Tests inject faults here: called with (method, decoded path) before routing; raising ConnectionError
+        # drops the connection without an answer, as a server that dies mid-request would.
+        self.before_request: Callable[[str, str], None] | None = None
         self._secret = os.urandom(32)
         self._used_nonces: set[str] = set()
         self._server: _Server | None = None

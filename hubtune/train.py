@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from hubtune import checkpoint, data, metrics, stream
+from hubtune import checkpoint, data, hub, metrics, stream
 from hubtune import model as model_lib
 from hubtune.config import CONFIG_FILE, TrainConfig
 from hubtune.run_state import RunState, StopRequest, TrainingInterrupted, resume_differences, update_best
@@ -163,9 +163,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     resume_from = checkpoint.find_resume(out, cfg.resume) if cfg.resume else None
     if cfg.resume and resume_from is None:
         logger.info(f"--resume latest: no checkpoint in {out}, starting fresh")
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / CONFIG_FILE)
     start_time = time.time()
 
     # --- data
@@ -173,8 +170,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     class_names = info.class_names
     logger.info(f"dataset {cfg.dataset}: classes {class_names}, validation from {info.val_source}")
 
-    # --- model
-    net = model_lib.create(cfg.model, num_classes=len(class_names), pretrained=cfg.pretrained)
+    # --- model (base model and dataset pinned to commit shas, recorded in train_config.yaml)
+    spec = cfg.model if "@" in cfg.model or not cfg.model_revision else f"{cfg.model}@{cfg.model_revision}"
+    timm_name, base_model = hub.resolve_model(spec) if cfg.pretrained else (cfg.model, {"id": None})
+    cfg.model_revision = base_model.get("revision") or cfg.model_revision
+    cfg.dataset_revision = info.revision or cfg.dataset_revision
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / CONFIG_FILE)
+    net = model_lib.create(timm_name, num_classes=len(class_names), pretrained=cfg.pretrained)
     frozen = model_lib.resolve_freeze(net, cfg.freeze) if cfg.freeze else []
     model_lib.freeze(net, frozen, cfg.freeze_bn)  # before DDP wraps it: no find_unused_parameters needed
     if not any(p.requires_grad for p in net.parameters()):
@@ -207,6 +211,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     scheduler = make_scheduler(optimizer, cfg, state)
     save_every = None if cfg.save_every == "epoch" else int(cfg.save_every)
     command = _resume_command()
+    run_info = _run_info(cfg, accelerator, net, frozen, base_model, info, command)
+    pusher = _background_pusher(cfg) if cfg.push_every_save and accelerator.is_main_process else None
 
     # --- loop
     with StopRequest() as stop:
@@ -280,7 +286,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                    "confusion_matrix": val["confusion_matrix"],
                    "skipped_images": {"train": int(n_bad), "val": val["skipped"]}}
             state.history.append(row)
-            if update_best(state, row, cfg):
+            improved = update_best(state, row, cfg)
+            if improved:
                 state.best["checkpoint"] = checkpoint.step_dir(out, state.global_step).name
             logger.info(f"epoch {row['epoch']}/{cfg.epochs} | step {row['step']} | train_loss {row['train_loss']:.4f}"
                         f" | val_loss {row['val_loss']:.4f} | val_acc {row['val_accuracy']:.4f} | val_f1 "
@@ -291,27 +298,85 @@ def train(cfg: TrainConfig) -> TrainResult:
             if state.stopped:
                 logger.info(f"early stopping: {state.stopped['detail']}")
             save_checkpoint(accelerator, out, net, optimizer, state, progress, cfg, run)
+            if pusher is not None and improved:
+                snap = hub.snapshot_dir(out)
+                _write_outputs(snap, accelerator.unwrap_model(net), cfg, data_cfg,
+                               _final_metrics(state, info, accelerator, start_time, run_info))
+                pusher.submit(snap)
 
     # --- save
     if state.stopped is None:
         reason, detail = (("max_steps", f"reached --max-steps {cfg.max_steps}") if _reached_max_steps(cfg, state)
                           else ("max_epochs", f"completed --epochs {cfg.epochs}"))
         state.stopped = {"reason": reason, "epoch": state.epoch, "step": state.global_step, "detail": detail}
-    result_metrics = _final_metrics(state, info, accelerator, start_time)
+    result_metrics = _final_metrics(state, info, accelerator, start_time, run_info)
     if accelerator.is_main_process:
         best_weights = load_file(str(out / checkpoint.CHECKPOINTS / state.best["checkpoint"] / checkpoint.MODEL_FILE))
         final = accelerator.unwrap_model(net)
         final.load_state_dict(best_weights)
-        model_lib.export(final, out, class_names, data_cfg)
-        (out / METRICS_FILE).write_text(json.dumps(result_metrics, indent=2))
+        _write_outputs(out, final, cfg, data_cfg, result_metrics)
         logger.info(f"exported the best checkpoint ({state.best['checkpoint']}, epoch {state.best['epoch']}, "
                     f"{cfg.metric} {state.best[cfg.metric]:.4f}) to {out}")
+        if pusher is not None:
+            pusher.close()
+        if cfg.push_to_hub:
+            hub.push(out, cfg.push_to_hub, private=cfg.private, revision=cfg.revision,
+                     commit_message=cfg.commit_message, push_checkpoints=cfg.push_checkpoints,
+                     overwrite_card=cfg.overwrite_card)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(output_dir=out, history=state.history, best=state.best, metrics=result_metrics)
 
 
-def _final_metrics(state: RunState, info: data.DataInfo, accelerator: Accelerator, start_time: float) -> dict:
+def _write_outputs(folder: Path, net: Any, cfg: TrainConfig, data_cfg: dict, result: dict) -> None:
+    """The Hub-ready folder: timm export, metrics.json, train_config.yaml and the model card with its plots."""
+    from hubtune import card
+
+    model_lib.export(net, folder, result["class_names"], data_cfg)
+    (folder / METRICS_FILE).write_text(json.dumps(result, indent=2))
+    cfg.save(folder / CONFIG_FILE)
+    card.write_card(folder, repo_id=cfg.push_to_hub, license=cfg.license)
+
+
+def _background_pusher(cfg: TrainConfig) -> hub.BackgroundPusher:
+    return hub.BackgroundPusher(cfg.push_to_hub, private=cfg.private, revision=cfg.revision,
+                                commit_message="hubtune: new best checkpoint", overwrite_card=cfg.overwrite_card)
+
+
+def _run_info(cfg: TrainConfig, accelerator: Accelerator, net: Any, frozen: list[str], base_model: dict,
+              info: data.DataInfo, command: str) -> dict:
+    """What the model card needs to make the run reproducible."""
+    import accelerate
+    import datasets
+    import huggingface_hub
+    import timm
+
+    from hubtune import __version__
+
+    total = model_lib.parameter_table(net)[-1]
+    groups = model_lib.param_groups(net)
+    device = accelerator.device
+    return {
+        "base_model": {"id": None, "revision": None, "spec": cfg.model, "license": None, **base_model},
+        "dataset": {"id": cfg.dataset, "revision": info.revision, "is_hub": info.revision is not None},
+        "val_source": info.val_source,
+        "parameters": {"total": total[1], "trainable": total[2], "frozen": total[3]},
+        "frozen_groups": sorted({groups[n] for n in frozen if n in groups}),
+        "freeze": cfg.freeze,
+        "freeze_bn": cfg.freeze_bn,
+        "devices": {"type": device.type, "count": accelerator.num_processes,
+                    "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
+        "mixed_precision": cfg.mixed_precision,
+        "effective_batch_size": cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__,
+                     "datasets": datasets.__version__, "huggingface_hub": huggingface_hub.__version__,
+                     "hubtune": __version__},
+        "command": command,
+    }
+
+
+def _final_metrics(state: RunState, info: data.DataInfo, accelerator: Accelerator, start_time: float,
+                   run_info: dict) -> dict:
     last = state.history[-1] if state.history else {}
     return {
         "history": state.history,
@@ -326,6 +391,7 @@ def _final_metrics(state: RunState, info: data.DataInfo, accelerator: Accelerato
         "dataset_revision": info.revision,
         "num_processes": accelerator.num_processes,
         "wall_time_s": round(time.time() - start_time, 2),
+        "run_info": run_info,
     }
 
 

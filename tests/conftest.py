@@ -67,11 +67,19 @@ def hub_token() -> str:
 
 @pytest.fixture(autouse=True)
 def _isolated_hf_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own HF cache so negative lookups and refs never leak between tests."""
+    """Every test gets its own HF cache so negative lookups and refs never leak between tests.
+
+    The clients read the cache locations at import, so the module constants are patched too; subprocesses
+    started by a test inherit the environment variables.
+    """
     cache = tmp_path_factory.mktemp("hf_cache")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache / "hub"))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    if "huggingface_hub" in sys.modules:
+        monkeypatch.setattr(sys.modules["huggingface_hub"].constants, "HF_HUB_CACHE", str(cache / "hub"))
+    if "datasets" in sys.modules:
+        monkeypatch.setattr(sys.modules["datasets"].config, "HF_DATASETS_CACHE", cache / "datasets")
 
 
 @pytest.fixture(scope="session")

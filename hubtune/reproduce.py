@@ -1,0 +1,121 @@
+"""`hubtune reproduce`: rerun a published fine-tune from its train_config.yaml and pinned revisions, then compare."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hubtune.config import CONFIG_FILE, TrainConfig
+
+logger = logging.getLogger("hubtune")
+COMPARED = ("val_accuracy", "val_f1", "val_loss", "train_loss")
+# What a reproduction must not do on its own: push somewhere or continue someone else's checkpoints.
+NOT_REPRODUCED = {"push_to_hub": None, "push_every_save": False, "push_checkpoints": False, "resume": None}
+
+
+def fetch_record(source: str, revision: str | None = None) -> tuple[dict, dict, dict | None]:
+    """(train_config, metrics, card eval results) of a local output dir or a Hub repo."""
+    local = Path(source)
+    if local.is_dir():
+        files = {name: local / name for name in (CONFIG_FILE, "metrics.json", "README.md")}
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+        files = {}
+        for name in (CONFIG_FILE, "metrics.json", "README.md"):
+            try:
+                files[name] = Path(hf_hub_download(source, name, revision=revision))
+            except EntryNotFoundError:
+                files[name] = Path("/nonexistent")
+            except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+                raise ValueError(f"{source!r} is neither a local output dir nor a Hub model repo you can read") from err
+    for name in (CONFIG_FILE, "metrics.json"):
+        if not files[name].is_file():
+            raise ValueError(f"{source}: no {name}; only runs made by hubtune can be reproduced")
+    config = yaml.safe_load(files[CONFIG_FILE].read_text())
+    metrics = json.loads(files["metrics.json"].read_text())
+    card = _card_results(files["README.md"]) if files["README.md"].is_file() else None
+    return config, metrics, card
+
+
+def _card_results(readme: Path) -> dict | None:
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(readme)
+    results = getattr(card.data, "eval_results", None) or []
+    return {r.metric_type: r.metric_value for r in results} or None
+
+
+def plan(config: dict, metrics: dict, output_dir: str) -> tuple[TrainConfig, str, list[str]]:
+    """The config to rerun, the equivalent command line, and what it will download."""
+    known = {k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**{**known, **NOT_REPRODUCED, "output_dir": output_dir})
+    cfg.validate()
+    procs = metrics.get("num_processes", 1)
+    launcher = (f"accelerate launch --num_processes {procs} hubtune/train.py" if procs > 1 else "hubtune train")
+    command = f"{launcher} --config {shlex.quote(str(Path(output_dir) / 'reproduce_config.yaml'))}"
+    downloads = []
+    if "/" in cfg.model and not cfg.model.startswith("local-dir:") and cfg.pretrained:
+        downloads.append(f"model {cfg.model.removeprefix('hf-hub:')}@{cfg.model_revision or 'main'}")
+    if not Path(cfg.dataset).exists():
+        downloads.append(f"dataset {cfg.dataset}@{cfg.dataset_revision or 'main'} (streamed)")
+    return cfg, command, downloads
+
+
+def compare(original: dict, new: dict, card: dict | None, tol: float = 1e-6) -> list[str]:
+    """Differences between the original and the reproduced metrics (empty: reproduced)."""
+    diffs = []
+    old_h, new_h = original.get("history", []), new.get("history", [])
+    if len(old_h) != len(new_h):
+        diffs.append(f"epochs run: original {len(old_h)}, reproduction {len(new_h)}")
+    for a, b in zip(old_h, new_h):
+        for key in COMPARED:
+            if abs(a[key] - b[key]) > tol:
+                diffs.append(f"epoch {a['epoch']} {key}: original {a[key]:.6f}, reproduction {b[key]:.6f}")
+    if original.get("best", {}).get("epoch") != new.get("best", {}).get("epoch"):
+        diffs.append(f"best epoch: original {original['best'].get('epoch')}, reproduction {new['best'].get('epoch')}")
+    names = {"accuracy": "val_accuracy", "f1": "val_f1", "loss": "val_loss"}
+    for metric, value in (card or {}).items():
+        key = names.get(metric)
+        if key and abs(value - new["best"][key]) > max(tol, 1e-4):  # the card rounds to 4 decimals
+            diffs.append(f"card {metric}: {value}, reproduction {new['best'][key]:.6f}")
+    return diffs
+
+
+def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="Hub repo id of a hubtune model, or a run's output dir")
+    parser.add_argument("--revision", default=None, help="revision of the model repo")
+    parser.add_argument("--output-dir", default=None, help="where the reproduction writes (default: reproduce-NAME)")
+    parser.add_argument("--dry-run", action="store_true", help="print the command and the downloads, run nothing")
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    config, metrics, card = fetch_record(args.source, args.revision)
+    output_dir = args.output_dir or f"reproduce-{Path(args.source.rstrip('/')).name}"
+    cfg, command, downloads = plan(config, metrics, output_dir)
+    print(f"command: {command}")
+    print("downloads: " + ("; ".join(downloads) if downloads else "none (everything is local)"))
+    if args.dry_run:
+        return 0
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    cfg.save(Path(output_dir) / "reproduce_config.yaml")
+    if metrics.get("num_processes", 1) > 1:
+        raise ValueError(f"the original run used {metrics['num_processes']} processes; run: {command}")
+    from hubtune.train import train
+
+    result = train(cfg)
+    diffs = compare(metrics, result.metrics, card)
+    if diffs:
+        print("differences from the original:\n  " + "\n  ".join(diffs))
+        return 1
+    best = result.metrics["best"]
+    print(f"reproduced: {len(result.history)} epochs, best epoch {best['epoch']} with "
+          f"{cfg.metric} {best[cfg.metric]:.6f}, identical to the original")
+    return 0

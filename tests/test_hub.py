@@ -1,0 +1,260 @@
+"""The Hub round trip through the real clients and the local server: pull, stream, push, verify, load, offline."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from helpers import make_image_dataset
+from huggingface_hub import HfApi
+
+from hubtune import hub as hub_lib
+from hubtune.hub_server import LocalHub
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "tok-alice-write"
+
+
+def unique(prefix: str) -> str:
+    return f"alice/{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def published(hub, tmp_path_factory):
+    """A tiny backbone in timm format and a parquet Image+ClassLabel dataset, both on the local Hub."""
+    import datasets
+
+    api = HfApi(token=TOKEN)
+    root = tmp_path_factory.mktemp("published")
+    backbone = unique("backbone")
+    torch.manual_seed(0)
+    net = timm.create_model("test_resnet", num_classes=7)
+    timm.models.save_for_hf(net, str(root / "backbone"), safe_serialization=True)
+    (root / "backbone" / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: timm\n---\n# backbone\n")
+    api.create_repo(backbone, exist_ok=True)
+    api.upload_folder(folder_path=str(root / "backbone"), repo_id=backbone)
+    dataset = unique("cats-vs-dogs")
+    path = make_image_dataset(root / "ds", "parquet", per_class=60, bad=True)
+    datasets.config.USE_PARQUET_EXPORT = False
+    datasets.load_dataset("parquet", data_files=str(path), split="train").push_to_hub(dataset, token=TOKEN)
+    return {"backbone": backbone, "dataset": dataset}
+
+
+def env_for(hub_url: str, home: Path, token: str | None = TOKEN, **extra) -> dict:
+    env = {**os.environ, "HF_ENDPOINT": hub_url, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
+           "HF_DATASETS_CACHE": str(home / "datasets"), "OMP_NUM_THREADS": "1", **extra}
+    env.pop("HF_TOKEN", None)
+    if token:
+        env["HF_TOKEN"] = token
+    return env
+
+
+def train_flags(published, out, *extra):
+    return ["--model", published["backbone"], "--dataset", published["dataset"], "--image-size", "32",
+            "--epochs", "2", "--batch-size", "16", "--lr", "3e-3", "--num-workers", "0", "--max-bad-fraction", "0.05",
+            "--freeze", "stem,stages.0", "--output-dir", str(out), "--no-progress", *extra]
+
+
+PREDICT = """
+import json, sys, timm, torch
+from hubtune import ImageClassifier
+repo, paths = sys.argv[1], sys.argv[2:]
+clf = ImageClassifier.from_pretrained(repo)
+preds = clf.predict(paths, top_k=2)
+net = timm.create_model("hf-hub:" + repo, pretrained=True).eval()
+cfg = timm.data.resolve_data_config({}, model=net)
+tf = timm.data.create_transform(**cfg)
+from hubtune.data import decode
+x = torch.stack([tf(decode(open(p, "rb").read())) for p in paths])
+with torch.no_grad():
+    probs = net(x).softmax(-1)
+names = net.pretrained_cfg["label_names"]
+timm_preds = [[{"label": names[i], "score": float(p[i])} for i in p.argsort(descending=True)[:2]] for p in probs]
+print(json.dumps({"hubtune": preds, "timm": timm_preds}))
+"""
+
+
+def test_acceptance_train_from_hub_push_and_load_in_a_clean_process(hub, published, tmp_path):
+    target = unique("finetuned")
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "hubtune/train.py",
+         *train_flags(published, out, "--push-to-hub", target)],
+        cwd=REPO, env=env_for(hub.url, tmp_path / "home1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "verified size and hash" in proc.stderr
+    # the base model and dataset commits used are pinned in train_config.yaml and metrics.json
+    api = HfApi(token=TOKEN)
+    cfg = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert cfg["model_revision"] == api.model_info(published["backbone"]).sha
+    assert cfg["dataset_revision"] == api.dataset_info(published["dataset"]).sha
+    info = json.loads((out / "metrics.json").read_text())["run_info"]
+    assert info["base_model"] == {"id": published["backbone"], "revision": cfg["model_revision"],
+                                  "spec": published["backbone"], "license": "apache-2.0"}
+    files = set(api.list_repo_files(target))
+    assert {"config.json", "model.safetensors", "README.md", "metrics.json", "train_config.yaml"} <= files
+    assert not any(f.startswith("checkpoints/") for f in files) and not any("token" in f for f in files)
+    # a second researcher: fresh process, empty cache, hubtune and plain timm agree exactly
+    images = []
+    for i, label in enumerate(("cat", "dog")):
+        from helpers import make_rgb
+        import random
+
+        p = tmp_path / f"{label}.png"
+        make_rgb(i, random.Random(100 + i)).save(p)
+        images.append(str(p))
+    loaded = subprocess.run([sys.executable, "-c", PREDICT, target, *images], cwd=REPO,
+                            env=env_for(hub.url, tmp_path / "home2", token=None), capture_output=True, text=True,
+                            timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    result = json.loads(loaded.stdout.strip().splitlines()[-1])
+    for ours, theirs in zip(result["hubtune"], result["timm"]):
+        assert [p["label"] for p in ours] == [p["label"] for p in theirs]
+        assert [p["score"] for p in ours] == pytest.approx([p["score"] for p in theirs], abs=1e-6)
+    assert [preds[0]["label"] for preds in result["hubtune"]] == ["cat", "dog"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(published, tmp_path_factory):
+    from hubtune.config import TrainConfig
+    from hubtune.train import train
+
+    out = tmp_path_factory.mktemp("finished")
+    cfg = TrainConfig(model=published["backbone"], dataset=published["dataset"], image_size=32, epochs=1,
+                      batch_size=16, num_workers=0, max_bad_fraction=0.05, output_dir=str(out), progress=False)
+    train(cfg)
+    return out
+
+
+def test_push_is_verified_idempotent_and_never_ships_checkpoints(hub, finished_run, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    target = unique("pushed")
+    url = hub_lib.push(finished_run, target, token=TOKEN)
+    assert f"/{target}/commit/" in url
+    api = HfApi(token=TOKEN)
+    files = set(api.list_repo_files(target))
+    assert "model.safetensors" in files and not any(f.startswith("checkpoints") for f in files)
+    before = len(hub.requests)
+    hub_lib.push(finished_run, target, token=TOKEN)
+    again = list(hub.requests)[before:]
+    assert not [r for r in again if r[0] == "PUT"], "unchanged files were uploaded again"
+    assert not [r for r in again if r[0] == "POST" and "/commit/" in r[1]], "a no-op push made a commit"
+    with_ckpt = hub_lib.files_to_push(finished_run, push_checkpoints=True)
+    assert any(f.startswith("checkpoints/step-") for f in with_ckpt)
+
+
+def test_push_refusals_name_the_fix(hub, finished_run):
+    with pytest.raises(hub_lib.PushError, match=r"\(403\): your token cannot write to 'bob'.*run the same push again"):
+        hub_lib.push(finished_run, "bob/not-yours", token=TOKEN, retries=0)
+    with pytest.raises(hub_lib.PushError, match=r"\(401\): set HF_TOKEN"):
+        hub_lib.push(finished_run, unique("anon"), token=False, retries=0)
+    with pytest.raises(ValueError, match="not a hubtune export: config.json is missing"):
+        hub_lib.push(finished_run / "checkpoints", unique("x"), token=TOKEN)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in folder.rglob("*") if p.is_file()}
+
+
+def test_server_dying_mid_push_then_rerun_completes(finished_run, tmp_path):
+    tokens = {TOKEN: ("alice", "write")}
+    server = LocalHub(tmp_path / "hub", tokens=tokens).start()
+    port = server.port
+    stopping = threading.Thread(target=server.stop)
+
+    def die_at_commit(method: str, path: str) -> None:
+        if method == "POST" and "/commit/" in path:
+            stopping.start()  # the server goes down while this request is in flight
+            raise ConnectionAbortedError("server going down")
+
+    server.before_request = die_at_commit
+    target = unique("interrupted")
+    before = _digests(finished_run)
+    with pytest.raises(hub_lib.PushError, match="run the same push again to complete it"):
+        hub_lib.push(finished_run, target, token=TOKEN, endpoint=server.url, retries=1, retry_wait=0.01)
+    assert _digests(finished_run) == before  # nothing local was touched
+    stopping.join()
+    restarted = LocalHub(tmp_path / "hub", port=port, tokens=tokens).start()
+    try:
+        url = hub_lib.push(finished_run, target, token=TOKEN, endpoint=restarted.url, retries=1, retry_wait=0.01)
+        assert f"{target}/commit/" in url
+        files = set(HfApi(endpoint=restarted.url, token=TOKEN).list_repo_files(target))
+        assert {"model.safetensors", "config.json", "metrics.json"} <= files
+    finally:
+        restarted.stop()
+
+
+def test_card_edited_on_the_hub_is_kept_unless_overwrite(hub, finished_run):
+    target = unique("carded")
+    hub_lib.push(finished_run, target, token=TOKEN)
+    api = HfApi(token=TOKEN)
+    api.upload_file(path_or_fileobj=b"---\nlicense: mit\n---\n# My own words\n", path_in_repo="README.md",
+                    repo_id=target)
+    hub_lib.push(finished_run, target, token=TOKEN)
+    assert "My own words" in Path(api.hf_hub_download(target, "README.md")).read_text()
+    hub_lib.push(finished_run, target, token=TOKEN, overwrite_card=True)
+    assert "My own words" not in Path(api.hf_hub_download(target, "README.md")).read_text()
+
+
+def test_prefetch_then_offline_run_without_a_server(hub, published, tmp_path):
+    home = tmp_path / "home"
+    pre = subprocess.run([sys.executable, "-m", "hubtune.cli", "prefetch", "--model", published["backbone"],
+                          "--dataset", published["dataset"]], cwd=REPO, env=env_for(hub.url, home),
+                         capture_output=True, text=True, timeout=300)
+    assert pre.returncode == 0, pre.stderr[-2000:]
+    dead = "http://127.0.0.1:9"  # nothing listens there: any request would fail
+    run = subprocess.run([sys.executable, "-m", "hubtune.cli", "train", *train_flags(published, tmp_path / "out")],
+                         cwd=REPO, env=env_for(dead, home, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    cfg = yaml.safe_load((tmp_path / "out" / "train_config.yaml").read_text())
+    assert cfg["dataset_revision"] == HfApi(token=TOKEN).dataset_info(published["dataset"]).sha
+
+
+def test_background_pushes_coalesce_and_failures_never_stop_training(published, tmp_path, monkeypatch):
+    from hubtune.config import TrainConfig
+    from hubtune.train import train
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    base = dict(model=published["backbone"], dataset=published["dataset"], image_size=32, epochs=2, batch_size=16,
+                lr=3e-3, num_workers=0, max_bad_fraction=0.05, progress=False, push_every_save=True)
+    target = unique("live")
+    train(TrainConfig(**base, output_dir=str(tmp_path / "ok"), push_to_hub=target))
+    api = HfApi(token=TOKEN)
+    messages = [c.title for c in api.list_repo_commits(target)]
+    assert 1 <= messages.count("hubtune: new best checkpoint") <= 2  # at most one per improvement, none per step
+    assert not list((tmp_path / "ok").glob(".push-*"))  # snapshots are cleaned up
+    # pushes refused (alice cannot write to bob's namespace): training still runs to the end, only the final push fails
+    with pytest.raises(hub_lib.PushError, match="403"):
+        train(TrainConfig(**base, output_dir=str(tmp_path / "refused"), push_to_hub="bob/live"))
+    metrics = json.loads((tmp_path / "refused" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert (tmp_path / "refused" / "model.safetensors").is_file()
+
+
+def test_image_classifier_push_to_hub_round_trip(hub, finished_run, tmp_path):
+    from hubtune import ImageClassifier
+    from helpers import make_rgb
+    import random
+
+    local = ImageClassifier.from_pretrained(finished_run)
+    target = unique("from-python")
+    url = local.push_to_hub(target, token=TOKEN)
+    assert f"{target}/commit/" in url
+    remote = ImageClassifier.from_pretrained(target, token=TOKEN)
+    image = make_rgb(1, random.Random(7))
+    assert remote.label_names == local.label_names == ["cat", "dog"]
+    ours, theirs = local.predict(image, top_k=2)[0], remote.predict(image, top_k=2)[0]
+    assert [p["label"] for p in ours] == [p["label"] for p in theirs]
+    assert [p["score"] for p in ours] == pytest.approx([p["score"] for p in theirs], abs=1e-6)
