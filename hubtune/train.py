@@ -211,7 +211,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     scheduler = make_scheduler(optimizer, cfg, state)
     save_every = None if cfg.save_every == "epoch" else int(cfg.save_every)
     command = _resume_command()
-    run_info = _run_info(cfg, accelerator, net, frozen, base_model, info, command)
+    run_info = _run_info(cfg, accelerator, accelerator.unwrap_model(net), frozen, base_model, info, command)
     pusher = _background_pusher(cfg) if cfg.push_every_save and accelerator.is_main_process else None
 
     # --- loop

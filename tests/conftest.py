@@ -38,7 +38,12 @@ for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_DATASET
     os.environ.pop(_var, None)
 assert "huggingface_hub" not in sys.modules, "conftest must run before any Hugging Face import"
 
+import datasets  # noqa: E402
 import pytest  # noqa: E402
+
+# datasets waits 5 s after every parquet stream for pyarrow's reader threads (apache/arrow#45214); the tests
+# read tiny files many times, for which half a second is plenty
+datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.5
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import make_image_dataset  # noqa: E402

@@ -237,9 +237,9 @@ def test_background_pushes_coalesce_and_failures_never_stop_training(published, 
     assert not list((tmp_path / "ok").glob(".push-*"))  # snapshots are cleaned up
     # pushes refused (alice cannot write to bob's namespace): training still runs to the end, only the final push fails
     with pytest.raises(hub_lib.PushError, match="403"):
-        train(TrainConfig(**base, output_dir=str(tmp_path / "refused"), push_to_hub="bob/live"))
+        train(TrainConfig(**{**base, "epochs": 1}, output_dir=str(tmp_path / "refused"), push_to_hub="bob/live"))
     metrics = json.loads((tmp_path / "refused" / "metrics.json").read_text())
-    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert [h["epoch"] for h in metrics["history"]] == [1]
     assert (tmp_path / "refused" / "model.safetensors").is_file()
 
 
