@@ -182,7 +182,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML file with TrainConfig fields (flags override it)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        choices = f.metadata.get("choices")
+        listed = " {" + ",".join(choices) + "}" if choices else ""
+        help_text = f"{f.metadata['help']}{listed} (default: {f.default})"
         if _base_type(f.type) is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:

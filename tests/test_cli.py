@@ -64,3 +64,36 @@ def test_summary_prints_group_table_and_layers():
     assert trainable == "0" and frozen == total
     assert "FrozenBatchNorm2d" in proc.stdout
     assert "input (3, 64, 64)" in proc.stdout
+
+
+def test_help_lists_every_command_from_one_table():
+    proc = run(HUBTUNE + ["--help"])
+    assert proc.returncode == 0
+    for command in ("train", "summary", "checkpoints", "push", "prefetch", "predict", "card", "demo", "reproduce",
+                    "hub"):
+        assert f"    {command}" in proc.stdout, command
+    for command in ("push", "predict", "card", "reproduce", "prefetch", "demo"):
+        sub = run(HUBTUNE + [command, "--help"])
+        assert sub.returncode == 0 and "usage: hubtune " + command in sub.stdout, sub.stderr
+
+
+def test_push_of_a_folder_that_is_not_an_export_is_one_line(tmp_path):
+    proc = run(HUBTUNE + ["push", str(tmp_path), "alice/x"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"hubtune: error: {tmp_path} is not a hubtune export: config.json is missing (train first)"
+
+
+def test_predict_command_on_a_trained_folder(two_class_folder, tmp_path):
+    out = tmp_path / "out"
+    assert run(HUBTUNE + ["train", *flags(two_class_folder, out)]).returncode == 0
+    image = next((two_class_folder / "dog").glob("*.png"))
+    proc = run(HUBTUNE + ["predict", str(out), str(image), "--top-k", "2", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    result = json.loads(proc.stdout)
+    assert result[0]["image"] == str(image)
+    assert sorted(p["label"] for p in result[0]["predictions"]) == ["cat", "dog"]
+    card = run(HUBTUNE + ["card", str(out), "--repo-id", "alice/demo"])
+    assert card.returncode == 0, card.stderr
+    assert "alice/demo" in (out / "README.md").read_text()

@@ -258,3 +258,34 @@ def test_image_classifier_push_to_hub_round_trip(hub, finished_run, tmp_path):
     ours, theirs = local.predict(image, top_k=2)[0], remote.predict(image, top_k=2)[0]
     assert [p["label"] for p in ours] == [p["label"] for p in theirs]
     assert [p["score"] for p in ours] == pytest.approx([p["score"] for p in theirs], abs=1e-6)
+
+
+def test_push_to_a_private_branch_and_the_card_loads_back(hub, finished_run):
+    from huggingface_hub import ModelCard
+
+    target = unique("private")
+    hub_lib.push(finished_run, target, token=TOKEN, private=True, revision="dev", commit_message="first cut")
+    api = HfApi(token=TOKEN)
+    assert api.model_info(target).private is True
+    assert "model.safetensors" in api.list_repo_files(target, revision="dev")
+    assert "model.safetensors" not in api.list_repo_files(target)  # main keeps only the initial commit
+    assert [c.title for c in api.list_repo_commits(target, revision="dev")][0] == "first cut"
+    assert HfApi(token=False).repo_exists(target) is False  # private: invisible without a token
+    pushed = Path(api.hf_hub_download(target, "README.md", revision="dev")).read_text()
+    local = (finished_run / "README.md").read_text()
+    assert pushed.startswith(local.rstrip("\n"))
+    public = unique("public-card")
+    hub_lib.push(finished_run, public, token=TOKEN)
+    card = ModelCard.load(public)
+    assert card.data.to_dict() == ModelCard(local).data.to_dict()
+    assert card.data.base_model == json.loads((finished_run / "metrics.json").read_text())["run_info"]["base_model"]["id"]
+
+
+def test_missing_hub_model_is_one_line_error(published, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hubtune.cli", "train",
+                           *train_flags(published, tmp_path), "--model", "alice/no-such-backbone"],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert "--model 'alice/no-such-backbone': no such model repo on the Hub" in proc.stderr
+    assert "Traceback" not in proc.stderr

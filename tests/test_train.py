@@ -149,3 +149,22 @@ def test_two_process_run_matches_single_process_eval_of_its_export(two_class_fol
     # the export is the best epoch's weights
     assert single["accuracy"] == pytest.approx(m["best"]["val_accuracy"], abs=1e-9)
     assert single["confusion_matrix"] == m["best"]["confusion_matrix"]
+
+
+def test_gradient_accumulation_counts_optimizer_steps(two_class_folder, tmp_path):
+    result = train(tiny_config(two_class_folder, tmp_path, epochs=1, batch_size=8, grad_accum=2))
+    batches = -(-result.history[0]["train_examples"] // 8)
+    assert result.metrics["global_step"] == -(-batches // 2)  # the last partial group still steps
+
+
+def test_bf16_mixed_precision_on_cpu_trains_and_exports_fp32(two_class_folder, tmp_path):
+    # a process of its own: Accelerate keeps one precision per process
+    flags = ["--model", "test_resnet", "--no-pretrained", "--dataset", str(two_class_folder), "--image-size", "32",
+             "--epochs", "1", "--batch-size", "16", "--num-workers", "0", "--max-bad-fraction", "0.05",
+             "--output-dir", str(tmp_path), "--no-progress", "--mixed-precision", "bf16"]
+    proc = _launch([sys.executable, "-m", "hubtune.cli", "train", *flags])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert history[0]["train_loss"] == history[0]["train_loss"]  # finite, not NaN
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    assert all(t.dtype in (torch.float32, torch.int64) for t in weights.values())
