@@ -7,7 +7,6 @@ import json
 import logging
 import shlex
 from pathlib import Path
-from typing import Any
 
 import yaml
 

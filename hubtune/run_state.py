@@ -8,7 +8,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import gather_object
+
+from hubtune import checkpoint
 from hubtune.config import TrainConfig
+
+logger = get_logger("hubtune")
 
 # Config fields whose change would make a resumed run a different run.
 RESUME_MUST_MATCH = ("model", "dataset", "image_size", "val_fraction", "freeze", "freeze_bn", "batch_size",
@@ -108,3 +115,44 @@ class TrainingInterrupted(Exception):
         self.signum = signum
         name = signal.Signals(signum).name
         super().__init__(f"{name} received: saved {checkpoint}; resume with: {command} --resume latest")
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, net: Any, optimizer: Any, state: RunState,
+                    epoch_progress: dict, cfg: TrainConfig, run: dict) -> Path:
+    """Gather every process's RNG and data position, then the main process writes one atomic checkpoint."""
+    rng_meta, rng_tensors = checkpoint.rng_state()
+    mine = ({**rng_meta, "progress": epoch_progress}, rng_tensors)
+    ranks = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    path = checkpoint.step_dir(out, state.global_step)
+    if accelerator.is_main_process:
+        opt_meta, opt_tensors = checkpoint.optimizer_state(optimizer.optimizer)
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        payload = {"run_state": state.to_dict(), "config": cfg.to_dict(), "run": run, "grad_scaler": scaler}
+        checkpoint.write(out, state.global_step, accelerator.unwrap_model(net).state_dict(), opt_meta, opt_tensors,
+                         ranks, payload)
+        keep = {state.best["checkpoint"]} if state.best.get("checkpoint") else set()
+        for gone in checkpoint.prune(out, cfg.keep_last, keep):
+            logger.info(f"deleted old checkpoint {gone.name}")
+        logger.info(f"saved checkpoint {path.name}")
+    accelerator.wait_for_everyone()
+    return path
+
+
+def restore(path: Path, accelerator: Accelerator, net: Any, optimizer: Any, cfg: TrainConfig, run: dict) -> tuple[RunState, dict]:
+    """Load a checkpoint into the model, optimizer and RNGs; return its RunState and this process's progress."""
+    saved, model_tensors, opt_tensors, rank_tensors = checkpoint.read(path)
+    diffs = resume_differences(saved, cfg, run)
+    if diffs:
+        raise ValueError(f"cannot resume from {path}: the run would change meaning:\n  " + "\n  ".join(diffs)
+                         + "\n  (start a new --output-dir for a different run)")
+    accelerator.unwrap_model(net).load_state_dict(model_tensors)
+    checkpoint.load_optimizer_state(optimizer.optimizer, saved["optimizer"], opt_tensors)
+    mine = saved["ranks"][accelerator.process_index]
+    checkpoint.set_rng_state(mine, checkpoint.rank_tensors(rank_tensors, accelerator.process_index))
+    if accelerator.scaler is not None and saved.get("grad_scaler"):
+        accelerator.scaler.load_state_dict(saved["grad_scaler"])
+    state = RunState.from_dict(saved["run_state"])
+    if state.stopped and state.stopped["reason"] != "early_stopping":
+        state.stopped = None  # a finished run resumed with more --epochs/--max-steps continues
+    logger.info(f"resumed from {path} at epoch {state.epoch + 1}, step {state.global_step}")
+    return state, mine["progress"]

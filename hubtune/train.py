@@ -7,11 +7,9 @@ The file runs as a script with hubtune/ first on sys.path, so imports here are a
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -22,18 +20,17 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from hubtune import checkpoint, data, hub, metrics, stream
+from hubtune import checkpoint, data, hub, metrics, report, stream
 from hubtune import model as model_lib
 from hubtune.config import CONFIG_FILE, TrainConfig
-from hubtune.run_state import RunState, StopRequest, TrainingInterrupted, resume_differences, update_best
+from hubtune.run_state import RunState, StopRequest, TrainingInterrupted, restore, save_checkpoint, update_best
 
 logger = get_logger("hubtune")
-METRICS_FILE = "metrics.json"
 
 
 @dataclass
@@ -112,47 +109,6 @@ def make_scheduler(optimizer: Any, cfg: TrainConfig, state: RunState) -> CosineL
     return scheduler
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, net: Any, optimizer: Any, state: RunState,
-                    epoch_progress: dict, cfg: TrainConfig, run: dict) -> Path:
-    """Gather every process's RNG and data position, then the main process writes one atomic checkpoint."""
-    rng_meta, rng_tensors = checkpoint.rng_state()
-    mine = ({**rng_meta, "progress": epoch_progress}, rng_tensors)
-    ranks = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
-    path = checkpoint.step_dir(out, state.global_step)
-    if accelerator.is_main_process:
-        opt_meta, opt_tensors = checkpoint.optimizer_state(optimizer.optimizer)
-        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        payload = {"run_state": state.to_dict(), "config": cfg.to_dict(), "run": run, "grad_scaler": scaler}
-        checkpoint.write(out, state.global_step, accelerator.unwrap_model(net).state_dict(), opt_meta, opt_tensors,
-                         ranks, payload)
-        keep = {state.best["checkpoint"]} if state.best.get("checkpoint") else set()
-        for gone in checkpoint.prune(out, cfg.keep_last, keep):
-            logger.info(f"deleted old checkpoint {gone.name}")
-        logger.info(f"saved checkpoint {path.name}")
-    accelerator.wait_for_everyone()
-    return path
-
-
-def restore(path: Path, accelerator: Accelerator, net: Any, optimizer: Any, cfg: TrainConfig, run: dict) -> tuple[RunState, dict]:
-    """Load a checkpoint into the model, optimizer and RNGs; return its RunState and this process's progress."""
-    saved, model_tensors, opt_tensors, rank_tensors = checkpoint.read(path)
-    diffs = resume_differences(saved, cfg, run)
-    if diffs:
-        raise ValueError(f"cannot resume from {path}: the run would change meaning:\n  " + "\n  ".join(diffs)
-                         + "\n  (start a new --output-dir for a different run)")
-    accelerator.unwrap_model(net).load_state_dict(model_tensors)
-    checkpoint.load_optimizer_state(optimizer.optimizer, saved["optimizer"], opt_tensors)
-    mine = saved["ranks"][accelerator.process_index]
-    checkpoint.set_rng_state(mine, checkpoint.rank_tensors(rank_tensors, accelerator.process_index))
-    if accelerator.scaler is not None and saved.get("grad_scaler"):
-        accelerator.scaler.load_state_dict(saved["grad_scaler"])
-    state = RunState.from_dict(saved["run_state"])
-    if state.stopped and state.stopped["reason"] != "early_stopping":
-        state.stopped = None  # a finished run resumed with more --epochs/--max-steps continues
-    logger.info(f"resumed from {path} at epoch {state.epoch + 1}, step {state.global_step}")
-    return state, mine["progress"]
-
-
 def train(cfg: TrainConfig) -> TrainResult:
     """Run the whole fine-tuning job described by `cfg` and write the Hub-ready export to cfg.output_dir."""
     # --- setup
@@ -210,8 +166,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         state, progress = restore(resume_from, accelerator, net, optimizer, cfg, run)
     scheduler = make_scheduler(optimizer, cfg, state)
     save_every = None if cfg.save_every == "epoch" else int(cfg.save_every)
-    command = _resume_command()
-    run_info = _run_info(cfg, accelerator, accelerator.unwrap_model(net), frozen, base_model, info, command)
+    command = report.resume_command()
+    run_info = report.run_info(cfg, accelerator, accelerator.unwrap_model(net), frozen, base_model, info, command)
     pusher = _background_pusher(cfg) if cfg.push_every_save and accelerator.is_main_process else None
 
     # --- loop
@@ -300,8 +256,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             save_checkpoint(accelerator, out, net, optimizer, state, progress, cfg, run)
             if pusher is not None and improved:
                 snap = hub.snapshot_dir(out)
-                _write_outputs(snap, accelerator.unwrap_model(net), cfg, data_cfg,
-                               _final_metrics(state, info, accelerator, start_time, run_info))
+                report.write_outputs(snap, accelerator.unwrap_model(net), cfg, data_cfg,
+                               report.final_metrics(state, info, accelerator, start_time, run_info))
                 pusher.submit(snap)
 
     # --- save
@@ -309,12 +265,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         reason, detail = (("max_steps", f"reached --max-steps {cfg.max_steps}") if _reached_max_steps(cfg, state)
                           else ("max_epochs", f"completed --epochs {cfg.epochs}"))
         state.stopped = {"reason": reason, "epoch": state.epoch, "step": state.global_step, "detail": detail}
-    result_metrics = _final_metrics(state, info, accelerator, start_time, run_info)
+    result_metrics = report.final_metrics(state, info, accelerator, start_time, run_info)
     if accelerator.is_main_process:
         best_weights = load_file(str(out / checkpoint.CHECKPOINTS / state.best["checkpoint"] / checkpoint.MODEL_FILE))
         final = accelerator.unwrap_model(net)
         final.load_state_dict(best_weights)
-        _write_outputs(out, final, cfg, data_cfg, result_metrics)
+        report.write_outputs(out, final, cfg, data_cfg, result_metrics)
         logger.info(f"exported the best checkpoint ({state.best['checkpoint']}, epoch {state.best['epoch']}, "
                     f"{cfg.metric} {state.best[cfg.metric]:.4f}) to {out}")
         if pusher is not None:
@@ -328,71 +284,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     return TrainResult(output_dir=out, history=state.history, best=state.best, metrics=result_metrics)
 
 
-def _write_outputs(folder: Path, net: Any, cfg: TrainConfig, data_cfg: dict, result: dict) -> None:
-    """The Hub-ready folder: timm export, metrics.json, train_config.yaml and the model card with its plots."""
-    from hubtune import card
-
-    model_lib.export(net, folder, result["class_names"], data_cfg)
-    (folder / METRICS_FILE).write_text(json.dumps(result, indent=2))
-    cfg.save(folder / CONFIG_FILE)
-    card.write_card(folder, repo_id=cfg.push_to_hub, license=cfg.license)
-
-
 def _background_pusher(cfg: TrainConfig) -> hub.BackgroundPusher:
     return hub.BackgroundPusher(cfg.push_to_hub, private=cfg.private, revision=cfg.revision,
                                 commit_message="hubtune: new best checkpoint", overwrite_card=cfg.overwrite_card)
-
-
-def _run_info(cfg: TrainConfig, accelerator: Accelerator, net: Any, frozen: list[str], base_model: dict,
-              info: data.DataInfo, command: str) -> dict:
-    """What the model card needs to make the run reproducible."""
-    import accelerate
-    import datasets
-    import huggingface_hub
-    import timm
-
-    from hubtune import __version__
-
-    total = model_lib.parameter_table(net)[-1]
-    groups = model_lib.param_groups(net)
-    device = accelerator.device
-    return {
-        "base_model": {"id": None, "revision": None, "spec": cfg.model, "license": None, **base_model},
-        "dataset": {"id": cfg.dataset, "revision": info.revision, "is_hub": info.revision is not None},
-        "val_source": info.val_source,
-        "parameters": {"total": total[1], "trainable": total[2], "frozen": total[3]},
-        "frozen_groups": sorted({groups[n] for n in frozen if n in groups}),
-        "freeze": cfg.freeze,
-        "freeze_bn": cfg.freeze_bn,
-        "devices": {"type": device.type, "count": accelerator.num_processes,
-                    "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
-        "mixed_precision": cfg.mixed_precision,
-        "effective_batch_size": cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
-        "versions": {"torch": torch.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__,
-                     "datasets": datasets.__version__, "huggingface_hub": huggingface_hub.__version__,
-                     "hubtune": __version__},
-        "command": command,
-    }
-
-
-def _final_metrics(state: RunState, info: data.DataInfo, accelerator: Accelerator, start_time: float,
-                   run_info: dict) -> dict:
-    last = state.history[-1] if state.history else {}
-    return {
-        "history": state.history,
-        "best": state.best,
-        "stopped": state.stopped,
-        "train_examples": last.get("train_examples", 0),
-        "val_examples": last.get("val_examples", 0),
-        "examples_seen": state.examples_seen,
-        "skipped_images": last.get("skipped_images", {"train": 0, "val": 0}),
-        "global_step": state.global_step,
-        "class_names": info.class_names,
-        "dataset_revision": info.revision,
-        "num_processes": accelerator.num_processes,
-        "wall_time_s": round(time.time() - start_time, 2),
-        "run_info": run_info,
-    }
 
 
 def _reached_max_steps(cfg: TrainConfig, state: RunState) -> bool:
@@ -406,20 +300,6 @@ def _cpu_only_launch() -> bool:
     would train and write the outputs on its own; with cpu=True they form one gloo process group instead.
     """
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
-def _resume_command() -> str:
-    """The command line that started this run, without --resume, for the message after an interruption."""
-    args = list(sys.argv[1:])
-    if "--resume" in args:
-        i = args.index("--resume")
-        del args[i : i + 2]
-    args = [a for a in args if not a.startswith("--resume=")]
-    if Path(sys.argv[0]).name == "train.py":
-        head = "accelerate launch hubtune/train.py" if os.environ.get("WORLD_SIZE") else "python -m hubtune.train"
-    else:
-        head = "hubtune"
-    return " ".join([head, *(shlex.quote(a) for a in args)])
 
 
 def _progress_bar(cfg: TrainConfig, accelerator: Accelerator, state: RunState) -> Any:

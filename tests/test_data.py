@@ -1,11 +1,7 @@
 """Data: decoding every image mode to RGB, skipping broken files, column discovery, the stable val split."""
 
-import io
-from types import SimpleNamespace
-
 import pytest
 from helpers import BAD_FILES, CLASSES, examples, make_image_dataset
-from PIL import Image
 
 import torch
 

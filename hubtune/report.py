@@ -1,0 +1,98 @@
+"""What a finished run leaves behind: metrics.json, the run record for the card, the Hub-ready folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from hubtune import data
+from hubtune import model as model_lib
+from hubtune.config import CONFIG_FILE, TrainConfig
+from hubtune.run_state import RunState
+
+METRICS_FILE = "metrics.json"
+
+
+def write_outputs(folder: Path, net: Any, cfg: TrainConfig, data_cfg: dict, result: dict) -> None:
+    """The Hub-ready folder: timm export, metrics.json, train_config.yaml and the model card with its plots."""
+    from hubtune import card
+
+    model_lib.export(net, folder, result["class_names"], data_cfg)
+    (folder / METRICS_FILE).write_text(json.dumps(result, indent=2))
+    cfg.save(folder / CONFIG_FILE)
+    card.write_card(folder, repo_id=cfg.push_to_hub, license=cfg.license)
+
+
+def run_info(cfg: TrainConfig, accelerator: Accelerator, net: Any, frozen: list[str], base_model: dict,
+              info: data.DataInfo, command: str) -> dict:
+    """What the model card needs to make the run reproducible."""
+    import accelerate
+    import datasets
+    import huggingface_hub
+    import timm
+
+    from hubtune import __version__
+
+    total = model_lib.parameter_table(net)[-1]
+    groups = model_lib.param_groups(net)
+    device = accelerator.device
+    return {
+        "base_model": {"id": None, "revision": None, "spec": cfg.model, "license": None, **base_model},
+        "dataset": {"id": cfg.dataset, "revision": info.revision, "is_hub": info.revision is not None},
+        "val_source": info.val_source,
+        "parameters": {"total": total[1], "trainable": total[2], "frozen": total[3]},
+        "frozen_groups": sorted({groups[n] for n in frozen if n in groups}),
+        "freeze": cfg.freeze,
+        "freeze_bn": cfg.freeze_bn,
+        "devices": {"type": device.type, "count": accelerator.num_processes,
+                    "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
+        "mixed_precision": cfg.mixed_precision,
+        "effective_batch_size": cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__,
+                     "datasets": datasets.__version__, "huggingface_hub": huggingface_hub.__version__,
+                     "hubtune": __version__},
+        "command": command,
+    }
+
+
+def final_metrics(state: RunState, info: data.DataInfo, accelerator: Accelerator, start_time: float,
+                   run_info: dict) -> dict:
+    last = state.history[-1] if state.history else {}
+    return {
+        "history": state.history,
+        "best": state.best,
+        "stopped": state.stopped,
+        "train_examples": last.get("train_examples", 0),
+        "val_examples": last.get("val_examples", 0),
+        "examples_seen": state.examples_seen,
+        "skipped_images": last.get("skipped_images", {"train": 0, "val": 0}),
+        "global_step": state.global_step,
+        "class_names": info.class_names,
+        "dataset_revision": info.revision,
+        "num_processes": accelerator.num_processes,
+        "wall_time_s": round(time.time() - start_time, 2),
+        "run_info": run_info,
+    }
+
+
+def resume_command() -> str:
+    """The command line that started this run, without --resume, for the message after an interruption."""
+    args = list(sys.argv[1:])
+    if "--resume" in args:
+        i = args.index("--resume")
+        del args[i : i + 2]
+    args = [a for a in args if not a.startswith("--resume=")]
+    if Path(sys.argv[0]).name == "train.py":
+        launched = os.environ.get("WORLD_SIZE") or any(k.startswith("ACCELERATE_") for k in os.environ)
+        head = "accelerate launch hubtune/train.py" if launched else "python -m hubtune.train"
+    else:
+        head = "hubtune"
+    return " ".join([head, *(shlex.quote(a) for a in args)])
