@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import hashlib
 import logging
@@ -12,7 +13,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from huggingface_hub import CommitOperationAdd, HfApi, snapshot_download
 from huggingface_hub.constants import is_offline_mode
@@ -57,6 +58,19 @@ def parse_model_spec(spec: str) -> tuple[str, str | None] | None:
     return repo, revision or None
 
 
+@contextlib.contextmanager
+def model_repo_errors(spec: str) -> Iterator[None]:
+    """Turn the Hub client's typed errors about a --model repo into one-line ValueErrors."""
+    try:
+        yield
+    except GatedRepoError as err:
+        raise ValueError(f"--model {spec!r} is gated: accept its licence on the Hub and set HF_TOKEN") from err
+    except RevisionNotFoundError as err:
+        raise ValueError(f"--model {spec!r}: that revision does not exist") from err
+    except RepositoryNotFoundError as err:
+        raise ValueError(f"--model {spec!r}: no such model repo on the Hub (private? set HF_TOKEN)") from err
+
+
 def resolve_model(spec: str, token: str | None = None) -> tuple[str, dict[str, Any]]:
     """The timm model name pinned to a commit sha, and {id, revision, spec, license} of the base model.
 
@@ -71,14 +85,8 @@ def resolve_model(spec: str, token: str | None = None) -> tuple[str, dict[str, A
         sha = _cached_sha(repo, revision, "model")
         return f"hf-hub:{repo}" + (f"@{sha or revision}" if (sha or revision) else ""), {
             "id": repo, "revision": sha or revision, "spec": spec, "license": None}
-    try:
+    with model_repo_errors(spec):
         info = api(token).model_info(repo, revision=revision)
-    except GatedRepoError as err:
-        raise ValueError(f"--model {spec!r} is gated: accept its licence at the Hub and set HF_TOKEN") from err
-    except RevisionNotFoundError as err:
-        raise ValueError(f"--model {spec!r}: revision {revision!r} does not exist") from err
-    except RepositoryNotFoundError as err:
-        raise ValueError(f"--model {spec!r}: no such model repo on the Hub (private? set HF_TOKEN)") from err
     card = info.card_data.to_dict() if info.card_data else {}
     return f"hf-hub:{repo}@{info.sha}", {"id": repo, "revision": info.sha, "spec": spec,
                                          "license": card.get("license")}

@@ -31,19 +31,13 @@ def create(spec: str, num_classes: int | None, pretrained: bool = True, **kwargs
     Raises:
         ValueError: the model does not exist (as an architecture, on the Hub, or at the local path).
     """
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from hubtune.hub import model_repo_errors
 
-    name = timm_name(spec)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
     try:
-        if num_classes is not None:
-            kwargs["num_classes"] = num_classes
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except GatedRepoError as err:
-        raise ValueError(f"--model {spec!r} is gated: accept its licence on the Hub and set HF_TOKEN") from err
-    except RevisionNotFoundError as err:
-        raise ValueError(f"--model {spec!r}: that revision does not exist") from err
-    except RepositoryNotFoundError as err:
-        raise ValueError(f"--model {spec!r}: no such model repo on the Hub (private? set HF_TOKEN)") from err
+        with model_repo_errors(spec):
+            return timm.create_model(timm_name(spec), pretrained=pretrained, **kwargs)
     except FileNotFoundError as err:
         raise ValueError(f"--model {spec!r}: {err}") from err
     except RuntimeError as err:
