@@ -186,8 +186,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def setup_logging() -> None:
+    """hubtune's own messages at INFO; the libraries' (HTTP requests, ...) only when they warn."""
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("hubtune").setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    setup_logging()
     args = build_parser(argv).parse_args(argv)
     return args.func(args)
 

@@ -7,7 +7,6 @@ The file runs as a script with hubtune/ first on sys.path, so imports here are a
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import sys
@@ -313,10 +312,10 @@ def _progress_bar(cfg: TrainConfig, accelerator: Accelerator, state: RunState) -
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: parse flags into a TrainConfig, train, turn errors into one-line messages."""
-    from hubtune.cli import run_guarded
+    from hubtune.cli import run_guarded, setup_logging
     from hubtune.config import parse
 
-    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    setup_logging()
     return run_guarded(lambda: train(parse(argv)) and 0)
 
 
