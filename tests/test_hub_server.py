@@ -473,8 +473,10 @@ def test_model_card_push_load_and_yaml_validation(hub, api, hub_token):
         assert status == 400 and why in json.loads(body)["errors"][0]["message"]
 
 
-def test_cli_serve_subprocess(tmp_path):
-    cmd = [sys.executable, "-m", "hubtune.hub_server", "--root", str(tmp_path / "root"), "--port", "0",
+@pytest.mark.parametrize("entry", [["-m", "hubtune.hub_server"], ["-m", "hubtune.cli", "hub", "serve"]],
+                         ids=["module", "hubtune-hub-serve"])
+def test_cli_serve_subprocess(entry, tmp_path):
+    cmd = [sys.executable, *entry, "--root", str(tmp_path / "root"), "--port", "0",
            "--token", "carol=tok-carol:write", "--token", "dave=tok-dave:read"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
