@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import datasets
 import numpy as np
 import torch
+from datasets.distributed import split_dataset_by_node
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from hubtune.data import decode
@@ -100,15 +101,21 @@ class ExampleStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         resume, self._resume = self._resume, None
+        worker = torch.utils.data.get_worker_info()
+        worker_id = worker.id if worker else 0
+        # Split among DataLoader workers here rather than let datasets do it: datasets 5.2 loads a worker's saved
+        # position into the unsplit stream before splitting it, which fails (IndexError) once a worker holds fewer
+        # shards than the stream. Split this way, the saved and the restored layouts are the same.
         source = self.source
+        if worker is not None and worker.num_workers > 1:
+            source = split_dataset_by_node(source, rank=worker.id, world_size=worker.num_workers)
         if resume and resume["source"] is not None:
-            source = copy.deepcopy(self.source)  # a loaded state must not leak into the next epoch's iteration
+            source = copy.deepcopy(source)  # a loaded state must not leak into the next epoch's iteration
             source.load_state_dict(resume["source"])
         block_idx, offset = (resume["block"], resume["offset"]) if resume else (0, 0)
         start = resume["source"] if resume else None
-        worker = torch.utils.data.get_worker_info()
-        worker_id = worker.id if worker else 0
-        it = iter(source)
+        # .iter() reads the stream as given, without datasets' own per-worker split
+        it = (dict(zip(batch, values)) for batch in source.iter(batch_size=1) for values in zip(*batch.values()))
         while True:
             items = list(islice(it, self.block))
             if not items:
