@@ -1,0 +1,1 @@
+"""hubtune's benchmark suite: `python bench/run.py [--quick] [--only NAME]` (see bench/README.md)."""
