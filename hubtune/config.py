@@ -51,6 +51,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "mixed precision mode", choices=MIXED_PRECISION)
     freeze: str = _f("", "comma list of timm groups (stem, stages.0-2, blocks.1) and module globs (layer1.*) to freeze")
     freeze_bn: bool = _f(False, "also fix BatchNorm statistics in the frozen parts (FrozenBatchNorm2d)")
+    channels_last: bool = _f(False, "run the model in channels_last memory format (faster convolutions on recent GPUs)")
+    compile: bool = _f(False, "compile the model with torch.compile (inductor, through Accelerate)")
     output_dir: str = _f("outputs", "where the checkpoints, metrics and Hub-ready export are written")
     save_every: str = _f("epoch", "checkpoint every epoch, or every N optimizer steps (and at each epoch end)")
     keep_last: int = _f(2, "checkpoints kept besides the best one; older ones are deleted once a newer one is complete")

@@ -153,7 +153,7 @@ def decode(data: bytes) -> Image.Image | None:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # not in place, it copies even upright images
         return to_rgb(img)
     except DECODE_ERRORS:
         return None
@@ -176,7 +176,9 @@ def process_source(ds: datasets.IterableDataset, info: DataInfo, *, rank: int, w
     if world_size > 1:
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     if shuffle_seed is not None:
-        # buffer_size=1 shuffles only the shard order (restorably); examples are shuffled in hubtune.stream
-        ds = ds.shuffle(seed=shuffle_seed, buffer_size=1)
+        # buffer_size=1 shuffles only the shard order (restorably); examples are shuffled in hubtune.stream.
+        # One input shard at a time: interleaving shards runs datasets' thread pool, whose shutdown sleeps 5 s at
+        # the end of every pass (apache/arrow#45214); hubtune's shuffle blocks already span several row groups.
+        ds = ds.shuffle(seed=shuffle_seed, buffer_size=1, max_buffer_input_shards=1)
     return ds.map(_prepare, fn_kwargs={"image_col": info.image_column, "label_col": info.label_column},
                   remove_columns=[info.image_column, info.label_column])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +32,13 @@ def from_confusion(conf: torch.Tensor, class_names: list[str]) -> dict[str, Any]
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Any, accelerator: Any, class_names: list[str]) -> dict[str, Any]:
+def evaluate(model: torch.nn.Module, loader: Any, accelerator: Any, class_names: list[str],
+             prepare: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
     """Loss and metrics over the whole validation stream; every example counted once across processes.
 
     Each process evaluates only its own shard and the sums (confusion matrix, loss, counts) are reduced, which
-    is exact without the padding/deduplication that gathering per-example predictions would need.
+    is exact without the padding/deduplication that gathering per-example predictions would need. `prepare`
+    turns a loader batch into model input on the device (hubtune.model.Normalize).
     """
     n = len(class_names)
     device = accelerator.device
@@ -49,7 +51,7 @@ def evaluate(model: torch.nn.Module, loader: Any, accelerator: Any, class_names:
         bad += batch["n_bad"]
         if batch["pixel_values"] is None:
             continue
-        x = batch["pixel_values"].to(device, non_blocking=True)
+        x = prepare(batch["pixel_values"])
         y = batch["labels"].to(device, non_blocking=True)
         logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()

@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import timm
 import torch
+import torchvision.transforms as T
+import torchvision.transforms.v2 as v2
 from timm.data import create_transform, resolve_data_config
 from timm.layers import FrozenBatchNormAct2d
 from timm.utils.model import freeze as timm_freeze
@@ -56,8 +58,47 @@ def data_config(model: torch.nn.Module, image_size: int | None) -> dict[str, Any
 
 
 def transforms(cfg: dict[str, Any]) -> tuple[Callable, Callable]:
-    """timm's (train, eval) transforms for this data config."""
-    return create_transform(**cfg, is_training=True), create_transform(**cfg, is_training=False)
+    """timm's (train, eval) transforms for this data config, ending in uint8 CHW tensors; see `Normalize`.
+
+    These are timm's prefetcher transforms (its PrefetchLoader normalizes on the device): loader workers skip the
+    per-image float conversion and ship 4x fewer bytes. The eval resize/crop runs on the uint8 tensor, where
+    torch's antialiased kernels are about 2x faster than PIL's and agree with them to within 2/255 (rounding).
+    """
+    train = create_transform(**cfg, is_training=True, use_prefetcher=True)
+    return train, _resize_as_tensor(create_transform(**cfg, is_training=False, use_prefetcher=True))
+
+
+def _resize_as_tensor(tf: Callable) -> Callable:
+    """Move the to-tensor step of a Resize/CenterCrop pipeline to the front (other pipelines stay as they are)."""
+    ops = list(getattr(tf, "transforms", []))
+    if not ops or type(ops[-1]).__name__ != "MaybePILToTensor":
+        return tf
+    if not all(type(op) in (T.Resize, T.CenterCrop) and getattr(op, "antialias", True) for op in ops[:-1]):
+        return tf
+    # transforms.v2 resizes uint8 with torch's integer kernels; v1 would convert every image to float first
+    v2_ops = [v2.Resize(op.size, op.interpolation, op.max_size, antialias=True) if isinstance(op, T.Resize)
+              else v2.CenterCrop(op.size) for op in ops[:-1]]
+    return T.Compose([ops[-1], *v2_ops])
+
+
+class Normalize:
+    """uint8 batches to normalized float on the device: timm PrefetchLoader's step, for hubtune's dict batches.
+
+    The ops are ToTensor's and Normalize's (divide by 255, subtract the mean, divide by the std), so the floats
+    are the ones the per-image transforms would have made.
+    """
+
+    def __init__(self, cfg: dict[str, Any], device: torch.device, channels_last: bool = False) -> None:
+        self.device = device
+        self.mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(cfg["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255).sub_(self.mean).div_(self.std)
+        return x.contiguous(memory_format=self.memory_format)
 
 
 def _matchers(model: torch.nn.Module) -> dict[str, list[re.Pattern]]:

@@ -44,17 +44,21 @@ def in_val(data: bytes, fraction: float) -> bool:
 
 
 def _seeded(transform: Callable, img: Any, seed: int) -> Any:
-    """Run `transform` with python/numpy/torch RNGs seeded by `seed`, leaving the global RNG streams untouched."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
-            return transform(img)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+    """Run `transform` with python/numpy/torch CPU RNGs seeded by `seed`, leaving the global RNG streams untouched.
+
+    Only the CPU generator is seeded and restored: torch.manual_seed/fork_rng also visit every accelerator
+    generator, which costs more than a small image's augmentation, and transforms draw from the CPU generator.
+    """
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        return transform(img)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
 
 
 class ExampleStream(torch.utils.data.IterableDataset):

@@ -112,7 +112,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Run the whole fine-tuning job described by `cfg` and write the Hub-ready export to cfg.output_dir."""
     # --- setup
     cfg.validate()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=_cpu_only_launch())
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=_cpu_only_launch(),
+                              dynamo_backend="inductor" if cfg.compile else None)
     set_seed(cfg.seed, device_specific=True)
     out = Path(cfg.output_dir)
     resume_from = checkpoint.find_resume(out, cfg.resume) if cfg.resume else None
@@ -140,7 +141,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ValueError(f"--freeze {cfg.freeze!r} leaves no trainable parameters")
     logger.info("parameters:\n" + model_lib.format_table(model_lib.parameter_table(net)))
     data_cfg = model_lib.data_config(net, cfg.image_size)
-    train_tf, eval_tf = model_lib.transforms(data_cfg)
+    train_tf, eval_tf = model_lib.transforms(data_cfg)  # uint8 tensors; `prepare` normalizes whole batches
+    prepare = model_lib.Normalize(data_cfg, accelerator.device, channels_last=cfg.channels_last)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
     where = dict(rank=accelerator.process_index, world_size=accelerator.num_processes)
     hashed = info.val_source.startswith("hash")
     train_ds = stream.ExampleStream(data.process_source(train_src, info, shuffle_seed=cfg.seed, **where), train_tf,
@@ -183,7 +187,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             t0, micro = time.time(), 0
             fetched = {"bad": progress["bad"], "seen": progress["seen"]}
             for batch, is_last in synced_batches(train_loader, accelerator, fetched):
-                x = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+                x = prepare(batch["pixel_values"])
                 y = batch["labels"].to(accelerator.device, non_blocking=True)
                 micro += 1
                 sync = micro % cfg.grad_accum == 0 or is_last
@@ -233,7 +237,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             if state.epoch == 0 and not cfg.max_steps and steps_per_epoch_hint(cfg, info, 1) is None:
                 state.steps_per_epoch = state.global_step  # learned: the schedule now spans all epochs
                 scheduler = make_scheduler(optimizer, cfg, state)
-            val = metrics.evaluate(accelerator.unwrap_model(net), val_loader, accelerator, class_names)
+            val = metrics.evaluate(accelerator.unwrap_model(net), val_loader, accelerator, class_names, prepare)
             check_bad_fraction(val["skipped"], val["skipped"] + val["examples"], cfg.max_bad_fraction, "validation")
             row = {"epoch": state.epoch + 1, "step": state.global_step, "train_loss": loss_total / max(n_total, 1),
                    "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],

@@ -144,7 +144,9 @@ def test_two_process_run_matches_single_process_eval_of_its_export(two_class_fol
 
     from hubtune.metrics import evaluate
 
-    single = evaluate(net, stream.make_loader(val, 8, 0, False), Accelerator(cpu=True), info.class_names)
+    accelerator = Accelerator(cpu=True)
+    prepare = model_lib.Normalize(model_lib.data_config(net, 32), accelerator.device)
+    single = evaluate(net, stream.make_loader(val, 8, 0, False), accelerator, info.class_names, prepare)
     assert single["examples"] == m["val_examples"]
     # the export is the best epoch's weights
     assert single["accuracy"] == pytest.approx(m["best"]["val_accuracy"], abs=1e-9)
