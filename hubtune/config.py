@@ -51,6 +51,10 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "mixed precision mode", choices=MIXED_PRECISION)
     freeze: str = _f("", "comma list of timm groups (stem, stages.0-2, blocks.1) and module globs (layer1.*) to freeze")
     freeze_bn: bool = _f(False, "also fix BatchNorm statistics in the frozen parts (FrozenBatchNorm2d)")
+    augment: bool = _f(True, "random crop, flip and color jitter on training images (off: the eval transform)")
+    cache_features: bool = _f(False, "compute backbone features once and train only the classifier on them (linear probe: needs every other parameter frozen and --freeze-bn)")
+    cache_views: int = _f(1, "augmented views per training image kept by --cache-features; epoch e trains on view e mod N")
+    feature_cache_dir: str | None = _f(None, "where --cache-features keeps features (default: $HF_HOME/hubtune/features)")
     channels_last: bool = _f(False, "run the model in channels_last memory format (faster convolutions on recent GPUs)")
     compile: bool = _f(False, "compile the model with torch.compile (inductor, through Accelerate)")
     output_dir: str = _f("outputs", "where the checkpoints, metrics and Hub-ready export are written")
@@ -90,7 +94,7 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 bad(f.name, f"one of {', '.join(choices)}")
-        for name in ("epochs", "batch_size", "grad_accum", "log_every", "shuffle_buffer"):
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "shuffle_buffer", "cache_views"):
             if getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
         for name in ("max_steps", "image_size"):

@@ -32,31 +32,27 @@ def from_confusion(conf: torch.Tensor, class_names: list[str]) -> dict[str, Any]
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Any, accelerator: Any, class_names: list[str],
-             prepare: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+def evaluate(predict: Callable[[dict], torch.Tensor], loader: Any, accelerator: Any,
+             class_names: list[str]) -> dict[str, Any]:
     """Loss and metrics over the whole validation stream; every example counted once across processes.
 
     Each process evaluates only its own shard and the sums (confusion matrix, loss, counts) are reduced, which
-    is exact without the padding/deduplication that gathering per-example predictions would need. `prepare`
-    turns a loader batch into model input on the device (hubtune.model.Normalize).
+    is exact without the padding/deduplication that gathering per-example predictions would need. `predict`
+    maps a loader batch to logits (the caller puts the model in eval mode).
     """
     n = len(class_names)
     device = accelerator.device
     conf = torch.zeros(n * n, dtype=torch.float64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     bad = 0
-    was_training = model.training
-    model.eval()
     for batch in loader:
         bad += batch["n_bad"]
-        if batch["pixel_values"] is None:
+        if not len(batch["labels"]):
             continue
-        x = prepare(batch["pixel_values"])
         y = batch["labels"].to(device, non_blocking=True)
-        logits = model(x).float()
+        logits = predict(batch).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         conf += torch.bincount(y * n + logits.argmax(1), minlength=n * n).double()
-    model.train(was_training)
     totals = torch.cat([conf, loss_sum.view(1), torch.tensor([float(bad)], dtype=torch.float64, device=device)])
     totals = accelerator.reduce(totals, reduction="sum") if accelerator.num_processes > 1 else totals
     conf = totals[: n * n].view(n, n).cpu()

@@ -62,7 +62,12 @@ def _seeded(transform: Callable, img: Any, seed: int) -> Any:
 
 
 class ExampleStream(torch.utils.data.IterableDataset):
-    """This process's examples as {"pixel_values", "label"} ("pixel_values" None for undecodable images)."""
+    """This process's examples as {"pixel_values", "label", "key", "ok"} ("ok" False for undecodable images).
+
+    With `images` False nothing is decoded: examples carry only their content key and label, in the same order,
+    and those outside `known_keys` (learned in an earlier pass) count as undecodable. hubtune.features uses this
+    to replay an epoch from cached backbone features; with `views` N, epoch e is augmented as epoch e mod N.
+    """
 
     def __init__(
         self, source: datasets.IterableDataset, transform: Callable, *, keep_val: bool | None, val_fraction: float,
@@ -75,6 +80,9 @@ class ExampleStream(torch.utils.data.IterableDataset):
         self.seed = seed  # None: no shuffling and deterministic (eval) transforms
         self.block = shuffle_buffer if seed is not None else 256
         self.epoch = 0
+        self.images = True
+        self.known_keys: frozenset[int] = frozenset()
+        self.views: int | None = None
         self._resume: dict | None = None
         self._position: dict | None = None
 
@@ -94,14 +102,17 @@ class ExampleStream(torch.utils.data.IterableDataset):
         key = content_key(data)
         if self.keep_val is not None and (key / 2**64 < self.val_fraction) != self.keep_val:
             return None
+        if not self.images:
+            return {"pixel_values": None, "label": example["label"], "key": key, "ok": key in self.known_keys}
         img = decode(data)
         if img is None:
             pixels = None
         elif self.seed is None:
             pixels = self.transform(img)
         else:
-            pixels = _seeded(self.transform, img, hash((self.seed, self.epoch, key)) % 2**63)
-        return {"pixel_values": pixels, "label": example["label"]}
+            view = self.epoch % self.views if self.views else self.epoch
+            pixels = _seeded(self.transform, img, hash((self.seed, view, key)) % 2**63)
+        return {"pixel_values": pixels, "label": example["label"], "key": key, "ok": pixels is not None}
 
     def __iter__(self) -> Iterator[dict]:
         resume, self._resume = self._resume, None
@@ -137,11 +148,16 @@ class ExampleStream(torch.utils.data.IterableDataset):
 
 
 def collate(batch: list[dict]) -> dict[str, Any]:
-    """Stack decodable examples; undecodable ones are dropped here and counted in `n_bad`."""
-    good = [ex for ex in batch if ex["pixel_values"] is not None]
+    """Stack decodable examples; undecodable ones are dropped here and counted in `n_bad`.
+
+    "pixel_values" is None when the batch has no decodable image or the stream decodes nothing (`images` False).
+    """
+    good = [ex for ex in batch if ex["ok"]]
+    pixels = [ex["pixel_values"] for ex in good if ex["pixel_values"] is not None]
     return {
-        "pixel_values": torch.stack([ex["pixel_values"] for ex in good]) if good else None,
+        "pixel_values": torch.stack(pixels) if pixels else None,
         "labels": torch.tensor([ex["label"] for ex in good], dtype=torch.long),
+        "keys": [ex["key"] for ex in good],
         "n_bad": len(batch) - len(good),
     }
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from hubtune import checkpoint, data, hub, metrics, report, stream
+from hubtune import checkpoint, data, features, hub, metrics, report, stream
 from hubtune import model as model_lib
 from hubtune.config import CONFIG_FILE, TrainConfig
 from hubtune.run_state import RunState, StopRequest, TrainingInterrupted, restore, save_checkpoint, update_best
@@ -57,7 +57,7 @@ def synced_batches(loader: Any, accelerator: Accelerator, fetched: dict) -> Iter
         for batch in it:
             fetched["bad"] += batch["n_bad"]
             fetched["seen"] += batch["n_bad"] + len(batch["labels"])
-            if batch["pixel_values"] is not None:
+            if len(batch["labels"]):
                 batch["position"] = {"loader": loader.state_dict(), "bad": fetched["bad"], "seen": fetched["seen"]}
                 return batch
         return None
@@ -139,9 +139,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     model_lib.freeze(net, frozen, cfg.freeze_bn)  # before DDP wraps it: no find_unused_parameters needed
     if not any(p.requires_grad for p in net.parameters()):
         raise ValueError(f"--freeze {cfg.freeze!r} leaves no trainable parameters")
+    if cfg.cache_features:
+        features.check_cacheable(net)
     logger.info("parameters:\n" + model_lib.format_table(model_lib.parameter_table(net)))
     data_cfg = model_lib.data_config(net, cfg.image_size)
     train_tf, eval_tf = model_lib.transforms(data_cfg)  # uint8 tensors; `prepare` normalizes whole batches
+    train_tf = train_tf if cfg.augment else eval_tf
     prepare = model_lib.Normalize(data_cfg, accelerator.device, channels_last=cfg.channels_last)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -153,14 +156,32 @@ def train(cfg: TrainConfig) -> TrainResult:
     val_ds = stream.ExampleStream(data.process_source(val_src, info, shuffle_seed=None, **where), eval_tf,
                                   keep_val=True if hashed else None, val_fraction=cfg.val_fraction, seed=None,
                                   shuffle_buffer=cfg.shuffle_buffer)
+    cache = None
+    if cfg.cache_features:
+        cache = features.FeatureCache(Path(cfg.feature_cache_dir or features.default_dir()),
+                                      features.fingerprint(cfg, net, data_cfg, train_tf, eval_tf), **where)
+        train_ds.views = cfg.cache_views
     pin = accelerator.device.type == "cuda"
     train_loader = stream.make_loader(train_ds, cfg.batch_size, cfg.num_workers, pin)
     val_loader = stream.make_loader(val_ds, cfg.batch_size, cfg.num_workers, pin)
 
     optimizer = create_optimizer_v2(net, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     layer_decay=cfg.layer_decay)  # timm skips frozen parameters
-    # the loaders are not prepared: each process already reads its own shard (see data.process_source)
-    net, optimizer = accelerator.prepare(net, optimizer)
+    # the loaders are not prepared: each process already reads its own shard (see data.process_source).
+    # With cached features each step runs only the classifier, so only the classifier is prepared (DDP, autocast).
+    stepped = net if cache is None else net.get_classifier()
+    net.to(accelerator.device)
+    stepped, optimizer = accelerator.prepare(stepped, optimizer)
+    net = stepped if cache is None else net
+
+    def logits(model: torch.nn.Module, batch: dict, view: str | None) -> torch.Tensor:
+        """The batch's logits through `model` (the prepared one in training, the unwrapped one in evaluation)."""
+        if cache is None:
+            return model(prepare(batch["pixel_values"]))
+        with torch.no_grad(), accelerator.autocast():
+            feats = cache.features(view, batch, lambda px: features.backbone_features(net, prepare(px)),
+                                   accelerator.device)
+        return model(feats)
     run = {"dataset_revision": info.revision, "class_names": class_names, "val_source": info.val_source,
            "num_processes": accelerator.num_processes, "frozen_parameters": frozen}
     state = RunState(steps_per_epoch=steps_per_epoch_hint(cfg, info, accelerator.num_processes))
@@ -176,23 +197,27 @@ def train(cfg: TrainConfig) -> TrainResult:
     # --- loop
     with StopRequest() as stop:
         while state.epoch < cfg.epochs and state.stopped is None and not _reached_max_steps(cfg, state):
-            if state.in_epoch and progress["loader"] is not None:
+            resumed = state.in_epoch and progress["loader"] is not None
+            if resumed:
                 train_loader.load_state_dict(progress["loader"])
             else:
                 train_ds.set_epoch(state.epoch)
                 progress = {"loss_sum": 0.0, "n": 0, "bad": 0, "seen": 0, "loader": None}
+            view = features.view_for(cfg, state.epoch) if cache else None
+            if cache and cache.begin(view, train_ds, accelerator, fresh=not resumed):
+                logger.info(f"epoch {state.epoch + 1}: training the classifier on cached features ({view})")
             state.in_epoch = True
             net.train()
             bar = _progress_bar(cfg, accelerator, state)
             t0, micro = time.time(), 0
             fetched = {"bad": progress["bad"], "seen": progress["seen"]}
+            whole_pass = False
             for batch, is_last in synced_batches(train_loader, accelerator, fetched):
-                x = prepare(batch["pixel_values"])
                 y = batch["labels"].to(accelerator.device, non_blocking=True)
                 micro += 1
                 sync = micro % cfg.grad_accum == 0 or is_last
-                with contextlib.nullcontext() if sync else accelerator.no_sync(net):
-                    loss = F.cross_entropy(net(x).float(), y)
+                with contextlib.nullcontext() if sync else accelerator.no_sync(stepped):
+                    loss = F.cross_entropy(logits(stepped, batch, view).float(), y)
                     accelerator.backward(loss / cfg.grad_accum)
                 signals = torch.tensor([loss.item(), float(stop.signum or 0)], device=accelerator.device)
                 signals = accelerator.gather(signals[None]) if accelerator.num_processes > 1 else signals[None]
@@ -218,6 +243,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if state.global_step % cfg.log_every == 0:
                     logger.info(f"step {state.global_step} | loss {signals[:, 0].mean():.4f} | lr {lr:.2e}")
                 progress.update(batch["position"])
+                whole_pass = is_last
                 done = is_last or _reached_max_steps(cfg, state)
                 requested = int(signals[:, 1].max())
                 if requested or (save_every and state.global_step % save_every == 0 and not done):
@@ -228,6 +254,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                     break
             if bar is not None:
                 bar.close()
+            if cache:
+                cache.end(view, accelerator, whole_pass)
 
             # --- eval
             loss_total, n_total, n_bad, n_seen = sum_over_processes(
@@ -237,7 +265,14 @@ def train(cfg: TrainConfig) -> TrainResult:
             if state.epoch == 0 and not cfg.max_steps and steps_per_epoch_hint(cfg, info, 1) is None:
                 state.steps_per_epoch = state.global_step  # learned: the schedule now spans all epochs
                 scheduler = make_scheduler(optimizer, cfg, state)
-            val = metrics.evaluate(accelerator.unwrap_model(net), val_loader, accelerator, class_names, prepare)
+            if cache:
+                cache.begin("val", val_ds, accelerator)
+            net.eval()  # unwrapped: DDP would sync buffers on every forward, and shards end unevenly
+            val = metrics.evaluate(lambda b: logits(accelerator.unwrap_model(stepped), b, "val"), val_loader,
+                                   accelerator, class_names)
+            net.train()
+            if cache:
+                cache.end("val", accelerator, whole_pass=True)
             check_bad_fraction(val["skipped"], val["skipped"] + val["examples"], cfg.max_bad_fraction, "validation")
             row = {"epoch": state.epoch + 1, "step": state.global_step, "train_loss": loss_total / max(n_total, 1),
                    "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],

@@ -99,3 +99,21 @@ def two_class_folder(tmp_path_factory) -> Path:
     """The same kind of data as an imagefolder tree (class subfolders)."""
     root = tmp_path_factory.mktemp("folder_ds")
     return make_image_dataset(root, layout="imagefolder", per_class=60, bad=True)
+
+
+@pytest.fixture(scope="session")
+def backbone(tmp_path_factory) -> Path:
+    """A 'pretrained' test_resnet saved in timm's Hub format (5-class head, to be replaced)."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    net = timm.create_model("test_resnet", num_classes=5)
+    with torch.no_grad():  # non-trivial BN statistics, so a frozen BN that drifted would show
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.9, 1.1)
+    path = tmp_path_factory.mktemp("backbone")
+    timm.models.save_for_hf(net, str(path), safe_serialization=True)
+    return path

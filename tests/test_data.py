@@ -85,7 +85,8 @@ def test_existing_validation_split_is_used_as_is(tmp_path):
 
 
 def test_collate_drops_and_counts_bad_examples():
-    good = {"pixel_values": torch.zeros(3, 4, 4), "label": 1}
-    batch = stream.collate([good, {"pixel_values": None, "label": 0}, good])
+    good = {"pixel_values": torch.zeros(3, 4, 4), "label": 1, "key": 7, "ok": True}
+    batch = stream.collate([good, {"pixel_values": None, "label": 0, "key": 9, "ok": False}, good])
     assert batch["pixel_values"].shape == (2, 3, 4, 4) and batch["n_bad"] == 1
     assert batch["labels"].tolist() == [1, 1]
+    assert batch["keys"] == [7, 7]

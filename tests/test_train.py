@@ -19,21 +19,6 @@ from hubtune.train import train
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def backbone(tmp_path_factory) -> Path:
-    """A 'pretrained' test_resnet saved in timm's Hub format (5-class head, to be replaced)."""
-    torch.manual_seed(0)
-    net = timm.create_model("test_resnet", num_classes=5)
-    with torch.no_grad():  # non-trivial BN statistics, so a frozen BN that drifted would show
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.9, 1.1)
-    path = tmp_path_factory.mktemp("backbone")
-    timm.models.save_for_hf(net, str(path), safe_serialization=True)
-    return path
-
-
 def tiny_config(dataset, out, **kw) -> TrainConfig:
     base = dict(model="test_resnet", pretrained=False, dataset=str(dataset), image_size=32, epochs=3, batch_size=16,
                 lr=3e-3, output_dir=str(out), num_workers=0, max_bad_fraction=0.05, progress=False, shuffle_buffer=64)
@@ -146,7 +131,8 @@ def test_two_process_run_matches_single_process_eval_of_its_export(two_class_fol
 
     accelerator = Accelerator(cpu=True)
     prepare = model_lib.Normalize(model_lib.data_config(net, 32), accelerator.device)
-    single = evaluate(net, stream.make_loader(val, 8, 0, False), accelerator, info.class_names, prepare)
+    single = evaluate(lambda b: net(prepare(b["pixel_values"])), stream.make_loader(val, 8, 0, False), accelerator,
+                      info.class_names)
     assert single["examples"] == m["val_examples"]
     # the export is the best epoch's weights
     assert single["accuracy"] == pytest.approx(m["best"]["val_accuracy"], abs=1e-9)
