@@ -15,6 +15,7 @@ import yaml
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "lamb", "lion", "adan", "rmsprop")
+COMPILE_BACKENDS = ("inductor", "cudagraphs", "aot_eager", "eager")
 METRICS = ("val_accuracy", "val_loss", "val_f1")
 CONFIG_FILE = "train_config.yaml"
 
@@ -56,7 +57,8 @@ class TrainConfig:
     cache_views: int = _f(1, "augmented views per training image kept by --cache-features; epoch e trains on view e mod N")
     feature_cache_dir: str | None = _f(None, "where --cache-features keeps features (default: $HF_HOME/hubtune/features)")
     channels_last: bool = _f(False, "run the model in channels_last memory format (faster convolutions on recent GPUs)")
-    compile: bool = _f(False, "compile the model with torch.compile (inductor, through Accelerate)")
+    compile: bool = _f(False, "compile the model with torch.compile (through Accelerate)")
+    compile_backend: str = _f("inductor", "torch.compile backend for --compile", choices=COMPILE_BACKENDS)
     output_dir: str = _f("outputs", "where the checkpoints, metrics and Hub-ready export are written")
     save_every: str = _f("epoch", "checkpoint every epoch, or every N optimizer steps (and at each epoch end)")
     keep_last: int = _f(2, "checkpoints kept besides the best one; older ones are deleted once a newer one is complete")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import re
 from pathlib import Path
@@ -229,6 +230,8 @@ def format_table(rows: list[tuple[str, int, int, int]]) -> str:
 
 def export(model: torch.nn.Module, out_dir: str | Path, label_names: list[str], data_cfg: dict[str, Any]) -> None:
     """Write config.json + model.safetensors in timm's Hub format (plain timm.create_model loads it)."""
+    if any(not t.is_contiguous() for t in model.state_dict().values()):  # --channels-last; safetensors needs
+        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)  # contiguous tensors
     timm.models.save_for_hf(
         model, str(out_dir), model_config={"label_names": list(label_names)}, safe_serialization=True,
         data_config={k: data_cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")

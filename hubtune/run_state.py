@@ -128,8 +128,8 @@ def save_checkpoint(accelerator: Accelerator, out: Path, net: Any, optimizer: An
         opt_meta, opt_tensors = checkpoint.optimizer_state(optimizer.optimizer)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         payload = {"run_state": state.to_dict(), "config": cfg.to_dict(), "run": run, "grad_scaler": scaler}
-        checkpoint.write(out, state.global_step, accelerator.unwrap_model(net).state_dict(), opt_meta, opt_tensors,
-                         ranks, payload)
+        weights = accelerator.unwrap_model(net, keep_torch_compile=False).state_dict()
+        checkpoint.write(out, state.global_step, weights, opt_meta, opt_tensors, ranks, payload)
         keep = {state.best["checkpoint"]} if state.best.get("checkpoint") else set()
         for gone in checkpoint.prune(out, cfg.keep_last, keep):
             logger.info(f"deleted old checkpoint {gone.name}")
@@ -145,7 +145,7 @@ def restore(path: Path, accelerator: Accelerator, net: Any, optimizer: Any, cfg:
     if diffs:
         raise ValueError(f"cannot resume from {path}: the run would change meaning:\n  " + "\n  ".join(diffs)
                          + "\n  (start a new --output-dir for a different run)")
-    accelerator.unwrap_model(net).load_state_dict(model_tensors)
+    accelerator.unwrap_model(net, keep_torch_compile=False).load_state_dict(model_tensors)
     checkpoint.load_optimizer_state(optimizer.optimizer, saved["optimizer"], opt_tensors)
     mine = saved["ranks"][accelerator.process_index]
     checkpoint.set_rng_state(mine, checkpoint.rank_tensors(rank_tensors, accelerator.process_index))

@@ -113,7 +113,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     # --- setup
     cfg.validate()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=_cpu_only_launch(),
-                              dynamo_backend="inductor" if cfg.compile else None)
+                              dynamo_backend=cfg.compile_backend if cfg.compile else None)
+    if cfg.compile and accelerator.state.dynamo_plugin.backend.value == "NO":
+        raise RuntimeError("--compile: Accelerate was already set up in this process without torch.compile; "
+                           "run training in a new process (hubtune train, accelerate launch)")
     set_seed(cfg.seed, device_specific=True)
     out = Path(cfg.output_dir)
     resume_from = checkpoint.find_resume(out, cfg.resume) if cfg.resume else None
@@ -173,15 +176,19 @@ def train(cfg: TrainConfig) -> TrainResult:
     net.to(accelerator.device)
     stepped, optimizer = accelerator.prepare(stepped, optimizer)
     net = stepped if cache is None else net
+    # the timm module itself, for saving, exporting and evaluating (never the compiled or DDP wrapper)
+    model = accelerator.unwrap_model(net, keep_torch_compile=False)
+    head = accelerator.unwrap_model(stepped, keep_torch_compile=False)
 
-    def logits(model: torch.nn.Module, batch: dict, view: str | None) -> torch.Tensor:
-        """The batch's logits through `model` (the prepared one in training, the unwrapped one in evaluation)."""
+    def logits(module: torch.nn.Module, batch: dict, view: str | None) -> torch.Tensor:
+        """The batch's logits through `module`: `stepped` in training, its unwrapped `head` in evaluation."""
         if cache is None:
-            return model(prepare(batch["pixel_values"]))
+            return module(prepare(batch["pixel_values"]))
         with torch.no_grad(), accelerator.autocast():
-            feats = cache.features(view, batch, lambda px: features.backbone_features(net, prepare(px)),
+            feats = cache.features(view, batch, lambda px: features.backbone_features(model, prepare(px)),
                                    accelerator.device)
-        return model(feats)
+        return module(feats)
+
     run = {"dataset_revision": info.revision, "class_names": class_names, "val_source": info.val_source,
            "num_processes": accelerator.num_processes, "frozen_parameters": frozen}
     state = RunState(steps_per_epoch=steps_per_epoch_hint(cfg, info, accelerator.num_processes))
@@ -191,7 +198,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     scheduler = make_scheduler(optimizer, cfg, state)
     save_every = None if cfg.save_every == "epoch" else int(cfg.save_every)
     command = report.resume_command()
-    run_info = report.run_info(cfg, accelerator, accelerator.unwrap_model(net), frozen, base_model, info, command)
+    run_info = report.run_info(cfg, accelerator, model, frozen, base_model, info, command)
     pusher = _background_pusher(cfg) if cfg.push_every_save and accelerator.is_main_process else None
 
     # --- loop
@@ -267,10 +274,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 scheduler = make_scheduler(optimizer, cfg, state)
             if cache:
                 cache.begin("val", val_ds, accelerator)
-            net.eval()  # unwrapped: DDP would sync buffers on every forward, and shards end unevenly
-            val = metrics.evaluate(lambda b: logits(accelerator.unwrap_model(stepped), b, "val"), val_loader,
-                                   accelerator, class_names)
-            net.train()
+            model.eval()  # `head` is unwrapped: DDP would sync buffers on every forward, and shards end unevenly
+            val = metrics.evaluate(lambda b: logits(head, b, "val"), val_loader, accelerator, class_names)
+            model.train()
             if cache:
                 cache.end("val", accelerator, whole_pass=True)
             check_bad_fraction(val["skipped"], val["skipped"] + val["examples"], cfg.max_bad_fraction, "validation")
@@ -294,7 +300,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             save_checkpoint(accelerator, out, net, optimizer, state, progress, cfg, run)
             if pusher is not None and improved:
                 snap = hub.snapshot_dir(out)
-                report.write_outputs(snap, accelerator.unwrap_model(net), cfg, data_cfg,
+                report.write_outputs(snap, model, cfg, data_cfg,
                                report.final_metrics(state, info, accelerator, start_time, run_info))
                 pusher.submit(snap)
 
@@ -306,9 +312,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     result_metrics = report.final_metrics(state, info, accelerator, start_time, run_info)
     if accelerator.is_main_process:
         best_weights = load_file(str(out / checkpoint.CHECKPOINTS / state.best["checkpoint"] / checkpoint.MODEL_FILE))
-        final = accelerator.unwrap_model(net)
-        final.load_state_dict(best_weights)
-        report.write_outputs(out, final, cfg, data_cfg, result_metrics)
+        model.load_state_dict(best_weights)
+        report.write_outputs(out, model, cfg, data_cfg, result_metrics)
         logger.info(f"exported the best checkpoint ({state.best['checkpoint']}, epoch {state.best['epoch']}, "
                     f"{cfg.metric} {state.best[cfg.metric]:.4f}) to {out}")
         if pusher is not None:

@@ -11,7 +11,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from hubtune import data, stream
+from hubtune import checkpoint, data, stream
 from hubtune import model as model_lib
 from hubtune.config import TrainConfig
 from hubtune.train import train
@@ -156,3 +156,21 @@ def test_bf16_mixed_precision_on_cpu_trains_and_exports_fp32(two_class_folder, t
     assert history[0]["train_loss"] == history[0]["train_loss"]  # finite, not NaN
     weights = load_file(str(tmp_path / "model.safetensors"))
     assert all(t.dtype in (torch.float32, torch.int64) for t in weights.values())
+
+
+def test_compiled_channels_last_run_writes_plain_checkpoints_that_resume_uncompiled(two_class_folder, tmp_path):
+    # aot_eager goes through dynamo capture and Accelerate's compile wrapper as inductor does, minus code generation
+    # (minutes on 2 cores); a process of its own, since Accelerate sets compilation up once per process
+    flags = ["--model", "test_resnet", "--no-pretrained", "--dataset", str(two_class_folder), "--image-size", "32",
+             "--epochs", "1", "--batch-size", "16", "--num-workers", "0", "--max-bad-fraction", "0.05",
+             "--output-dir", str(tmp_path), "--no-progress", "--compile", "--compile-backend", "aot_eager",
+             "--channels-last", "--shuffle-buffer", "64", "--lr", "3e-3"]
+    proc = _launch([sys.executable, "-m", "hubtune.cli", "train", *flags])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plain = timm.create_model("test_resnet", num_classes=2).state_dict()
+    exported = load_file(str(tmp_path / "model.safetensors"))
+    assert exported.keys() == plain.keys()  # no "_orig_mod." from the compiled wrapper
+    latest = checkpoint.find_resume(tmp_path, "latest")
+    assert load_file(str(latest / checkpoint.MODEL_FILE)).keys() == plain.keys()
+    resumed = train(tiny_config(two_class_folder, tmp_path, epochs=2, resume="latest"))
+    assert [row["epoch"] for row in resumed.history] == [1, 2]
