@@ -78,7 +78,7 @@ def fingerprint(cfg: Any, net: torch.nn.Module, data_cfg: dict, train_tf: Callab
                                                         for k, v in data_cfg.items()},
         "train_transform": repr(train_tf), "eval_transform": repr(eval_tf), "seed": cfg.seed,
         "dataset": cfg.dataset, "dataset_revision": cfg.dataset_revision, "image_column": cfg.image_column,
-        "mixed_precision": cfg.mixed_precision, "channels_last": cfg.channels_last,
+        "mixed_precision": cfg.mixed_precision, "channels_last": cfg.channels_last, "jpeg_draft": cfg.jpeg_draft,
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
     }
 

@@ -82,6 +82,15 @@ def _resize_as_tensor(tf: Callable) -> Callable:
     return T.Compose([ops[-1], *v2_ops])
 
 
+def resize_size(tf: Callable) -> int | None:
+    """The shorter side a transform resizes to before cropping (None when it does not start that way)."""
+    for op in getattr(tf, "transforms", []):
+        if isinstance(op, (T.Resize, v2.Resize)):
+            size = op.size
+            return size if isinstance(size, int) else (size[0] if len(size) == 1 else min(size))
+    return None
+
+
 class Normalize:
     """uint8 batches to normalized float on the device: timm PrefetchLoader's step, for hubtune's dict batches.
 

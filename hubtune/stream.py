@@ -83,6 +83,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
         self.images = True
         self.known_keys: frozenset[int] = frozenset()
         self.views: int | None = None
+        self.draft: int | None = None  # JPEG draft decoding down to this size (hubtune.data.decode)
         self._resume: dict | None = None
         self._position: dict | None = None
 
@@ -104,7 +105,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
             return None
         if not self.images:
             return {"pixel_values": None, "label": example["label"], "key": key, "ok": key in self.known_keys}
-        img = decode(data)
+        img = decode(data, self.draft)
         if img is None:
             pixels = None
         elif self.seed is None:

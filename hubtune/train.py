@@ -159,6 +159,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     val_ds = stream.ExampleStream(data.process_source(val_src, info, shuffle_seed=None, **where), eval_tf,
                                   keep_val=True if hashed else None, val_fraction=cfg.val_fraction, seed=None,
                                   shuffle_buffer=cfg.shuffle_buffer)
+    if cfg.jpeg_draft:
+        val_ds.draft = model_lib.resize_size(eval_tf)
     cache = None
     if cfg.cache_features:
         cache = features.FeatureCache(Path(cfg.feature_cache_dir or features.default_dir()),

@@ -1,6 +1,11 @@
 """Data: decoding every image mode to RGB, skipping broken files, column discovery, the stable val split."""
 
+import io
+
+import numpy as np
 import pytest
+import torchvision.transforms as T
+from PIL import Image
 from helpers import BAD_FILES, CLASSES, examples, make_image_dataset
 
 import torch
@@ -90,3 +95,24 @@ def test_collate_drops_and_counts_bad_examples():
     assert batch["pixel_values"].shape == (2, 3, 4, 4) and batch["n_bad"] == 1
     assert batch["labels"].tolist() == [1, 1]
     assert batch["keys"] == [7, 7]
+
+
+def test_jpeg_draft_decodes_large_photos_at_a_reduced_scale_never_below_the_target():
+    rng = np.random.default_rng(0)
+    # smooth content, as in photos: DCT scaling then differs from a full decode only by rounding-level detail
+    small = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    photo = Image.fromarray(small).resize((1024, 768), Image.BICUBIC)
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=90)
+    full, drafted = data.decode(buf.getvalue()), data.decode(buf.getvalue(), draft=200)
+    assert full.size == (1024, 768)
+    assert drafted.size == (512, 384)  # 1/4 would make the short side 192 < 200
+    assert data.decode(buf.getvalue(), draft=800).size == (1024, 768)  # no scale keeps both sides >= 800
+    png = io.BytesIO()
+    photo.save(png, "PNG")
+    assert data.decode(png.getvalue(), draft=200).size == (1024, 768)  # only JPEG has DCT scaling
+    # what the eval transform makes of either is nearly the same image
+    tf = T.Compose([T.Resize(256), T.CenterCrop(224)])
+    a = np.asarray(tf(full), dtype=np.float64)
+    b = np.asarray(tf(drafted), dtype=np.float64)
+    assert np.abs(a - b).mean() < 2.0

@@ -174,3 +174,11 @@ def test_compiled_channels_last_run_writes_plain_checkpoints_that_resume_uncompi
     assert load_file(str(latest / checkpoint.MODEL_FILE)).keys() == plain.keys()
     resumed = train(tiny_config(two_class_folder, tmp_path, epochs=2, resume="latest"))
     assert [row["epoch"] for row in resumed.history] == [1, 2]
+
+
+def test_jpeg_draft_validation_uses_the_eval_resize_as_the_floor(two_class_folder, tmp_path):
+    plain = train(tiny_config(two_class_folder, tmp_path / "plain", epochs=1))
+    drafted = train(tiny_config(two_class_folder, tmp_path / "draft", epochs=1, jpeg_draft=True))
+    # the test images are smaller than twice the eval size, so no JPEG may be scaled down: identical evaluations
+    assert drafted.history[0]["confusion_matrix"] == plain.history[0]["confusion_matrix"]
+    assert drafted.history[0]["val_loss"] == plain.history[0]["val_loss"]
