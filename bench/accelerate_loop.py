@@ -4,8 +4,10 @@ cv_example: a map-style dataset with a torchvision transform, `DataLoader(shuffl
 model, `requires_grad = False` on the frozen parameters, `accelerator.prepare(model, optimizer, dataloader,
 scheduler)`, then forward -> cross_entropy -> accelerator.backward -> optimizer.step -> lr_scheduler.step ->
 zero_grad. Differences, for a like-for-like comparison with hubtune: the data is the same parquet files read with
-`datasets.load_dataset` + `with_transform` (the Pets example reads JPEG files), the transforms are hubtune's timm
-transforms (same augmentation and normalization), and the optimizer is AdamW (hubtune's default; cv_example uses
+`datasets.load_dataset` + `with_transform` (the Pets example reads JPEG files), the transforms are timm's usual
+per-image ones for the model's data config (`timm.data.create_transform(**cfg, is_training=True)`: the same crop,
+flip and colour jitter as hubtune, ending in ToTensor + Normalize in the loader workers, where hubtune ships uint8
+and normalizes whole batches in the main process), and the optimizer is AdamW (hubtune's default; cv_example uses
 Adam). Frozen BatchNorm layers stay in train mode, as in cv_example.
 
 Also a script: `python bench/accelerate_loop.py --data DIR ...` prints `step N` lines (time to first step).
@@ -49,12 +51,14 @@ def train_steps(files: list[str], *, image_size: int, batch_size: int, steps: in
     from accelerate.state import AcceleratorState
     from torch.optim.lr_scheduler import OneCycleLR
 
-    from hubtune import model as model_lib
+    from timm.data import create_transform, resolve_data_config
 
     AcceleratorState._reset_state(reset_partial_state=True)  # several runs with different precisions, one process
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=True)
     model = timm.create_model("resnet18", pretrained=False, num_classes=2)
-    train_tf, _ = model_lib.transforms(model_lib.data_config(model, image_size))
+    # the usual path: per-image float tensors, normalized in the loader workers (not hubtune's uint8 + batch step)
+    train_tf = create_transform(**resolve_data_config({"input_size": (3, image_size, image_size)}, model=model),
+                                is_training=True)
     train_dataloader = make_loader(files, train_tf, batch_size, num_workers)
     model = model.to(accelerator.device)
     frozen_names = set(frozen or [])

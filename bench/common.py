@@ -124,11 +124,15 @@ def _descendants_cpu(root: int) -> float:
     return total
 
 
+UNREAPED_CPU_S = 0.0  # CPU seconds of descendants killed without being reaped here (startup's loader workers)
+
+
 def _cpu_sample() -> tuple[float, float, float]:
     """(all CPUs busy seconds, all CPUs total seconds, this process tree's CPU seconds)."""
     busy, total = _cpu_jiffies()
     t = os.times()
-    mine = t.user + t.system + t.children_user + t.children_system + _descendants_cpu(os.getpid())
+    mine = (t.user + t.system + t.children_user + t.children_system + _descendants_cpu(os.getpid())
+            + UNREAPED_CPU_S)
     return busy / _TICK, total / _TICK, mine
 
 
@@ -248,7 +252,8 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
-                     "datasets": datasets.__version__, "accelerate": accelerate.__version__, "pillow": PIL.__version__},
+                     "datasets": datasets.__version__, "accelerate": accelerate.__version__,
+                     "pillow": PIL.__version__},
         "hubtune_commit": _git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "load_average": [round(x, 2) for x in os.getloadavg()],

@@ -40,7 +40,7 @@ def table(results: list[dict]) -> str:
             if r["ratio"] is not None and r["ratio_of"] != "hubtune / comparison":
                 ratio += f"<br>*{r['ratio_of']}*"
             status = {"met": "yes", "missed": "**no**"}.get(r["status"], r["status"])
-            name = r["benchmark"] + (f"<br>*{r['note']}*" if r["note"] else "")
+            name = (r["benchmark"] + (f"<br>*{r['note']}*" if r["note"] else "")).replace("|", "\\|")
             lines.append(f"| {name} | {_cell(r['hubtune'], r['unit'])} | {comp} | {ratio} | {r['goal'] or '-'} | "
                          f"{status} |")
     return "\n".join(lines)
@@ -49,9 +49,9 @@ def table(results: list[dict]) -> str:
 def machine_line(m: dict[str, Any]) -> str:
     v = m["versions"]
     return (f"{m['cpu']}, {m['usable_cores']} cores ({m['torch_threads']} torch threads), {m['memory_gb']} GB RAM, "
-            f"{m['gpu'] or 'no GPU'}; Python {m['python']}, torch {v['torch']}, torchvision {v['torchvision']}, "
-            f"timm {v['timm']}, datasets {v['datasets']}, accelerate {v['accelerate']}, Pillow {v['pillow']}; "
-            f"hubtune {m['hubtune_commit']}; {m['date']}")
+            f"{m['gpu'] or 'no GPU'}, {m['platform']}; Python {m['python']}, torch {v['torch']}, torchvision "
+            f"{v['torchvision']}, timm {v['timm']}, datasets {v['datasets']}, accelerate {v['accelerate']}, "
+            f"Pillow {v['pillow']}")
 
 
 def write_readme(results_dir: Path, quick: bool) -> Path:
@@ -69,7 +69,11 @@ def write_readme(results_dir: Path, quick: bool) -> Path:
     ]
     if results:
         machines = {machine_line(r["machine"]) for r in results}
-        parts += ["**Machine:** " + "<br>".join(sorted(machines)), ""]
+        dates = sorted(r["machine"]["date"] for r in results)
+        commits = sorted({str(r["machine"]["hubtune_commit"]) for r in results})
+        parts += ["**Machine:** " + "<br>".join(sorted(machines)), "",
+                  f"**Run:** {dates[0]} to {dates[-1]} (UTC), hubtune commit {', '.join(commits)}, total "
+                  f"{sum(r['wall_s'] for r in results) / 60:.1f} min.", ""]
         loads = ", ".join(f"{r['name']} {r['machine']['load_average'][0]:.1f}->{r['load_after'][0]:.1f}"
                           for r in results)
         parts += [f"Load average (1 min) before->after each benchmark: {loads}.", ""]

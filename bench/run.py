@@ -26,15 +26,17 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import importlib  # noqa: E402
 import warnings  # noqa: E402
 
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
-from bench import linear_probe, memory, pipeline, resume, startup, training  # noqa: E402,F401  (registration)
 from bench.common import BENCHMARKS, FOREIGN, QUIET, Context, machine_info  # noqa: E402
+from bench.report import write_readme  # noqa: E402
 
 ORDER = ["pipeline", "training", "linear_probe", "resume", "memory", "startup"]
-from bench.report import write_readme  # noqa: E402
+for _module in ORDER:
+    importlib.import_module(f"bench.{_module}")  # each module registers its benchmark
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,12 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     out = args.results_dir or (REPO / "bench" / "results" / ("quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     reps = args.reps or (1 if args.quick else 3)
-    if args.quick:
-        import datasets
-
-        # as in the test suite: datasets sleeps 5 s whenever a shuffled parquet stream ends (apache/arrow#45214),
-        # which would dominate the tiny quick passes; the full run keeps the shipped value and reports its cost
-        datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
     QUIET["enabled"] = args.wait_quiet and not args.quick
     failed = []
     total = time.perf_counter()
@@ -86,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                 # loader iterators left in reference cycles keep their workers alive; hubtune's workers ignore
                 # SIGTERM, so without this the interpreter would hang at exit joining them
                 gc.collect()
-        result = {"name": name, "quick": args.quick, "machine": machine, "wall_s": round(time.perf_counter() - start, 1),
+        result = {"name": name, "quick": args.quick, "machine": machine,
+                  "wall_s": round(time.perf_counter() - start, 1),
                   "load_after": [round(x, 2) for x in os.getloadavg()],
                   "other_jobs": {"busy_fraction_before_each_timed_run": QUIET["busy_at_start"],
                                  "waited_for_quiet_s": round(QUIET["waited_s"], 1),

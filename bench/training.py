@@ -6,6 +6,12 @@ timestamps of its own per-step log lines (`--log-every 1`) between the end of st
 `warm + measure`, so setup, the first steps (oneDNN kernel creation, worker start, first shuffle block) and the
 end-of-run evaluation/export are outside the window. The run is stopped right after the window. The comparison's
 window is the same steps of its loop.
+
+hubtune feeds the model through its own per-batch Normalize (uint8 loader output); the comparison does ToTensor +
+Normalize per image in its workers (timm's usual transforms). hubtune's --channels-last and, in full runs only,
+--compile (torch.compile, inductor on the CPU; its window starts one step later, after compilation) are timed
+against the same unchanged fp32 comparison loop; a --compile run that fails is reported with its error instead of
+a rate.
 """
 
 from __future__ import annotations
@@ -31,10 +37,14 @@ class Variant:
     name: str
     freeze: str  # hubtune --freeze spec ("" = full fine-tune)
     mixed_precision: str
+    channels_last: bool = False  # hubtune only: --channels-last
+    compile: bool = False  # hubtune only: --compile
 
 
 VARIANTS = [
     Variant("full fine-tune, fp32", "", "no"),
+    Variant("full fine-tune, fp32, hubtune --channels-last", "", "no", channels_last=True),
+    Variant("full fine-tune, fp32, hubtune --compile", "", "no", compile=True),
     Variant("full fine-tune, bf16", "", "bf16"),
     Variant("frozen stem+stages 0-2, fp32", "stem,stages.0-2", "no"),
     Variant("frozen stem+stages 0-2, bf16", "stem,stages.0-2", "bf16"),
@@ -76,7 +86,8 @@ def hubtune_steps(root: Path, out: Path, variant: Variant, *, image_size: int, b
     cfg = TrainConfig(model="resnet18", pretrained=False, dataset=str(root), image_size=image_size,
                       batch_size=batch_size, epochs=1, max_steps=steps + 1, num_workers=num_workers,
                       freeze=variant.freeze, freeze_bn=bool(variant.freeze), mixed_precision=variant.mixed_precision,
-                      output_dir=str(out), log_every=1, progress=False, val_fraction=0.05, seed=0)
+                      channels_last=variant.channels_last, compile=variant.compile, output_dir=str(out), log_every=1,
+                      progress=False, val_fraction=0.05, seed=0)
     logger = logging.getLogger(LOGGER)
     clock = StepClock(steps)
     old_level, old_propagate = logger.level, logger.propagate
@@ -110,7 +121,9 @@ def frozen_names(spec: str) -> list[str]:
 
     from hubtune import model as model_lib
 
-    return model_lib.resolve_freeze(timm.create_model("resnet18", pretrained=False, num_classes=2), spec) if spec else []
+    if not spec:
+        return []
+    return model_lib.resolve_freeze(timm.create_model("resnet18", pretrained=False, num_classes=2), spec)
 
 
 def warm_up(image_size: int, batch_size: int) -> None:
@@ -126,8 +139,9 @@ def warm_up(image_size: int, batch_size: int) -> None:
 
 
 def pair(ctx: Context, root: Path, files: list[str], variant: Variant, *, image_size: int, batch_size: int,
-         warm: int, measure: int, tag: str) -> dict[str, dict]:
-    """hubtune vs the Accelerate loop on one variant, alternating, ctx.reps times each."""
+         warm: int, measure: int, tag: str, comparison: bool = True) -> dict[str, dict]:
+    """hubtune vs the Accelerate loop (if `comparison`) on one variant, alternating, ctx.reps times each."""
+    warm += variant.compile  # step 1 of a compiled run includes compiling the forward and backward graphs
     steps = warm + measure
     frozen = frozen_names(variant.freeze)
     counter = iter(range(10**6))
@@ -142,7 +156,8 @@ def pair(ctx: Context, root: Path, files: list[str], variant: Variant, *, image_
                                             mixed_precision=variant.mixed_precision, frozen=frozen)
         return window_rate(times, warm, measure, batch_size)
 
-    return alternate(ctx.reps, {"hubtune": hub, "accelerate": plain}, ctx.log, variant.name)
+    return alternate(ctx.reps, {"hubtune": hub, **({"accelerate": plain} if comparison else {})}, ctx.log,
+                     variant.name)
 
 
 def per_step_overheads(root: Path, batch_size: int) -> dict[str, Any]:
@@ -175,27 +190,50 @@ def per_step_overheads(root: Path, batch_size: int) -> dict[str, Any]:
 
 @benchmark("training")
 def run(ctx: Context) -> dict:
-    n, shards, image_size, batch_size, warm, measure = ctx.pick((64, 2, 64, 8, 1, 2), (2400, 8, 160, 32, 1, 4))
+    n, shards, image_size, batch_size, warm, measure = ctx.pick((64, 2, 64, 8, 1, 2), (2400, 8, 160, 32, 1, 3))
     root = bench_data.dataset(n, shards)
     files = bench_data.files(root)
-    variants = VARIANTS[:1] if ctx.quick else VARIANTS
+    # quick: the default fp32 fine-tune and --channels-last (--compile takes minutes to compile on 2 cores); the
+    # latter's comparison is the former's (the same unchanged fp32 loop), not run again
+    variants = [v for v in VARIANTS if not v.freeze and v.mixed_precision == "no" and not v.compile] if ctx.quick \
+        else VARIANTS
     warm_up(image_size, batch_size)
     accelerate_loop.make_loader(files, lambda x: x, 1, 0)  # build the comparison's Arrow cache outside the timing
-    rows, results = [], {}
+    rows, results, errors = [], {}, {}
+    comparison_name = "plain Accelerate loop (cv_example style)"
     for i, variant in enumerate(variants):
-        res = pair(ctx, root, files, variant, image_size=image_size, batch_size=batch_size, warm=warm,
-                   measure=measure, tag=f"v{i}")
+        name = f"training, {variant.name}"
+        try:
+            reuse = ctx.quick and variant.channels_last
+            res = pair(ctx, root, files, variant, image_size=image_size, batch_size=batch_size, warm=warm,
+                       measure=measure, tag=f"v{i}", comparison=not reuse)
+            if reuse:
+                res["accelerate"] = results[VARIANTS[0].name]["accelerate"]
+        except Exception as err:  # noqa: BLE001  (a failing --compile is a finding, not a broken benchmark)
+            if not variant.compile:
+                raise
+            errors[variant.name] = f"{type(err).__name__}: {err}"[-3000:]
+            ctx.log(f"  {variant.name}: failed: {errors[variant.name][-500:]}")
+            last = (str(err).strip().splitlines() or [""])[-1][:200]
+            rows.append(row(name, "img/s", None, comparison_name=comparison_name, status="fails",
+                            note=f"{type(err).__name__}: {last} (full text in the JSON's details.errors)"))
+            continue
         results[variant.name] = res
         goal = (">=", 1.0) if variant.freeze == "" else (">", 1.0)  # frozen: hubtune should skip work
-        rows.append(row(f"training, {variant.name}", "img/s", res["hubtune"], res["accelerate"],
-                        comparison_name="plain Accelerate loop (cv_example style)", goal=goal))
+        note = ""
+        if variant.channels_last or variant.compile:
+            base = results[VARIANTS[0].name]["hubtune"]["median"]
+            note = f"{res['hubtune']['median'] / base:.2f}x hubtune's default fp32 rate in this run"
+        rows.append(row(name, "img/s", res["hubtune"], res["accelerate"], comparison_name=comparison_name,
+                        goal=goal, note=note))
     full = results[variants[0].name]["hubtune"]["median"]
     relative = {name: round(r["hubtune"]["median"] / full, 3) for name, r in results.items()}
     return {
         "rows": rows,
         "params": {"model": "resnet18 (timm, random init)", "image_size": image_size, "batch_size": batch_size,
-                   "num_workers": 2, "warm_steps": warm, "measured_steps": measure, "images": n,
-                   "freeze_bn_in_hubtune_frozen_variants": True, "reps": ctx.reps},
-        "details": {"results": results, "hubtune_rate_relative_to_full_fp32": relative,
+                   "num_workers": 2, "warm_steps": warm, "warm_steps_compile": warm + 1, "measured_steps": measure,
+                   "images": n, "freeze_bn_in_hubtune_frozen_variants": True, "reps": ctx.reps,
+                   "variants": [v.name for v in variants]},
+        "details": {"results": results, "errors": errors, "hubtune_rate_relative_to_full_fp32": relative,
                     "per_step_overheads": None if ctx.quick else per_step_overheads(root, batch_size)},
     }
