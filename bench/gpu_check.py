@@ -20,6 +20,9 @@ What it measures (resnet50, random init, 224 px, batch 128, 12 loader workers by
   ending in ToTensor + Normalize, a torch DataLoader with the same workers, `Accelerator(mixed_precision="bf16")`,
   AdamW + OneCycleLR), in bf16, with (a) timm's training augmentation as per-image float transforms (the same
   augmentation as hubtune's) and (b) cv_example's own RandomResizedCrop(scale=(0.35, 1)) + ToTensor + Normalize.
+* the linear-probe fast path: bench/linear_probe.py's `probe_run` (resnet18, every group but the head frozen,
+  --freeze-bn, --no-augment) over the whole dataset for --probe-epochs epochs, with and without --cache-features:
+  seconds per epoch, end to end, and whether history and head weights are identical.
 * the bottleneck: images/s of hubtune's training loader alone (built as train() builds it, same workers), and of
   the GPU alone (the same model/optimizer step on a synthetic batch already on the GPU: fp32, bf16,
   bf16 + channels_last, and the latter with cudnn.benchmark on, which hubtune leaves off).
@@ -297,6 +300,32 @@ def hubtune_run(args: argparse.Namespace, data_dir: Path, out_dir: Path, **overr
     return res
 
 
+def probe_runs(args: argparse.Namespace, data_dir: Path, scratch: Path) -> dict:
+    """Linear probe (bench/linear_probe.py's probe_run: resnet18, every group but the head frozen, --freeze-bn,
+    --no-augment, fp32) with and without --cache-features over the whole dataset: seconds per epoch, identical?"""
+    from bench.linear_probe import probe_run
+
+    runs = {}
+    for name, cache in (("uncached", False), ("cached", True)):
+        reset_accelerate()
+        free_memory()
+        runs[name] = probe_run(data_dir, scratch / f"probe-{name}", cache=cache, image_size=args.image_size,
+                               batch_size=args.batch_size, epochs=args.probe_epochs, workers=args.workers)
+        log(f"probe {name}: epochs {[round(x, 2) for x in runs[name]['epoch_s']]} s, "
+            f"end to end {runs[name]['end_to_end_s']:.1f} s")
+        shutil.rmtree(scratch / f"probe-{name}", ignore_errors=True)
+    later = {k: sum(r["epoch_s"][1:]) / max(len(r["epoch_s"]) - 1, 1) for k, r in runs.items()}
+    same = runs["cached"]["history"] == runs["uncached"]["history"]
+    head_diff = max((runs["cached"]["head"][k] - v).abs().max().item() for k, v in runs["uncached"]["head"].items())
+    return {"ok": same and head_diff == 0.0, "epochs": args.probe_epochs,
+            "epoch_s": {k: [round(x, 2) for x in r["epoch_s"]] for k, r in runs.items()},
+            "end_to_end_s": {k: round(r["end_to_end_s"], 1) for k, r in runs.items()},
+            "later_epoch_speedup": round(later["uncached"] / later["cached"], 1),
+            "end_to_end_speedup": round(runs["uncached"]["end_to_end_s"] / runs["cached"]["end_to_end_s"], 2),
+            "identical_history": same, "head_max_abs_diff": head_diff,
+            "train_examples": runs["cached"]["history"][0]["train_examples"]}
+
+
 # ------------------------------------------------------------------------------------------- loader alone
 
 
@@ -502,6 +531,11 @@ def notes_for(name: str, r: dict) -> str:
         notes.append(f"trainable {c['parameters'].get('trainable')}")
     if c.get("train_loss") is not None:
         notes.append(f"loss {c['train_loss']:.3f}/{c['val_loss']:.3f}")
+    if "later_epoch_speedup" in r:
+        notes.append(f"{r['epochs']} epochs of {r['train_examples']} images, seconds per epoch: uncached "
+                     f"{r['epoch_s']['uncached']}, cached {r['epoch_s']['cached']}; epochs 2+ "
+                     f"{r['later_epoch_speedup']}x faster, end to end {r['end_to_end_speedup']}x; identical history "
+                     f"{r['identical_history']}, head max diff {r['head_max_abs_diff']}")
     if r.get("partial_batches_in_window"):
         notes.append(f"{r['partial_batches_in_window']} partial batches")
     return "; ".join(notes)
@@ -530,12 +564,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warm", type=int, default=None, help="steps before the timing window")
     p.add_argument("--val-fraction", type=float, default=0.02)
     p.add_argument("--budget", type=float, default=None, help="seconds; stages that would not fit are skipped")
+    p.add_argument("--probe-epochs", type=int, default=None, help="epochs of each linear-probe run")
     p.add_argument("--only", default=None, help="comma list of substrings: run only the stages whose names hold one")
     args = p.parse_args(argv)
     defaults = (dict(model="resnet18", image_size=64, batch_size=8, workers=2, files=4, rows=16, steps=4, warm=1,
-                     budget=600) if args.smoke else
+                     budget=600, probe_epochs=2) if args.smoke else
                 dict(model="resnet50", image_size=224, batch_size=128, workers=12, files=144, rows=100, steps=100,
-                     warm=30, budget=390))
+                     warm=30, budget=390, probe_epochs=4))
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -597,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         acc("accelerate loop bf16 (timm aug, ToTensor+Normalize per image)", "timm"),
         acc("accelerate loop bf16 (cv_example transform)", "cv_example"),
         hub("hubtune bf16 + channels_last + compile", mixed_precision="bf16", channels_last=True, compile=True),
+        ("linear probe resnet18, uncached vs --cache-features", lambda: probe_runs(args, data_dir, scratch), 60.0),
     ]
     if not cuda:  # fp16 autocast and inductor are GPU checks; the smoke test skips them
         skip = ("hubtune fp16", "hubtune bf16 + channels_last + compile")

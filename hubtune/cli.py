@@ -60,7 +60,8 @@ def _summary(args: argparse.Namespace) -> int:
             n = sum(k for k, _ in counted)
             trainable = "yes" if all(t for _, t in counted) else "no"
             group = groups.get(f"{name}.weight", groups.get(f"{name}.bias", ""))
-            print(f"  {group:<10} {name:<40} {type(module).__name__:<20} {n:>10,} {trainable}")
+            kind = type(module).__name__ + (" (fixed)" if model_lib.has_fixed_statistics(module) else "")
+            print(f"  {group:<10} {name:<40} {kind:<20} {n:>10,} {trainable}")
         with torch.no_grad():
             feats = net.forward_features(torch.zeros(1, *size))
         print(f"\nfeature map for one {tuple(size)} image: {tuple(feats.shape)}")

@@ -51,7 +51,7 @@ class TrainConfig:
     clip_grad: float | None = _f(None, "clip the gradient norm to this value")
     mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "mixed precision mode", choices=MIXED_PRECISION)
     freeze: str = _f("", "comma list of timm groups (stem, stages.0-2, blocks.1) and module globs (layer1.*) to freeze")
-    freeze_bn: bool = _f(False, "also fix BatchNorm statistics in the frozen parts (FrozenBatchNorm2d)")
+    freeze_bn: bool = _f(False, "also fix BatchNorm statistics in the frozen parts (held in eval mode)")
     augment: bool = _f(True, "random crop, flip and color jitter on training images (off: the eval transform)")
     cache_features: bool = _f(False, "compute backbone features once and train only the classifier on them (linear probe: needs every other parameter frozen and --freeze-bn)")
     cache_views: int = _f(1, "augmented views per training image kept by --cache-features; epoch e trains on view e mod N")

@@ -19,11 +19,13 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import timm
 import torch
 from safetensors.torch import load_file, save_file
+
+from hubtune import model as model_lib
 
 logger = logging.getLogger("hubtune")
 
@@ -49,7 +51,7 @@ def check_cacheable(net: torch.nn.Module) -> None:
     for name, module in net.named_modules():
         if id(module) in inside:
             continue
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not model_lib.has_fixed_statistics(module):
             raise ValueError(f"--cache-features needs fixed BatchNorm statistics ({name} is a {type(module).__name__}"
                              f" that updates in training); add --freeze-bn")
         p = getattr(module, "p", None) if not isinstance(module, timm.layers.DropPath) else module.drop_prob
@@ -147,9 +149,18 @@ class FeatureCache:
         table = self.tables[view]
         return torch.stack([table[k] for k in batch["keys"]]).to(device, non_blocking=True)
 
-    def end(self, view: str, accelerator: Any, whole_pass: bool) -> None:
-        """After a pass: store the view if this pass computed all of it (every process writes its own part)."""
+    def end(self, view: str, accelerator: Any, whole_pass: bool, rest: Iterable[dict] = (),
+            compute: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """After a pass: store the view if this pass computed all of it (every process writes its own part).
+
+        `rest`: batches this process read but did not train on (processes stop together when the first runs out);
+        their features are computed too, so the table covers the whole shard and a replay stops where this did.
+        """
         computed_all = self.computing.pop(view, None) and whole_pass
+        if computed_all and compute is not None:
+            for batch in rest:
+                if batch["pixel_values"] is not None:
+                    self.features(view, batch, compute, accelerator.device)
         if accelerator.num_processes > 1:
             flag = torch.tensor([int(bool(computed_all))], device=accelerator.device)
             computed_all = bool(accelerator.reduce(flag, "min").item())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import re
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +16,7 @@ import torchvision.transforms.v2 as v2
 from timm.data import create_transform, resolve_data_config
 from timm.layers import FrozenBatchNormAct2d
 from timm.utils.model import freeze as timm_freeze
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 HEAD_GROUP = "head"
@@ -197,16 +199,40 @@ def resolve_freeze(model: torch.nn.Module, spec: str) -> list[str]:
 
 
 def freeze(model: torch.nn.Module, param_names: list[str], freeze_bn: bool) -> None:
-    """Freeze the given parameters with timm's freeze utility (FrozenBatchNorm2d in frozen parts if freeze_bn)."""
+    """Freeze the given parameters with timm's freeze utility; with `freeze_bn`, fix the frozen BatchNorms too.
+
+    Fixed BatchNorms stay BatchNorm modules held in eval mode (see `fix_statistics`): one fused kernel with the
+    running statistics, where FrozenBatchNorm2d takes two elementwise passes (about 2x slower on the CPU here).
+    """
+    chosen = set(param_names)
     owners = sorted({n.rsplit(".", 1)[0] for n in param_names})
-    # a module is frozen whole when all its parameters are chosen; timm then also converts its BatchNorms
-    whole = [m for m in owners if all(n in param_names for n, _ in model.get_submodule(m).named_parameters(m))]
+    whole = [m for m in owners if all(n in chosen for n, _ in model.get_submodule(m).named_parameters(m))]
     if whole:
-        timm_freeze(model, whole, include_bn_running_stats=freeze_bn)
+        timm_freeze(model, whole, include_bn_running_stats=False)
     params = dict(model.named_parameters())
     for name in param_names:
         if name in params:
             params[name].requires_grad_(False)
+    if freeze_bn:
+        for name, module in model.named_modules():
+            own = [f"{name}.{n}" for n, _ in module.named_parameters()]
+            if isinstance(module, _BatchNorm) and own and all(n in chosen for n in own):
+                fix_statistics(module)
+
+
+def fix_statistics(bn: torch.nn.Module) -> None:
+    """Keep a BatchNorm in eval mode (running statistics, no updates) whatever model.train() later says."""
+    bn.train = types.MethodType(_stay_in_eval, bn)
+    bn.eval()
+
+
+def _stay_in_eval(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+    return torch.nn.Module.train(self, False)
+
+
+def has_fixed_statistics(module: torch.nn.Module) -> bool:
+    """A BatchNorm fixed by `fix_statistics`, or a FrozenBatchNorm."""
+    return isinstance(module, FROZEN_BN) or getattr(module.train, "__func__", None) is _stay_in_eval
 
 
 def counted_parameters(module: torch.nn.Module, recurse: bool = True) -> list[tuple[int, bool]]:

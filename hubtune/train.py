@@ -7,6 +7,7 @@ The file runs as a script with hubtune/ first on sys.path, so imports here are a
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import sys
@@ -50,7 +51,8 @@ def synced_batches(loader: Any, accelerator: Accelerator, fetched: dict) -> Iter
     Shards of a stream hold different numbers of examples, so processes agree before each step that all
     of them have a batch; otherwise DDP would wait forever for the process that has finished. Each batch
     carries the loader position and decode counters after it, so a checkpoint never includes the batch fetched
-    ahead; `fetched` counts everything the loader produced (the epoch totals).
+    ahead; `fetched` counts everything the loader produced (the epoch totals). When the stream stops,
+    `fetched["rest"]` holds the batches this process still had (the batch fetched ahead, then the loader's rest).
     """
 
     def fetch(it: Iterator) -> dict | None:
@@ -72,6 +74,8 @@ def synced_batches(loader: Any, accelerator: Accelerator, fetched: dict) -> Iter
     while ok:
         upcoming = fetch(it)
         ok_next = all_have(upcoming)
+        if not ok_next:  # set before the last yield: the caller may not resume this generator after it
+            fetched["rest"] = itertools.chain([upcoming] if upcoming is not None else [], it)
         yield current, not ok_next
         current, ok = upcoming, ok_next
 
@@ -182,14 +186,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     model = accelerator.unwrap_model(net, keep_torch_compile=False)
     head = accelerator.unwrap_model(stepped, keep_torch_compile=False)
 
+    def backbone(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), accelerator.autocast():
+            return features.backbone_features(model, prepare(pixels))
+
     def logits(module: torch.nn.Module, batch: dict, view: str | None) -> torch.Tensor:
         """The batch's logits through `module`: `stepped` in training, its unwrapped `head` in evaluation."""
         if cache is None:
             return module(prepare(batch["pixel_values"]))
-        with torch.no_grad(), accelerator.autocast():
-            feats = cache.features(view, batch, lambda px: features.backbone_features(model, prepare(px)),
-                                   accelerator.device)
-        return module(feats)
+        return module(cache.features(view, batch, backbone, accelerator.device))
 
     run = {"dataset_revision": info.revision, "class_names": class_names, "val_source": info.val_source,
            "num_processes": accelerator.num_processes, "frozen_parameters": frozen}
@@ -263,8 +268,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                     break
             if bar is not None:
                 bar.close()
-            if cache:
-                cache.end(view, accelerator, whole_pass)
+            if cache:  # a pass that reached the end computes the features of the batches ranks could not share
+                cache.end(view, accelerator, whole_pass, fetched.get("rest", ()), backbone)
 
             # --- eval
             loss_total, n_total, n_bad, n_seen = sum_over_processes(

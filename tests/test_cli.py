@@ -62,7 +62,7 @@ def test_summary_prints_group_table_and_layers():
     layer1 = next(line for line in lines[header:] if line.startswith("layer1"))
     _, total, trainable, frozen = layer1.split()
     assert trainable == "0" and frozen == total
-    assert "FrozenBatchNorm2d" in proc.stdout
+    assert "BatchNorm2d (fixed)" in proc.stdout
     assert "input (3, 64, 64)" in proc.stdout
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 import timm
 import torch
@@ -10,7 +13,7 @@ from safetensors.torch import load_file
 from hubtune import data, features
 from hubtune import model as model_lib
 from hubtune.train import train
-from test_train import tiny_config
+from test_train import _launch, tiny_config
 
 
 def probe(dataset, out, backbone, cache_dir=None, **kw):
@@ -116,3 +119,35 @@ def test_an_unwritable_cache_dir_only_costs_the_replay(two_class_parquet, backbo
     result = train(probe(two_class_parquet, tmp_path / "out", backbone, blocker, augment=False, epochs=2))
     assert len(result.history) == 2 and (result.output_dir / "model.safetensors").exists()
     assert "could not store train" in caplog.text
+
+
+def test_two_processes_share_the_work_and_any_process_count_replays_it(two_class_parquet, backbone, tmp_path,
+                                                                         monkeypatch):
+    cache = tmp_path / "cache"
+
+    def launch(out, *extra):
+        flags = ["--model", f"local-dir:{backbone}", "--dataset", str(two_class_parquet), "--image-size", "32",
+                 "--epochs", "2", "--batch-size", "8", "--num-workers", "0", "--max-bad-fraction", "0.05",
+                 "--shuffle-buffer", "64", "--freeze", "stem,stages", "--freeze-bn", "--no-augment",
+                 "--output-dir", str(out), "--no-progress", *extra]
+        proc = _launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "hubtune/train.py", *flags])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc, json.loads((out / "metrics.json").read_text())["history"]
+
+    _, uncached = launch(tmp_path / "plain")
+    proc, cached = launch(tmp_path / "ddp", "--cache-features", "--feature-cache-dir", str(cache))
+    assert "epoch 2: training the classifier on cached features (train)" in proc.stderr
+    # the shards are uneven, so ranks stop together before the longer one ends: its last batches are cached too,
+    # and the replay stops at the same batch
+    assert cached == uncached
+    for view in ("train", "val"):
+        parts = sorted(p.name for p in cache.glob(f"*/{view}/*"))
+        assert parts == ["complete-of-2.json", "part-0-of-2.safetensors", "part-1-of-2.safetensors"]
+    # one process reads both parts: every example is found, nothing is decoded
+    single = train(probe(two_class_parquet, tmp_path / "single", backbone, augment=False, epochs=1))
+    monkeypatch.setattr("hubtune.stream.decode", no_decoding)
+    replayed = train(probe(two_class_parquet, tmp_path / "one", backbone, cache, augment=False, epochs=1))
+    assert replayed.history[0]["train_examples"] == single.history[0]["train_examples"]
+    assert replayed.history[0]["skipped_images"] == single.history[0]["skipped_images"]

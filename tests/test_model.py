@@ -1,5 +1,7 @@
 """Model: creation errors, timm group names for --freeze, head protection, parameter tables."""
 
+import copy
+
 import pytest
 import torch
 
@@ -34,17 +36,23 @@ def test_unknown_freeze_token_lists_groups(net):
         model_lib.resolve_freeze(net, "stages.9")
 
 
-def test_freeze_bn_converts_batchnorm_in_frozen_parts_only(net):
+def test_freeze_bn_fixes_batchnorm_in_frozen_parts_only(net):
     total_before = sum(p.numel() for p in net.parameters())
     names = model_lib.resolve_freeze(net, "stem,stages.0")
     model_lib.freeze(net, names, freeze_bn=True)
-    assert type(net.layer1[0].bn1).__name__ == "FrozenBatchNorm2d"
-    assert type(net.layer2[0].bn1).__name__ == "BatchNorm2d"
+    net.train()
+    assert not net.layer1[0].bn1.training and model_lib.has_fixed_statistics(net.layer1[0].bn1)
+    assert net.layer2[0].bn1.training and not model_lib.has_fixed_statistics(net.layer2[0].bn1)
+    before = net.layer1[0].bn1.running_mean.clone()
+    net(torch.randn(4, 3, 32, 32) * 3 + 1)
+    assert torch.equal(net.layer1[0].bn1.running_mean, before)  # statistics fixed, in train mode too
+    assert not model_lib.has_fixed_statistics(copy.deepcopy(net).layer2[0].bn1)
+    assert not copy.deepcopy(net).train().layer1[0].bn1.training  # a copy (export) keeps it
     assert not any(p.requires_grad for p in net.layer1.parameters())
     assert all(p.requires_grad for p in net.layer2.parameters())
     rows = {r[0]: r for r in model_lib.parameter_table(net)}
     assert rows["layer1"][2] == 0 and rows["layer1"][3] == rows["layer1"][1]
-    assert rows["total"][1] == total_before  # FrozenBatchNorm affine weights still count, as frozen
+    assert rows["total"][1] == total_before
     assert rows["bn1"][3] == rows["bn1"][1] > 0
 
 
