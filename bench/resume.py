@@ -105,7 +105,8 @@ def case(ctx: Context, root: Any, tf: Callable, prepare: Callable, batch_size: i
         plain = lambda: loader(root, tf, batch_size, workers, block, stateful=False)  # noqa: E731
         runners |= {"skip_10": lambda: first_batch_after_skip(plain, at[10], prepare),
                     "skip_90": lambda: first_batch_after_skip(plain, at[90], prepare)}
-    res = alternate(ctx.reps, runners, ctx.log, f"{workers}w")
+    # a restore takes ~0.15 s and this machine's noise is of that order: more repetitions than the default
+    res = alternate(ctx.reps if ctx.quick else max(ctx.reps, 9), runners, ctx.log, f"{workers}w")
     return res, {"epoch_batches": total, "resume_after_batches": at, "shuffle_buffer": block,
                  "row_groups": row_groups(root)}
 
