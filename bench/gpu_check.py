@@ -565,7 +565,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.02)
     p.add_argument("--budget", type=float, default=None, help="seconds; stages that would not fit are skipped")
     p.add_argument("--probe-epochs", type=int, default=None, help="epochs of each linear-probe run")
-    p.add_argument("--only", default=None, help="comma list of substrings: run only the stages whose names hold one")
+    p.add_argument("--only", default=None, help="';'-separated stage names (exact) to run; the default runs all")
     args = p.parse_args(argv)
     defaults = (dict(model="resnet18", image_size=64, batch_size=8, workers=2, files=4, rows=16, steps=4, warm=1,
                      budget=600, probe_epochs=2) if args.smoke else
@@ -638,12 +638,12 @@ def main(argv: list[str] | None = None) -> int:
         skip = ("hubtune fp16", "hubtune bf16 + channels_last + compile")
         stages = [st for st in stages if st[0] not in skip]
         results["skipped_on_cpu"] = list(skip)
-    only = {s.strip() for s in args.only.split(",")} if args.only else None
+    only = {s.strip() for s in args.only.split(";")} if args.only else None
     from bench.accelerate_loop import make_loader
 
     make_loader(files, lambda x: x, 1, 0)  # builds the map-style dataset's Arrow cache outside the timed runs
     for name, fn, need in stages:
-        if only and not any(o in name for o in only):
+        if only and name not in only:
             continue
         left = args.budget - (time.perf_counter() - T0)
         if left < need:
