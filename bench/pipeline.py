@@ -230,7 +230,8 @@ def run(ctx: Context) -> dict:
         train = split == "train"
         tf, ex_tf = (train_tf, ex_train_tf) if train else (eval_tf, ex_val_tf)
         for workers in (0, 2):
-            res = alternate(ctx.reps, {
+            # a pass takes ~2 s and this machine's noise is +-15%: more repetitions than the default
+            res = alternate(ctx.reps if ctx.quick else max(ctx.reps, 7), {
                 "hubtune": lambda: images_per_s(lambda: hubtune_loader(root, tf, train, batch, workers), prepare),
                 "example": lambda: images_per_s(lambda: example_loader(ds, ex_tf, train, batch, workers)),
             }, ctx.log, f"{split}/{workers}w")

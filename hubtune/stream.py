@@ -9,11 +9,14 @@ per example from (seed, epoch, image content), so it does not depend on worker c
 
 from __future__ import annotations
 
+import atexit
 import copy
 import hashlib
+import importlib
 import random
 import signal
 import warnings
+import weakref
 from itertools import islice
 from typing import Any, Callable, Iterator
 
@@ -172,10 +175,36 @@ def make_loader(stream: ExampleStream, batch_size: int, num_workers: int, pin_me
     """A torchdata StatefulDataLoader: its state_dict() is the exact position after the last batch it returned."""
     # datasets hands whole shards to workers: more workers than shards would sit idle
     workers = min(num_workers, max(stream.source.num_shards, 1))
-    return StatefulDataLoader(
+    return _Loader(
         stream, batch_size=batch_size, num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
         prefetch_factor=4 if workers else None, worker_init_fn=_ignore_stop_signals if workers else None,
     )
+
+
+class _Loader(StatefulDataLoader):
+    """A StatefulDataLoader whose iterators still open at exit are stopped (an exception or a `break` left them).
+
+    Its workers ignore SIGTERM (see _ignore_stop_signals), and SIGTERM is how multiprocessing's exit hook stops
+    daemonic children: without this, the interpreter would wait for them forever.
+    """
+
+    def __iter__(self) -> Iterator:
+        it = super().__iter__()
+        if self.num_workers:
+            _OPEN_ITERATORS.add(it)
+            # registered after multiprocessing's exit hook (the import registers it), so it runs before it
+            importlib.import_module("multiprocessing.util")
+            atexit.unregister(_stop_workers_at_exit)
+            atexit.register(_stop_workers_at_exit)
+        return it
+
+
+_OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _stop_workers_at_exit() -> None:
+    for it in list(_OPEN_ITERATORS):
+        it._shutdown_workers()
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -1,6 +1,8 @@
 """Data: decoding every image mode to RGB, skipping broken files, column discovery, the stable val split."""
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -116,3 +118,22 @@ def test_jpeg_draft_decodes_large_photos_at_a_reduced_scale_never_below_the_targ
     a = np.asarray(tf(full), dtype=np.float64)
     b = np.asarray(tf(drafted), dtype=np.float64)
     assert np.abs(a - b).mean() < 2.0
+
+
+def test_a_loader_left_mid_epoch_does_not_hang_the_interpreter_at_exit(two_class_parquet):
+    # workers ignore SIGTERM (the main process saves first), and SIGTERM is how multiprocessing stops them at exit
+    script = f"""
+import sys
+from types import SimpleNamespace
+from hubtune import data, stream
+cfg = SimpleNamespace(dataset={str(two_class_parquet)!r}, dataset_revision=None, image_column=None,
+                      label_column=None, val_fraction=0.1)
+train, _, info = data.open_splits(cfg)
+ds = stream.ExampleStream(data.process_source(train, info, rank=0, world_size=1, shuffle_seed=0), lambda im: None,
+                          keep_val=False, val_fraction=0.1, seed=0, shuffle_buffer=8)
+it = iter(stream.make_loader(ds, 4, 2, False))
+next(it)
+print("took a batch", flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "took a batch" in proc.stdout, proc.stderr[-2000:]
