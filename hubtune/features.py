@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable
 
 import timm
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hubtune import model as model_lib
@@ -78,7 +79,8 @@ def fingerprint(cfg: Any, net: torch.nn.Module, data_cfg: dict, train_tf: Callab
         "format": FORMAT, "model": cfg.model, "model_revision": cfg.model_revision, "pretrained": cfg.pretrained,
         "weights": weights_digest(net), "data_config": {k: list(v) if isinstance(v, tuple) else v
                                                         for k, v in data_cfg.items()},
-        "train_transform": repr(train_tf), "eval_transform": repr(eval_tf), "seed": cfg.seed,
+        "train_transform": repr(train_tf), "eval_transform": repr(eval_tf),
+        "seed": cfg.seed if cfg.augment else None,  # augmentation draws from it; the eval transform does not
         "dataset": cfg.dataset, "dataset_revision": cfg.dataset_revision, "image_column": cfg.image_column,
         "mixed_precision": cfg.mixed_precision, "channels_last": cfg.channels_last, "jpeg_draft": cfg.jpeg_draft,
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
@@ -112,7 +114,7 @@ class FeatureCache:
             n = int(done.stem.rsplit("-", 1)[1])
             try:
                 parts = [load_file(str(folder / f"part-{r}-of-{n}.safetensors")) for r in range(n)]
-            except (OSError, ValueError) as err:  # a missing or damaged part: compute the view again
+            except (OSError, ValueError, SafetensorError) as err:  # a missing or damaged part: compute it again
                 logger.warning(f"feature cache {folder}: ignoring an unreadable part ({err})")
                 continue
             self.tables[view] = {k % 2**64: f for t in parts for k, f in zip(t["keys"].tolist(), t["features"])}

@@ -151,3 +151,13 @@ def test_two_processes_share_the_work_and_any_process_count_replays_it(two_class
     replayed = train(probe(two_class_parquet, tmp_path / "one", backbone, cache, augment=False, epochs=1))
     assert replayed.history[0]["train_examples"] == single.history[0]["train_examples"]
     assert replayed.history[0]["skipped_images"] == single.history[0]["skipped_images"]
+
+
+def test_a_damaged_cache_part_is_recomputed_not_trusted(two_class_parquet, backbone, tmp_path, caplog):
+    first = train(probe(two_class_parquet, tmp_path / "a", backbone, tmp_path / "cache", augment=False, epochs=1))
+    part = next((tmp_path / "cache").glob("*/train/part-0-of-1.safetensors"))
+    part.write_bytes(b"not a safetensors file")
+    again = train(probe(two_class_parquet, tmp_path / "b", backbone, tmp_path / "cache", augment=False, epochs=1))
+    assert "ignoring an unreadable part" in caplog.text
+    assert again.history == first.history
+    assert part.stat().st_size > 100  # written again by the recomputing pass
