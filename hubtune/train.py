@@ -178,17 +178,15 @@ def train(cfg: TrainConfig) -> TrainResult:
                                     layer_decay=cfg.layer_decay)  # timm skips frozen parameters
     # the loaders are not prepared: each process already reads its own shard (see data.process_source).
     # With cached features each step runs only the classifier, so only the classifier is prepared (DDP, autocast).
-    stepped = net if cache is None else net.get_classifier()
+    # `net` and `head` stay the modules themselves (prepare wraps them for DDP/compile and patches in autocast):
+    # saving, exporting and evaluating use them, never the wrappers.
+    head = net if cache is None else net.get_classifier()
     net.to(accelerator.device)
-    stepped, optimizer = accelerator.prepare(stepped, optimizer)
-    net = stepped if cache is None else net
-    # the timm module itself, for saving, exporting and evaluating (never the compiled or DDP wrapper)
-    model = accelerator.unwrap_model(net, keep_torch_compile=False)
-    head = accelerator.unwrap_model(stepped, keep_torch_compile=False)
+    stepped, optimizer = accelerator.prepare(head, optimizer)
 
     def backbone(pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), accelerator.autocast():
-            return features.backbone_features(model, prepare(pixels))
+            return features.backbone_features(net, prepare(pixels))
 
     def logits(module: torch.nn.Module, batch: dict, view: str | None) -> torch.Tensor:
         """The batch's logits through `module`: `stepped` in training, its unwrapped `head` in evaluation."""
@@ -205,7 +203,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     scheduler = make_scheduler(optimizer, cfg, state)
     save_every = None if cfg.save_every == "epoch" else int(cfg.save_every)
     command = report.resume_command()
-    run_info = report.run_info(cfg, accelerator, model, frozen, base_model, info, command)
+    run_info = report.run_info(cfg, accelerator, net, frozen, base_model, info, command)
     pusher = _background_pusher(cfg) if cfg.push_every_save and accelerator.is_main_process else None
 
     # --- loop
@@ -281,9 +279,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 scheduler = make_scheduler(optimizer, cfg, state)
             if cache:
                 cache.begin("val", val_ds, accelerator)
-            model.eval()  # `head` is unwrapped: DDP would sync buffers on every forward, and shards end unevenly
+            net.eval()  # `head` is unwrapped: DDP would sync buffers on every forward, and shards end unevenly
             val = metrics.evaluate(lambda b: logits(head, b, "val"), val_loader, accelerator, class_names)
-            model.train()
+            net.train()
             if cache:
                 cache.end("val", accelerator, whole_pass=True)
             check_bad_fraction(val["skipped"], val["skipped"] + val["examples"], cfg.max_bad_fraction, "validation")
@@ -307,7 +305,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             save_checkpoint(accelerator, out, net, optimizer, state, progress, cfg, run)
             if pusher is not None and improved:
                 snap = hub.snapshot_dir(out)
-                report.write_outputs(snap, model, cfg, data_cfg,
+                report.write_outputs(snap, net, cfg, data_cfg,
                                report.final_metrics(state, info, accelerator, start_time, run_info))
                 pusher.submit(snap)
 
@@ -319,8 +317,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     result_metrics = report.final_metrics(state, info, accelerator, start_time, run_info)
     if accelerator.is_main_process:
         best_weights = load_file(str(out / checkpoint.CHECKPOINTS / state.best["checkpoint"] / checkpoint.MODEL_FILE))
-        model.load_state_dict(best_weights)
-        report.write_outputs(out, model, cfg, data_cfg, result_metrics)
+        net.load_state_dict(best_weights)
+        report.write_outputs(out, net, cfg, data_cfg, result_metrics)
         logger.info(f"exported the best checkpoint ({state.best['checkpoint']}, epoch {state.best['epoch']}, "
                     f"{cfg.metric} {state.best[cfg.metric]:.4f}) to {out}")
         if pusher is not None:
