@@ -77,6 +77,7 @@ class TrainConfig:
     license: str | None = _f(None, "license for the card when the base model's card declares none")
     seed: int = _f(42, "random seed")
     num_workers: int = _f(2, "data loader worker processes per training process")
+    persistent_workers: bool = _f(True, "keep the data loader workers between epochs instead of starting new ones")
     log_every: int = _f(20, "optimizer steps between log lines")
     progress: bool = _f(True, "show a progress bar (main process, terminals only)")
 

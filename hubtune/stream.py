@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import atexit
 import copy
+import functools
 import hashlib
 import importlib
+import os
 import random
 import signal
 import warnings
@@ -87,7 +89,8 @@ class ExampleStream(torch.utils.data.IterableDataset):
         self.val_fraction = val_fraction
         self.seed = seed  # None: no shuffling and deterministic (eval) transforms
         self.block = shuffle_buffer if seed is not None else 256
-        self.epoch = 0
+        # in shared memory, like datasets' own epoch: persistent DataLoader workers see set_epoch from the main process
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.images = True
         self.known_keys: frozenset[int] = frozenset()
         self.views: int | None = None
@@ -95,18 +98,30 @@ class ExampleStream(torch.utils.data.IterableDataset):
         self._resume: dict | None = None
         self._position: dict | None = None
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
         self.source.set_epoch(epoch)
 
+    def pass_settings(self) -> tuple:
+        """What a worker copies when it starts and reads in every pass: a persistent worker serves while it holds.
+
+        The epoch is not among them: it lives in shared memory.
+        """
+        return self.images, self.known_keys, self.views, self.draft
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, **(self._position or {"source": None, "block": 0, "offset": 0})}
+        # a pass's position carries its own epoch: a worker may still be finishing one when the next is set
+        return self._position or {"epoch": self.epoch, "source": None, "block": 0, "offset": 0}
 
     def load_state_dict(self, state: dict) -> None:
         self.set_epoch(state["epoch"])
         self._resume = state
 
-    def _process(self, example: dict) -> dict | None:
+    def _process(self, example: dict, view: int) -> dict | None:
         data = example["data"]
         key = content_key(data)
         if self.keep_val is not None and (key / 2**64 < self.val_fraction) != self.keep_val:
@@ -119,12 +134,18 @@ class ExampleStream(torch.utils.data.IterableDataset):
         elif self.seed is None:
             pixels = self.transform(img)
         else:
-            view = self.epoch % self.views if self.views else self.epoch
             pixels = _seeded(self.transform, img, hash((self.seed, view, key)) % 2**63)
         return {"pixel_values": pixels, "label": example["label"], "key": key, "ok": pixels is not None}
 
     def __iter__(self) -> Iterator[dict]:
+        # Eager, not a generator: a (persistent) worker reports its state as soon as the pass begins, before it
+        # yields anything, and that state must be this pass's start, not where the previous pass ended.
         resume, self._resume = self._resume, None
+        self._position = None
+        return self._examples(resume, self.epoch)
+
+    def _examples(self, resume: dict | None, epoch: int) -> Iterator[dict]:
+        view = epoch % self.views if self.views else epoch
         worker = torch.utils.data.get_worker_info()
         worker_id = worker.id if worker else 0
         # Split among DataLoader workers here rather than let datasets do it: datasets 5.2 loads a worker's saved
@@ -146,10 +167,10 @@ class ExampleStream(torch.utils.data.IterableDataset):
                 return
             order = range(len(items))
             if self.seed is not None:
-                order = np.random.default_rng([self.seed, self.epoch, worker_id, block_idx]).permutation(len(items))
+                order = np.random.default_rng([self.seed, epoch, worker_id, block_idx]).permutation(len(items))
             for j in range(offset, len(items)):
-                self._position = {"source": start, "block": block_idx, "offset": j + 1}
-                out = self._process(items[order[j]])
+                self._position = {"epoch": epoch, "source": start, "block": block_idx, "offset": j + 1}
+                out = self._process(items[order[j]], view)
                 if out is not None:
                     yield out
             block_idx, offset = block_idx + 1, 0
@@ -171,43 +192,83 @@ def collate(batch: list[dict]) -> dict[str, Any]:
     }
 
 
-def make_loader(stream: ExampleStream, batch_size: int, num_workers: int, pin_memory: bool) -> StatefulDataLoader:
-    """A torchdata StatefulDataLoader: its state_dict() is the exact position after the last batch it returned."""
+def make_loader(stream: ExampleStream, batch_size: int, num_workers: int, pin_memory: bool,
+                persistent_workers: bool = False) -> StatefulDataLoader:
+    """A torchdata StatefulDataLoader: its state_dict() is the exact position after the last batch it returned.
+
+    With `persistent_workers`, workers serve pass after pass; they are started afresh only when the stream's
+    `pass_settings()` changed since they started, or when a position is loaded (as StatefulDataLoader does).
+    """
     # datasets hands whole shards to workers: more workers than shards would sit idle
     workers = min(num_workers, max(stream.source.num_shards, 1))
     return _Loader(
         stream, batch_size=batch_size, num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
-        prefetch_factor=4 if workers else None, worker_init_fn=_ignore_stop_signals if workers else None,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=persistent_workers and workers > 0,
     )
 
 
 class _Loader(StatefulDataLoader):
-    """A StatefulDataLoader whose iterators still open at exit are stopped (an exception or a `break` left them).
+    """A StatefulDataLoader whose workers leave stop signals to the main process until it releases them, and whose
+    persistent workers are replaced when what they copied from the stream is out of date.
 
-    Its workers ignore SIGTERM (see _ignore_stop_signals), and SIGTERM is how multiprocessing's exit hook stops
-    daemonic children: without this, the interpreter would wait for them forever.
+    Workers ignore Ctrl-C and SIGTERM (see _worker_signals) until their iterator is collected or the interpreter
+    exits: SIGTERM is how both torch and multiprocessing's exit hook stop workers that a lost message did not.
     """
 
-    def __iter__(self) -> Iterator:
-        it = super().__iter__()
-        if self.num_workers:
-            _OPEN_ITERATORS.add(it)
-            # registered after multiprocessing's exit hook (the import registers it), so it runs before it
-            importlib.import_module("multiprocessing.util")
-            atexit.unregister(_stop_workers_at_exit)
-            atexit.register(_stop_workers_at_exit)
+    def _get_iterator(self) -> Any:
+        self._workers_settings = self.dataset.pass_settings()  # what the workers about to start copy
+        if not self.num_workers:
+            return super()._get_iterator()
+        release = (self.multiprocessing_context or torch.multiprocessing).Event()
+        self.worker_init_fn = functools.partial(_worker_signals, release)
+        it = super()._get_iterator()
+        # Collected in a reference cycle, an iterator's index queues would be closed (their own finalizers run first)
+        # before its __del__ sends the workers their stop request, which would be lost. Held by this finalizer, the
+        # queues stay open until then; and should a request be lost anyway, the SIGTERM that follows ends them.
+        weakref.finalize(it, _release, release, it._index_queues)
+        _RELEASES.add(release)
+        _OPEN_ITERATORS.add(it)
+        # registered after multiprocessing's exit hook (the import registers it), so it runs before it
+        importlib.import_module("multiprocessing.util")
+        atexit.unregister(_stop_workers_at_exit)
+        atexit.register(_stop_workers_at_exit)
         return it
+
+    def __iter__(self) -> Iterator:
+        if (self.persistent_workers and self._iterator is not None and not self._initial_iter_for_state_dict
+                and self.dataset.pass_settings() != self._workers_settings):
+            self._iterator._shutdown_workers()
+            self._iterator = None
+        return super().__iter__()
 
 
 _OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+_RELEASES: weakref.WeakSet = weakref.WeakSet()
 
 
 def _stop_workers_at_exit() -> None:
+    """Stop the workers of iterators still open at exit (an exception or a `break` left them, or they persist)."""
+    for release in list(_RELEASES):
+        release.set()
     for it in list(_OPEN_ITERATORS):
         it._shutdown_workers()
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave Ctrl-C/SIGTERM to the main process, which saves a checkpoint before shutting them down."""
+def _release(release: Any, index_queues: list) -> None:
+    release.set()
+
+
+def _worker_signals(release: Any, worker_id: int) -> None:
+    """Workers leave Ctrl-C/SIGTERM to the main process, which saves a checkpoint before shutting them down.
+
+    A SIGTERM still ends a worker once `release` is set: its iterator is gone or the interpreter is exiting.
+    """
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if release.is_set():
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, on_sigterm)

@@ -171,8 +171,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                                       features.fingerprint(cfg, net, data_cfg, train_tf, eval_tf), **where)
         train_ds.views = cfg.cache_views
     pin = accelerator.device.type == "cuda"
-    train_loader = stream.make_loader(train_ds, cfg.batch_size, cfg.num_workers, pin)
-    val_loader = stream.make_loader(val_ds, cfg.batch_size, cfg.num_workers, pin)
+    train_loader = stream.make_loader(train_ds, cfg.batch_size, cfg.num_workers, pin, cfg.persistent_workers)
+    val_loader = stream.make_loader(val_ds, cfg.batch_size, cfg.num_workers, pin, cfg.persistent_workers)
 
     optimizer = create_optimizer_v2(net, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     layer_decay=cfg.layer_decay)  # timm skips frozen parameters

@@ -46,7 +46,7 @@ import pytest  # noqa: E402
 datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.5
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import make_image_dataset  # noqa: E402
+from helpers import examples, make_image_dataset  # noqa: E402
 
 HUB_TOKENS = {
     "tok-alice-write": ("alice", "write"),
@@ -92,6 +92,18 @@ def two_class_parquet(tmp_path_factory) -> Path:
     """A learnable two-class parquet dataset (train split only) with a few broken images mixed in."""
     root = tmp_path_factory.mktemp("parquet_ds")
     return make_image_dataset(root, layout="parquet", per_class=60, bad=True)
+
+
+@pytest.fixture(scope="session")
+def two_row_groups(tmp_path_factory) -> Path:
+    """A parquet file of two row groups (two shards): two workers, each with fewer shards than the stream."""
+    items = examples(per_class=60, odd=False)
+    features = datasets.Features({"image": datasets.Image(), "labels": datasets.ClassLabel(names=["cat", "dog"])})
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": n} for n, b, _ in items],
+                                     "labels": [label for *_, label in items]}, features=features)
+    path = tmp_path_factory.mktemp("row_groups") / "train.parquet"
+    ds.to_parquet(str(path), batch_size=60)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -90,7 +91,9 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(kills, two_class
     for i, marker in enumerate(["step 6 |", "step 23 |"][:kills]):
         code, log = run_until(args + (["--resume", "latest"] if i else []), marker, signal.SIGKILL)
         assert code == -signal.SIGKILL, log[-2000:]
-    done = finish(args + ["--resume", "latest"])
+    # The reference keeps its worker across epochs. Killed once, this run finishes epochs 1-3 on workers started
+    # for each pass; killed twice, its second part crossed an epoch on a persistent worker.
+    done = finish(args + ["--resume", "latest"] + (["--no-persistent-workers"] if kills == 1 else []))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed from" in done.stderr
     assert_same_run(tmp_path, reference)
@@ -234,35 +237,68 @@ def test_a_different_process_count_is_refused(reference):
     assert resume_differences(saved, cfg, run) == ["number of processes: checkpoint has 1, this run has 2"]
 
 
-def test_loader_position_restores_exactly_with_two_workers_over_two_row_groups(tmp_path):
-    """Each worker holds fewer shards than the stream: datasets' own worker split could not restore this."""
-    import datasets
-
-    from helpers import examples
-
+def loader(path, persistent=False):
+    """A 2-worker loader whose pixel values are seeded random draws: they change with the epoch, as augmentation."""
     from hubtune import data, stream
 
-    items = examples(per_class=60, odd=False)
-    features = datasets.Features({"image": datasets.Image(), "labels": datasets.ClassLabel(names=["cat", "dog"])})
-    ds = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": n} for n, b, _ in items],
-                                     "labels": [label for *_, label in items]}, features=features)
-    ds.to_parquet(str(tmp_path / "train.parquet"), batch_size=60)  # two row groups: two shards
-    train_src, _, info = data.open_splits(TrainConfig(dataset=str(tmp_path / "train.parquet")))
+    train_src, _, info = data.open_splits(TrainConfig(dataset=str(path)))
+    source = data.process_source(train_src, info, rank=0, world_size=1, shuffle_seed=1)
+    s = stream.ExampleStream(source, lambda img: torch.randint(0, 2**31, ()), keep_val=False, val_fraction=0.1,
+                             seed=1, shuffle_buffer=16)
+    return stream.make_loader(s, batch_size=8, num_workers=2, pin_memory=False, persistent_workers=persistent)
 
-    def loader():
-        source = data.process_source(train_src, info, rank=0, world_size=1, shuffle_seed=1)
-        s = stream.ExampleStream(source, lambda img: torch.tensor(img.getpixel((0, 0))), keep_val=False,
-                                 val_fraction=0.1, seed=1, shuffle_buffer=16)
-        return stream.make_loader(s, batch_size=8, num_workers=2, pin_memory=False)
 
-    first = loader()
+def values(batches) -> list[int]:
+    return [v for b in batches for v in b["pixel_values"].tolist()]
+
+
+def test_loader_position_restores_exactly_with_two_workers_over_two_row_groups(two_row_groups):
+    """Each worker holds fewer shards than the stream: datasets' own worker split could not restore this."""
+    first = loader(two_row_groups)
     it = iter(first)
     for _ in range(5):
         next(it)
     state = first.state_dict()
-    rest = [b["pixel_values"] for b in it]
-    restored = loader()
+    rest = values(it)
+    restored = loader(two_row_groups)
     restored.load_state_dict(state)
-    again = [b["pixel_values"] for b in restored]
-    assert len(rest) == len(again) > 0
-    assert all(torch.equal(a, b) for a, b in zip(rest, again))
+    assert len(rest) > 0 and values(restored) == rest
+
+
+def test_persistent_workers_serve_every_epoch_as_fresh_workers_would(two_row_groups):
+    persistent, fresh = loader(two_row_groups, persistent=True), loader(two_row_groups)
+    epochs, pids = [], set()
+    for epoch in range(4):
+        for ld in (persistent, fresh):
+            ld.dataset.set_epoch(epoch)
+        # epoch 1 stops after 3 batches (--max-steps, or another process ran out first): the next one starts afresh
+        take = 3 if epoch == 1 else None
+        got = values(islice(persistent, take))
+        pids.add(tuple(w.pid for w in persistent._iterator._workers))
+        assert got == values(islice(fresh, take)), f"epoch {epoch}"
+        epochs.append(got)
+    assert len(pids) == 1, "the workers were replaced"
+    assert len({tuple(e) for e in epochs}) == 4  # the epoch reached the workers: order and draws changed
+
+
+def test_persistent_workers_report_a_new_pass_from_its_start(two_row_groups):
+    """The first batch of a pass comes from one worker; the other's saved position must be this pass's start."""
+    persistent = loader(two_row_groups, persistent=True)
+    values(persistent)  # epoch 0, whole
+    persistent.dataset.set_epoch(1)
+    it = iter(persistent)
+    next(it)
+    state = persistent.state_dict()
+    rest = values(it)
+    restored = loader(two_row_groups)
+    restored.load_state_dict(state)
+    assert len(rest) > 0 and values(restored) == rest
+
+
+def test_persistent_workers_are_replaced_when_the_stream_settings_change(two_row_groups):
+    persistent = loader(two_row_groups, persistent=True)
+    keys = {k for b in persistent for k in b["keys"]}
+    persistent.dataset.images, persistent.dataset.known_keys = False, frozenset(keys)  # a feature-cache replay
+    replay = list(persistent)
+    assert {k for b in replay for k in b["keys"]} == keys
+    assert all(b["pixel_values"] is None for b in replay)

@@ -120,20 +120,54 @@ def test_jpeg_draft_decodes_large_photos_at_a_reduced_scale_never_below_the_targ
     assert np.abs(a - b).mean() < 2.0
 
 
-def test_a_loader_left_mid_epoch_does_not_hang_the_interpreter_at_exit(two_class_parquet):
-    # workers ignore SIGTERM (the main process saves first), and SIGTERM is how multiprocessing stops them at exit
-    script = f"""
-import sys
+LOADER_SCRIPT = """
+import gc, sys
 from types import SimpleNamespace
 from hubtune import data, stream
-cfg = SimpleNamespace(dataset={str(two_class_parquet)!r}, dataset_revision=None, image_column=None,
-                      label_column=None, val_fraction=0.1)
+cfg = SimpleNamespace(dataset=sys.argv[1], dataset_revision=None, image_column=None, label_column=None,
+                      val_fraction=0.1)
 train, _, info = data.open_splits(cfg)
 ds = stream.ExampleStream(data.process_source(train, info, rank=0, world_size=1, shuffle_seed=0), lambda im: None,
                           keep_val=False, val_fraction=0.1, seed=0, shuffle_buffer=8)
-it = iter(stream.make_loader(ds, 4, 2, False))
-next(it)
-print("took a batch", flush=True)
+loader = stream.make_loader(ds, 4, 2, False, persistent_workers=sys.argv[2] == "persistent")
+assert loader.num_workers == 2
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and "took a batch" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("persistent", ["persistent", "fresh"])
+def test_loaders_left_open_or_collected_do_not_hang_the_interpreter_at_exit(two_row_groups, persistent):
+    # workers ignore SIGTERM (the main process saves first), and SIGTERM is how multiprocessing stops them at exit
+    script = LOADER_SCRIPT + """
+mid_epoch = iter(loader)
+next(mid_epoch)
+after_a_pass = stream.make_loader(ds, 4, 2, False, persistent_workers=sys.argv[2] == "persistent")
+n = sum(1 for _ in after_a_pass)
+# cyclic garbage, as under an exception's traceback: the iterator's queues are collected with it
+cyclic = stream.make_loader(ds, 4, 2, False, persistent_workers=sys.argv[2] == "persistent")
+it = iter(cyclic)
+next(it)
+cyclic.cycle = cyclic
+del it, cyclic
+gc.collect()
+print("left them", flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(two_row_groups), persistent], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "left them" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_workers_leave_a_sigterm_to_the_main_process_while_their_iterator_is_open(two_row_groups):
+    """A scheduler's SIGTERM to every process must not kill the workers before the main process has saved."""
+    script = LOADER_SCRIPT + """
+import os, signal
+it = iter(loader)
+first = next(it)
+for w in it._workers:
+    os.kill(w.pid, signal.SIGTERM)
+rest = sum(1 for _ in it)  # raises if a worker died
+print("batches after the signal", rest, flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(two_row_groups), "persistent"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.split()[-1]) >= 2

@@ -38,7 +38,8 @@ def test_cached_epochs_replay_without_decoding_and_equal_the_uncached_run(two_cl
                                                                            monkeypatch):
     kw = dict(augment=False, epochs=3)
     uncached = train(probe(two_class_parquet, tmp_path / "plain", backbone, **kw))
-    cached = train(probe(two_class_parquet, tmp_path / "cached", backbone, tmp_path / "cache", **kw))
+    # one persistent DataLoader worker: it is replaced when the epochs switch from decoding to replaying
+    cached = train(probe(two_class_parquet, tmp_path / "cached", backbone, tmp_path / "cache", num_workers=1, **kw))
     assert_same_run(uncached, cached)
     views = {p.parent.name for p in (tmp_path / "cache").glob("*/*/complete-of-1.json")}
     assert views == {"train", "val"}
