@@ -60,7 +60,8 @@ def test_demo_succeeds_narrates_every_step_and_records_timings(demo):
     assert "accelerate launch hubtune/train.py --config examples/cats_vs_dogs.yaml --push-to-hub you/name" in out
     timings = summary["timings_s"]
     assert set(timings) == {"publish", "train_interrupted", "train_resumed", "predict", "total"}
-    assert 0 < sum(v for k, v in timings.items() if k != "total") <= timings["total"]
+    steps = [v for k, v in timings.items() if k != "total"]
+    assert 0 < sum(steps) <= timings["total"] + 0.05 * len(steps)  # each figure is rounded to 0.1 s
 
 
 def test_model_learned_the_task(demo):
