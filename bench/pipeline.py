@@ -59,7 +59,8 @@ def example_transforms(cfg: dict) -> tuple[Callable, Callable]:
     return train, val
 
 
-def hubtune_loader(root: Any, tf: Callable, train: bool, batch: int, workers: int, keep_val: bool | None = None):
+def hubtune_loader(root: Any, tf: Callable, train: bool, batch: int, workers: int, keep_val: bool | None = None,
+                   persistent: bool = False):
     """The loader train() builds for its train (shuffled, seeded augmentation) or val stream."""
     from hubtune import data, stream
 
@@ -69,7 +70,7 @@ def hubtune_loader(root: Any, tf: Callable, train: bool, batch: int, workers: in
     src = data.process_source(train_src, info, rank=0, world_size=1, shuffle_seed=SEED if train else None)
     ds = stream.ExampleStream(src, tf, keep_val=keep_val, val_fraction=0.1, seed=SEED if train else None,
                               shuffle_buffer=1000)
-    return stream.make_loader(ds, batch, workers, pin_memory=False)
+    return stream.make_loader(ds, batch, workers, pin_memory=False, persistent_workers=persistent)
 
 
 def map_style(files: list[str]):
@@ -107,6 +108,20 @@ def images_per_s(make_loader: Callable[[], Any], prepare: Callable | None = None
         if prepare is not None:
             prepare(batch["pixel_values"])
         n += len(batch["labels"])
+    rate = n / (time.perf_counter() - start)
+    del loader
+    return rate
+
+
+def epochs_images_per_s(loader: Any, epochs: int, prepare: Callable) -> float:
+    """Images/s over `epochs` consecutive passes of one loader (set_epoch before each, as train() does)."""
+    n = 0
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        loader.dataset.set_epoch(epoch)
+        for batch in loader:
+            prepare(batch["pixel_values"])
+            n += len(batch["labels"])
     rate = n / (time.perf_counter() - start)
     del loader
     return rate
@@ -239,6 +254,17 @@ def run(ctx: Context) -> dict:
             rows.append(row(f"input pipeline, {split} transforms, {workers} workers", "img/s", res["hubtune"],
                             res["example"], comparison_name="transformers example (datasets + with_transform)",
                             goal=(">=", goal), note="hubtune: uint8 images, Normalize per batch in the main process"))
+    # persistent workers (train()'s default) against workers started afresh for every pass, over several epochs
+    epochs = 3
+    res = alternate(ctx.reps if ctx.quick else max(ctx.reps, 7), {
+        "persistent": lambda: epochs_images_per_s(hubtune_loader(root, train_tf, True, batch, 2, persistent=True),
+                                                  epochs, prepare),
+        "fresh": lambda: epochs_images_per_s(hubtune_loader(root, train_tf, True, batch, 2), epochs, prepare),
+    }, ctx.log, f"train/2w/{epochs} epochs")
+    results[f"train_2w_{epochs}_epochs"] = res
+    rows.append(row(f"input pipeline, train transforms, 2 workers, {epochs} epochs: persistent workers", "img/s",
+                    res["persistent"], res["fresh"], comparison_name="hubtune with workers started for each epoch",
+                    note="--persistent-workers (default) vs --no-persistent-workers"))
     diag = diagnostics(root, ds, cfg, {"hubtune_train_transform_uint8": train_tf,
                                        "hubtune_eval_transform_uint8": eval_tf,
                                        "example_train_transform_float": ex_train_tf,
