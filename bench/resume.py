@@ -48,7 +48,7 @@ def take(ld: Any, batches: int, state: bool = False, prepare: Callable | None = 
     """Draw `batches` batches; return when the last came, through `prepare` (or the loader state after it).
 
     The iterator is then closed on the spot, also when a batch raised: an abandoned iterator keeps its workers
-    until garbage collection (hubtune's workers ignore SIGTERM: a leftover one hangs the interpreter at exit).
+    until garbage collection, and they would compete with the next timed run for the CPUs.
     """
     it = iter(ld)
     try:
