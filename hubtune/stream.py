@@ -236,6 +236,7 @@ class _Loader(StatefulDataLoader):
         return it
 
     def __iter__(self) -> Iterator:
+        # (an iterator that state_dict() has just started may hold a loaded position: it is kept)
         if (self.persistent_workers and self._iterator is not None and not self._initial_iter_for_state_dict
                 and self.dataset.pass_settings() != self._workers_settings):
             self._iterator._shutdown_workers()
