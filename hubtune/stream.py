@@ -227,7 +227,7 @@ class _Loader(StatefulDataLoader):
         # before its __del__ sends the workers their stop request, which would be lost. Held by this finalizer, the
         # queues stay open until then; and should a request be lost anyway, the SIGTERM that follows ends them.
         weakref.finalize(it, _release, release, it._index_queues)
-        _RELEASES.add(release)
+        it.release_workers = release.set  # at exit; a collected iterator's workers were released by the finalizer
         _OPEN_ITERATORS.add(it)
         # registered after multiprocessing's exit hook (the import registers it), so it runs before it
         importlib.import_module("multiprocessing.util")
@@ -245,14 +245,12 @@ class _Loader(StatefulDataLoader):
 
 
 _OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
-_RELEASES: weakref.WeakSet = weakref.WeakSet()
 
 
 def _stop_workers_at_exit() -> None:
     """Stop the workers of iterators still open at exit (an exception or a `break` left them, or they persist)."""
-    for release in list(_RELEASES):
-        release.set()
     for it in list(_OPEN_ITERATORS):
+        it.release_workers()
         it._shutdown_workers()
 
 
