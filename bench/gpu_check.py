@@ -4,8 +4,8 @@ What it measures (resnet50, random init, 224 px, batch 128, 12 loader workers by
 
 * hubtune's real code path, `hubtune.train.train(TrainConfig(...))`, in these variants: fp32 ("no"), bf16, fp16,
   bf16 + channels_last, bf16 + channels_last + torch.compile, and a fully frozen backbone (`--freeze stem,stages
-  --freeze-bn`) in bf16. Each run is timed step by step: `hubtune.train.synced_batches` is wrapped so the time at
-  which each batch reaches the loop, and the time the loop waited for it, are recorded (train() calls
+  --freeze-bn`) in bf16. Each run is timed step by step from train()'s own log line (`--log-every 1`: `step N |
+  ... | data S`): the time each step ended, and the time the loop waited for its batch, are recorded (train() calls
   `loss.item()` every step, so the step times are synchronous). The rate is images/s between step `--warm` and the
   last step (`--steps`), so setup, the first batches (worker start, first shuffle block, cuDNN/compile warm-up),
   the end-of-run evaluation and the export are outside it. "data wait" is the share of that window the loop spent
@@ -44,8 +44,10 @@ import argparse
 import gc
 import hashlib
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -100,7 +102,7 @@ def env_info() -> dict:
     import torchdata
     import torchvision
 
-    sources = b"".join(f.read_bytes() for f in sorted((ROOT / "hubtune").glob("*.py")))
+    sources = b"".join(f.read_bytes() for f in sorted((ROOT / "hubtune").rglob("*.py")))
     info = {
         "hubtune_sources_sha1": hashlib.sha1(sources).hexdigest()[:12],  # which working tree state was measured
         "python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
@@ -140,65 +142,36 @@ def window(times: list[float], waits: list[float], sizes: list[int], warm: int) 
             "partial_batches_in_window": sum(1 for s in sizes[warm:-1] if s != max(sizes))}
 
 
-class StepRecorder:
-    """Wraps hubtune.train.synced_batches: records arrival time, wait and size of every training batch."""
+STEP_LINE = re.compile(r"^step (\d+) \| .* \| data ([\d.]+)s")
 
-    def __init__(self) -> None:
-        import hubtune.train as ht
 
-        self.module = ht
-        self.original = ht.synced_batches
+class StepLog(logging.Handler):
+    """Reads train()'s `step N | ... | data S` lines (log_every=1): when each step ended, how long the loop waited
+    for its batch (S is the wait since the epoch began), and its size (every batch in the window is full)."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__(logging.INFO)
+        self.batch_size = batch_size
         self.times: list[float] = []
         self.waits: list[float] = []
         self.sizes: list[int] = []
+        self._waited = 0.0
 
-    def __enter__(self) -> "StepRecorder":
-        original = self.original
+    def emit(self, record: logging.LogRecord) -> None:
+        match = STEP_LINE.match(record.getMessage())
+        if match:
+            waited = float(match.group(2))
+            self.times.append(time.perf_counter())
+            self.waits.append(waited - self._waited)
+            self.sizes.append(self.batch_size)
+            self._waited = waited
 
-        def timed(*args: Any, **kwargs: Any):
-            gen = original(*args, **kwargs)
-            while True:
-                start = time.perf_counter()
-                try:
-                    item = next(gen)
-                except StopIteration:
-                    return
-                now = time.perf_counter()
-                self.times.append(now)
-                self.waits.append(now - start)
-                self.sizes.append(len(item[0]["labels"]))
-                yield item
-
-        self.module.synced_batches = timed
+    def __enter__(self) -> "StepLog":
+        logging.getLogger("hubtune").addHandler(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.module.synced_batches = self.original
-
-
-class AcceleratorRecorder:
-    """Substitutes hubtune.train.Accelerator by a subclass that keeps the instance (scaler, prepared model)."""
-
-    def __init__(self) -> None:
-        import hubtune.train as ht
-
-        self.module = ht
-        self.original = ht.Accelerator
-        self.instances: list[Any] = []
-
-    def __enter__(self) -> "AcceleratorRecorder":
-        instances = self.instances
-
-        class Recording(self.original):  # type: ignore[misc, valid-type]
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, **kwargs)
-                instances.append(self)
-
-        self.module.Accelerator = Recording
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.module.Accelerator = self.original
+        logging.getLogger("hubtune").removeHandler(self)
 
 
 def reset_accelerate() -> None:
@@ -243,12 +216,12 @@ def hubtune_run(args: argparse.Namespace, data_dir: Path, out_dir: Path, **overr
     cfg = TrainConfig(model=args.model, pretrained=False, dataset=str(data_dir), image_size=args.image_size,
                       batch_size=args.batch_size, epochs=1, max_steps=args.steps, num_workers=args.workers,
                       val_fraction=args.val_fraction, output_dir=str(out_dir), progress=False, seed=0,
-                      log_every=max(args.steps // 4, 1), **overrides)
-    rec_steps, rec_acc = StepRecorder(), AcceleratorRecorder()
+                      log_every=1, **overrides)
+    rec_steps = StepLog(args.batch_size)
     res: dict[str, Any] = {"config": {k: overrides.get(k) for k in overrides}}
     start = time.perf_counter()
     try:
-        with rec_steps, rec_acc:
+        with rec_steps:
             result = train(cfg)
         res["ok"] = True
     except Exception as err:  # noqa: BLE001 - reported, the next variant still runs
@@ -272,8 +245,8 @@ def hubtune_run(args: argparse.Namespace, data_dir: Path, out_dir: Path, **overr
         params = result.metrics.get("run_info", {}).get("parameters")
         if params:
             checks["parameters"] = params
-    if rec_acc.instances:
-        acc = rec_acc.instances[-1]
+    if result is not None:
+        acc = result.accelerator
         checks["device"] = str(acc.device)
         checks["mixed_precision"] = acc.mixed_precision
         scaler = getattr(acc, "scaler", None)
@@ -292,7 +265,6 @@ def hubtune_run(args: argparse.Namespace, data_dir: Path, out_dir: Path, **overr
     res["checks"] = checks
     res["ok"] = bool(res["ok"] and checks.get("model_safetensors") and checks.get("metrics_json")
                      and checks.get("losses_finite"))
-    rec_acc.instances.clear()
     del result
     reset_accelerate()
     free_memory()

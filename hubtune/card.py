@@ -21,7 +21,10 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hubtune import plots
-from hubtune.config import CONFIG_FILE, TrainConfig
+from hubtune.config import TrainConfig
+from hubtune.errors import ConfigError
+from hubtune.files import CARD_FILE, METRICS_FILE, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE
+from hubtune.sources import parse_model_spec
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -29,17 +32,14 @@ if TYPE_CHECKING:
 # stdlib logger: accelerate's get_logger refuses to log before an Accelerator exists, and rendering needs none
 logger = logging.getLogger(__name__)
 
-CARD_FILE = "README.md"
 TEMPLATE = "model_card.md.j2"
-METRICS_FILE = "metrics.json"  # = hubtune.train.METRICS_FILE, not imported because train.py pulls in torch
-MODEL_CONFIG_FILE = "config.json"
 HUB_URL = "https://huggingface.co"
 TAGS = ["timm", "image-classification", "hubtune", "transfer-learning"]
 TASK = ("image-classification", "Image Classification")
 EVAL_METRICS = (("accuracy", "Accuracy", "val_accuracy"), ("f1", "F1 (macro)", "val_f1"), ("loss", "Loss", "val_loss"))
 VERSION_KEYS = ("torch", "timm", "accelerate", "datasets", "huggingface_hub", "hubtune")
 # where the run wrote to, how it reported and where it was shared: not what was trained
-HIDDEN_OPTIONS = ("output_dir", "resume", "progress", "log_every", "push_to_hub", "private", "revision",
+HIDDEN_OPTIONS = ("output_dir", "overwrite_output_dir", "resume", "progress", "log_every", "push_to_hub", "private", "revision",
                   "commit_message", "push_checkpoints", "push_every_save", "overwrite_card", "license")
 # absent when unknown (license comes from the metadata, which drops empty fields); defaulted in the template
 OPTIONAL_VARIABLES = frozenset({"repo_id", "license"})
@@ -76,14 +76,14 @@ def load_outputs(output_dir: str | Path) -> dict[str, Any]:
     """Read config.json, metrics.json and train_config.yaml of a finished run.
 
     Raises:
-        ValueError: the directory lacks metrics.json or config.json.
+        ConfigError: the directory lacks metrics.json or config.json.
     """
     out = Path(output_dir)
     missing = [name for name in (METRICS_FILE, MODEL_CONFIG_FILE) if not (out / name).is_file()]
     if missing:
-        raise ValueError(f"{out} is not the output directory of a finished `hubtune train` run: missing "
+        raise ConfigError(f"{out} is not the output directory of a finished `hubtune train` run: missing "
                          f"{' and '.join(missing)}; pass the run's --output-dir after training completed")
-    config_path = out / CONFIG_FILE
+    config_path = out / TRAIN_CONFIG_FILE
     return {
         "model_config": json.loads((out / MODEL_CONFIG_FILE).read_text()),
         "metrics": json.loads((out / METRICS_FILE).read_text()),
@@ -93,10 +93,11 @@ def load_outputs(output_dir: str | Path) -> dict[str, Any]:
 
 def _hub_model(spec: str) -> tuple[str | None, str | None]:
     """(Hub id, revision) read off a --model value, for outputs that predate run_info; (None, None) if not a Hub id."""
-    if not spec or spec.startswith("local-dir:"):
+    try:
+        parsed = parse_model_spec(spec)
+    except ValueError:
         return None, None
-    repo, _, revision = spec.removeprefix("hf-hub:").partition("@")
-    return (repo, revision or None) if repo.count("/") == 1 else (None, None)
+    return (parsed.repo_id, parsed.revision) if parsed.kind == "hub" else (None, None)
 
 
 def resolve_license(base_license: str | None, flag: str | None) -> tuple[str | None, str | None]:
@@ -124,14 +125,18 @@ def _hyperparameters(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _wall_time(seconds: float | None) -> str:
+def _wall_time(seconds: float | None, segments: int = 1) -> str:
     if seconds is None:
         return "unknown"
     if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+        shown = f"{seconds:.1f} s"
+    else:
+        minutes, secs = divmod(round(seconds), 60)
+        hours, minutes = divmod(minutes, 60)
+        shown = f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+    if segments > 1:  # a resumed run: every process that trained it, each up to its last checkpoint
+        shown += f" over {segments} segments (interrupted and resumed {segments - 1} time{'s' if segments > 2 else ''})"
+    return shown
 
 
 def _val_split(source: str | None) -> dict[str, Any]:
@@ -220,7 +225,7 @@ def build(outputs: dict[str, Any], repo_id: str | None = None, license: str | No
             if "batch_size" in cfg else None),
         "mixed_precision": run.get("mixed_precision") or cfg.get("mixed_precision"),
         "devices": run.get("devices") or {"type": None, "count": metrics.get("num_processes"), "name": None},
-        "wall_time": _wall_time(metrics.get("wall_time_s")), "stopped": stopped,
+        "wall_time": _wall_time(metrics.get("wall_time_s"), metrics.get("segments", 1)), "stopped": stopped,
         "epochs_run": stopped.get("epoch") or len(history), "epochs_max": cfg.get("epochs"),
         "global_step": metrics.get("global_step"), "metric": cfg.get("metric", "val_accuracy"), "best": best,
         "per_class": [{"label": name, **best["per_class"][name]} for name in class_names if name in best["per_class"]],
@@ -230,6 +235,8 @@ def build(outputs: dict[str, Any], repo_id: str | None = None, license: str | No
         "top_k": min(TOP_K, len(class_names)), "command": run.get("command"), "seed": cfg.get("seed", "unknown"),
         "versions": [(name, (run.get("versions") or {}).get(name)) for name in VERSION_KEYS],
         "small_val_threshold": SMALL_VAL_THRESHOLD,
+        "validation": run.get("validation") or {"small_classes": [], "min_per_class": None},
+        "export_fallback": metrics.get("export_fallback"),
         "pushed": bool(cfg.get("push_to_hub")),  # reproducing must not push to this repo again
     }
     if repo_id:
@@ -256,13 +263,13 @@ def render_card(output_dir: str | Path, repo_id: str | None = None, license: str
         license: license id to use when the base model's card gives none.
 
     Raises:
-        ValueError: output_dir is not a finished run, or repo_id is not a valid Hub repo id.
+        ConfigError: output_dir is not a finished run, or repo_id is not a valid Hub repo id.
     """
     if repo_id is not None:
         try:
             validate_repo_id(repo_id)
         except HFValidationError as err:
-            raise ValueError(f"--repo-id {repo_id!r} is not a valid Hub repo id (expected org/name): {err}") from None
+            raise ConfigError(f"--repo-id {repo_id!r} is not a valid Hub repo id (expected org/name): {err}") from None
     outputs = load_outputs(output_dir)
     written = plots.write_plots(outputs["metrics"], output_dir)
     card_data, context = build(outputs, repo_id, license, written)
@@ -273,13 +280,13 @@ def check_metadata(card: ModelCard, best: dict[str, Any]) -> None:
     """Parse the card back with huggingface_hub and check what the Hub needs before any upload.
 
     Raises:
-        ValueError: the metadata does not parse, or lacks a field, or its eval results differ from `best`.
+        ConfigError: the metadata does not parse, or lacks a field, or its eval results differ from `best`.
     """
     try:
         parsed = ModelCard(str(card), ignore_metadata_errors=False)
         data = ModelCardData(**parsed.data.to_dict())
     except (ValueError, yaml.YAMLError) as err:
-        raise ValueError(f"the rendered model card's metadata is invalid: {err}") from err
+        raise ConfigError(f"the rendered model card's metadata is invalid: {err}") from err
     meta = data.to_dict()
     problems = [f"{key}: expected {want!r}, got {meta.get(key)!r}"
                 for key, want in (("library_name", "timm"), ("pipeline_tag", TASK[0])) if meta.get(key) != want]
@@ -292,19 +299,14 @@ def check_metadata(card: ModelCard, best: dict[str, Any]) -> None:
         if metric not in found or abs(found[metric] - best[key]) > 1e-4:
             problems.append(f"model-index {metric}: expected {best[key]:.4f}, got {found.get(metric)}")
     if problems:
-        raise ValueError("the rendered model card's metadata is wrong:\n  " + "\n  ".join(problems))
+        raise ConfigError("the rendered model card's metadata is wrong:\n  " + "\n  ".join(problems))
 
 
 def write_card(output_dir: str | Path, repo_id: str | None = None, license: str | None = None) -> Path:
-    """Render the card, check its metadata with huggingface_hub's parser, and write output_dir/README.md.
-
-    Args:
-        output_dir: the run's --output-dir.
-        repo_id: the Hub repo the model goes to (snippets use a placeholder when None).
-        license: license id to use when the base model's card gives none.
+    """`render_card`, check the metadata with huggingface_hub's parser, and write output_dir/README.md.
 
     Raises:
-        ValueError: output_dir is not a finished run, or the rendered metadata does not validate.
+        ConfigError: output_dir is not a finished run, or the rendered metadata does not validate.
     """
     card = render_card(output_dir, repo_id, license)
     check_metadata(card, load_outputs(output_dir)["metrics"]["best"])

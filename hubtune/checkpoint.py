@@ -7,7 +7,6 @@ custom objects (loaded with weights_only=False); here nothing needs unpickling.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,39 +20,23 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from hubtune.errors import CheckpointError
+from hubtune.files import CHECKPOINTS_DIR as CHECKPOINTS
+from hubtune.files import WEIGHTS_FILE as MODEL_FILE
+from hubtune.files import disk_space, fsync_path, sha256_file
+
 logger = logging.getLogger("hubtune")
 
-CHECKPOINTS = "checkpoints"
-MODEL_FILE = "model.safetensors"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 RNG_TENSORS = "rng.safetensors"
 STATE_FILE = "state.json"
 MANIFEST = "manifest.json"
 NAME = re.compile(r"^step-(\d{6,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or damaged."""
+REQUIRED = (MODEL_FILE, OPTIMIZER_TENSORS, RNG_TENSORS, STATE_FILE)
 
 
 def step_dir(root: Path, step: int) -> Path:
     return root / CHECKPOINTS / f"step-{step:06d}"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -128,19 +111,22 @@ def write(
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
-    save_file(optimizer_tensors, str(tmp / OPTIMIZER_TENSORS))
     rank_tensors = {f"rank{r}.{k}": v for r, (_, tensors) in enumerate(ranks) for k, v in tensors.items()}
-    save_file(rank_tensors, str(tmp / RNG_TENSORS))
-    full_state = {**state, "optimizer": optimizer_meta, "ranks": [meta for meta, _ in ranks]}
-    (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1))
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-    for name in files:
-        _fsync(tmp / name)
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
-    _fsync(tmp / MANIFEST)
-    _fsync(tmp)
+    full_state = json.dumps({**state, "optimizer": optimizer_meta, "ranks": [meta for meta, _ in ranks]}, indent=1)
+    needed = len(full_state) + sum(t.numel() * t.element_size() for group in (
+        model_state, optimizer_tensors, rank_tensors) for t in group.values())
+    with disk_space(final.parent, needed, f"saving checkpoint {final.name}", cleanup=tmp):
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
+        save_file(optimizer_tensors, str(tmp / OPTIMIZER_TENSORS))
+        save_file(rank_tensors, str(tmp / RNG_TENSORS))
+        (tmp / STATE_FILE).write_text(full_state)
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
+        for name in files:
+            fsync_path(tmp / name)
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        fsync_path(tmp / MANIFEST)
+        fsync_path(tmp)
     if final.exists():  # the same step saved again (e.g. a resumed run interrupted at once): replace it
         old = final.parent / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
@@ -148,24 +134,29 @@ def write(
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     return final
 
 
 def verify(path: Path) -> None:
-    """Raise CheckpointError unless every file listed in the manifest is present with its size and hash."""
+    """Raise CheckpointError unless every file a checkpoint needs is listed in its manifest, present, and of the
+    listed size and sha256."""
     manifest = path / MANIFEST
     if not manifest.is_file():
         raise CheckpointError(f"{path}: no {MANIFEST} (the save did not finish)")
     try:
         listed = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(f"{path}: unreadable {MANIFEST}: {err}") from None
-    for name, meta in listed.items():
+        sizes = {name: (int(meta["size"]), str(meta["sha256"])) for name, meta in listed.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path}: unreadable {MANIFEST} ({type(err).__name__}: {err})") from None
+    missing = [name for name in REQUIRED if name not in sizes]
+    if missing:
+        raise CheckpointError(f"{path}: {MANIFEST} does not list {', '.join(missing)}")
+    for name, (size, digest) in sizes.items():
         f = path / name
-        if not f.is_file():
+        if "/" in name or name.startswith(".") or not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
-        if f.stat().st_size != meta["size"] or _sha256(f) != meta["sha256"]:
+        if f.stat().st_size != size or sha256_file(f) != digest:
             raise CheckpointError(f"{path}: {name} is damaged (size or checksum differs from the manifest)")
 
 
@@ -175,6 +166,38 @@ def read(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Ten
     state = json.loads((path / STATE_FILE).read_text())
     return (state, load_file(str(path / MODEL_FILE)), load_file(str(path / OPTIMIZER_TENSORS)),
             load_file(str(path / RNG_TENSORS)))
+
+
+def saved_config(path: Path) -> dict[str, Any]:
+    """The resolved TrainConfig fields a (verified) checkpoint was saved with."""
+    return json.loads((path / STATE_FILE).read_text())["config"]
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint, after checking every file against its manifest."""
+    verify(path)
+    return load_file(str(path / MODEL_FILE))
+
+
+def best_intact(root: Path, history: list[dict[str, Any]], metric: str, higher_is_better: bool,
+                skip: set[str]) -> tuple[Path, dict[str, Any]] | None:
+    """The intact end-of-epoch checkpoint with the best `metric`, and its history row; None if there is none.
+
+    `skip`: checkpoint names already known to be damaged.
+    """
+    by_step = {row["step"]: row for row in history}
+    ranked = []
+    for path in listing(root):
+        row = by_step.get(int(NAME.match(path.name).group(1)))
+        if row is not None and path.name not in skip:
+            ranked.append((row[metric] if higher_is_better else -row[metric], row["epoch"], path, row))
+    for *_, path, row in sorted(ranked, key=lambda r: (r[0], -r[1]), reverse=True):
+        try:
+            verify(path)
+            return path, row
+        except CheckpointError as err:
+            logger.warning(f"checkpoint {path.name} cannot be exported either: {err}")
+    return None
 
 
 def rank_tensors(all_tensors: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
@@ -230,3 +253,26 @@ def prune(root: Path, keep_last: int, keep: set[str]) -> list[Path]:
 
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def describe(root: Path) -> list[tuple[str, ...]]:
+    """One row per checkpoint of a run (name, step, position, metric, size, marks), for `hubtune checkpoints`."""
+    found = listing(root)
+    latest = find_resume(root, "latest") if found else None
+    rows = []
+    for path in found:
+        size = f"{dir_size(path) / 2**20:.1f} MiB"
+        try:
+            verify(path)
+            state = json.loads((path / STATE_FILE).read_text())
+            run_state, metric = state["run_state"], state["config"]["metric"]
+            where = "in epoch" if run_state["in_epoch"] else "end of epoch"
+            epoch = run_state["epoch"] + (1 if run_state["in_epoch"] else 0)
+            last = run_state["history"][-1] if run_state["history"] else {}
+            shown = f"{metric} {last[metric]:.4f}" if last and not run_state["in_epoch"] else "-"
+            marks = [m for m, on in (("best", run_state["best"].get("checkpoint") == path.name),
+                                     ("latest", path == latest)) if on]
+            rows.append((path.name, str(run_state["global_step"]), f"{where} {epoch}", shown, size, ",".join(marks)))
+        except (CheckpointError, KeyError, ValueError) as err:  # ValueError: state.json is not JSON
+            rows.append((path.name, "-", "-", "-", size, f"DAMAGED: {err}"))
+    return rows

@@ -14,63 +14,15 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 from PIL import Image
 
+from hubtune.errors import ConfigError, ModelSourceError
+from hubtune.files import MODEL_CONFIG_FILE as CONFIG_NAME
+from hubtune.files import WEIGHTS_FILE as SAFE_WEIGHTS_NAME
+from hubtune.sources import LOCAL_PREFIX, check_weight_files, parse_model_spec
+
 if TYPE_CHECKING:
     import torch
 
-CONFIG_NAME = "config.json"
-SAFE_WEIGHTS_NAME = "model.safetensors"
-PICKLED_SUFFIXES = (".bin", ".pth", ".pt", ".pth.tar", ".ckpt")
-HUB_PREFIX, LOCAL_PREFIX = "hf-hub:", "local-dir:"
-
 ImageInput = Union[str, Path, bytes, Image.Image]
-
-
-def _is_weights(name: str) -> bool:
-    return name.endswith((".safetensors", *PICKLED_SUFFIXES))
-
-
-def _check_weights(files: Sequence[str], where: str, trust_pickled_weights: bool) -> list[str]:
-    """The top-level weight files timm may load from `files`; pickled ones only when trusted.
-
-    timm picks `model.safetensors` before any other file, so its presence makes the load safe whatever else is there.
-
-    Raises:
-        ValueError: there are no weights, or only pickled ones and they are not trusted.
-    """
-    top = [f for f in files if "/" not in f and _is_weights(f)]
-    if SAFE_WEIGHTS_NAME in top:
-        return [SAFE_WEIGHTS_NAME]
-    pickled = sorted(f for f in top if f.endswith(PICKLED_SUFFIXES))
-    if pickled and not trust_pickled_weights:
-        raise ValueError(
-            f"{where} has no {SAFE_WEIGHTS_NAME}, only pickled weights ({', '.join(pickled)}), which can run code "
-            "when loaded; pass trust_pickled_weights=True (CLI: --trust-pickled-weights) only for sources you trust"
-        )
-    if not top:
-        raise ValueError(f"{where} has no weights: expected {SAFE_WEIGHTS_NAME} (as written by hubtune and timm)")
-    return sorted(top)
-
-
-def _split_source(source: str | Path, revision: str | None) -> tuple[Path | None, str, str | None]:
-    """(local directory or None, Hub repo id, revision) for a `from_pretrained` source; an existing path wins."""
-    if isinstance(source, Path):
-        return source.expanduser(), "", revision
-    if source.startswith(LOCAL_PREFIX):
-        return Path(source[len(LOCAL_PREFIX):]).expanduser(), "", revision
-    path = Path(source).expanduser()
-    if not source.startswith(HUB_PREFIX) and (path.exists() or source.startswith((".", "/", "~", "\\"))):
-        return path, "", revision
-    repo_id = source[len(HUB_PREFIX):] if source.startswith(HUB_PREFIX) else source
-    if "@" in repo_id:
-        repo_id, _, at_rev = repo_id.partition("@")
-        if revision is not None and revision != at_rev:
-            raise ValueError(f"{source!r} names revision {at_rev!r} but revision={revision!r} was also given")
-        revision = at_rev
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise ValueError(
-            f"{source!r} is neither an existing local directory nor a Hub repo id (org/name, hf-hub:org/name[@rev])"
-        )
-    return None, repo_id, revision
 
 
 def _hub_snapshot(repo_id: str, revision: str | None, token: str | None, cache_dir: str | Path | None,
@@ -107,19 +59,19 @@ def _hub_snapshot(repo_id: str, revision: str | None, token: str | None, cache_d
                 repo_id, revision=sha)
             files = [s.rfilename for s in info.siblings or []]
     except GatedRepoError as err:
-        raise ValueError(f"{url} is gated: accept its licence there, then set HF_TOKEN or `hf auth login`") from err
+        raise ModelSourceError(f"{url} is gated: accept its licence there, then set HF_TOKEN or `hf auth login`") from err
     except RevisionNotFoundError as err:
-        raise ValueError(f"{url} has no revision {revision!r}; give an existing branch, tag or commit sha") from err
+        raise ModelSourceError(f"{url} has no revision {revision!r}; give an existing branch, tag or commit sha") from err
     except RepositoryNotFoundError as err:
-        raise ValueError(
+        raise ModelSourceError(
             f"model repo {repo_id!r} not found at {url} (private? set HF_TOKEN or run `hf auth login`)"
         ) from err
     except LocalEntryNotFoundError as err:
-        raise ValueError(f"{where} is not in the local HF cache and HF_HUB_OFFLINE is set; download it first") from err
+        raise ModelSourceError(f"{where} is not in the local HF cache and HF_HUB_OFFLINE is set; download it first") from err
     except EntryNotFoundError as err:
         at = f" at revision {revision!r}" if revision else ""
-        raise ValueError(f"{url} has no {CONFIG_NAME}{at}; it is not a timm/hubtune model repo") from err
-    for name in _check_weights(files, f"{url} (revision {sha[:12]})", trust_pickled_weights):
+        raise ModelSourceError(f"{url} has no {CONFIG_NAME}{at}; it is not a timm/hubtune model repo") from err
+    for name in check_weight_files(files, f"{url} (revision {sha[:12]})", trust_pickled_weights):
         hf_hub_download(repo_id, name, revision=sha, local_files_only=offline, **lib)
     return folder, sha
 
@@ -131,15 +83,15 @@ def _load_local(folder: Path, where: str, trust_pickled_weights: bool) -> torch.
     import timm
 
     if not folder.is_dir():
-        raise ValueError(f"{where}: no such directory; give a model directory (config.json + {SAFE_WEIGHTS_NAME})"
+        raise ModelSourceError(f"{where}: no such directory; give a model directory (config.json + {SAFE_WEIGHTS_NAME})"
                          " or a Hub repo id org/name")
     if not (folder / CONFIG_NAME).is_file():
-        raise ValueError(f"{where} has no {CONFIG_NAME}; expected a directory written by hubtune or timm.save_for_hf")
-    _check_weights([p.name for p in folder.iterdir() if p.is_file()], where, trust_pickled_weights)
+        raise ModelSourceError(f"{where} has no {CONFIG_NAME}; expected a directory written by hubtune or timm.save_for_hf")
+    check_weight_files([p.name for p in folder.iterdir() if p.is_file()], where, trust_pickled_weights)
     try:
         return timm.create_model(f"{LOCAL_PREFIX}{folder}", pretrained=True)
     except (RuntimeError, pickle.UnpicklingError, json.JSONDecodeError, KeyError) as err:
-        raise ValueError(f"{where}: timm {timm.__version__} cannot load this model: {err}") from err
+        raise ModelSourceError(f"{where}: timm {timm.__version__} cannot load this model: {err}") from err
 
 
 class ImageClassifier:
@@ -156,7 +108,7 @@ class ImageClassifier:
             device: where to run; CUDA when available, else CPU, by default.
 
         Raises:
-            ValueError: the device is unknown, or the label names do not match the number of classes.
+            ConfigError: the device is unknown, or the label names do not match the number of classes.
         """
         import torch
         from timm.data import create_transform
@@ -168,13 +120,13 @@ class ImageClassifier:
         try:
             self.device = torch.device(device)
         except RuntimeError as err:
-            raise ValueError(f"device must be a torch device like 'cpu', 'cuda' or 'cuda:1', not {device!r}") from err
+            raise ConfigError(f"device must be a torch device like 'cpu', 'cuda' or 'cuda:1', not {device!r}") from err
         self.model = model.to(self.device).eval()
         self.source, self.revision = source, revision
         num_classes = model.num_classes
         names = model.pretrained_cfg.get("label_names")
         if names is not None and len(names) != num_classes:
-            raise ValueError(f"{source or 'model'}: {len(names)} label_names for {num_classes} classes in its config")
+            raise ConfigError(f"{source or 'model'}: {len(names)} label_names for {num_classes} classes in its config")
         self.label_names: list[str] = [str(n) for n in names] if names else [str(i) for i in range(num_classes)]
         self.data_config: dict[str, Any] = data_config(model, None)
         self.transform: Callable[[Image.Image], torch.Tensor] = create_transform(**self.data_config,
@@ -197,12 +149,16 @@ class ImageClassifier:
         Raises:
             ValueError: the directory, repo, revision or config.json is missing, or the weights are refused.
         """
-        folder, repo_id, revision = _split_source(repo_id_or_path, revision)
-        if folder is not None:
+        spec = parse_model_spec(repo_id_or_path, revision)
+        if spec.kind == "local":
             if revision is not None:
-                raise ValueError(f"revision={revision!r} applies to Hub repos only, not the directory {str(folder)!r}")
-            return cls(_load_local(folder, str(folder), trust_pickled_weights), str(folder), None, device)
-        folder, sha = _hub_snapshot(repo_id, revision, token, cache_dir, trust_pickled_weights)
+                raise ConfigError(f"revision={revision!r} applies to Hub repos only, not the directory {str(spec.path)!r}")
+            return cls(_load_local(spec.path, str(spec.path), trust_pickled_weights), str(spec.path), None, device)
+        if spec.kind == "timm":
+            raise ModelSourceError(f"{repo_id_or_path!r} is neither an existing local directory nor a Hub repo id "
+                                   "(org/name, hf-hub:org/name[@rev])")
+        repo_id = spec.repo_id
+        folder, sha = _hub_snapshot(repo_id, spec.revision, token, cache_dir, trust_pickled_weights)
         return cls(_load_local(folder, f"{repo_id}@{sha[:12]}", trust_pickled_weights), repo_id, sha, device)
 
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -244,12 +200,12 @@ class ImageClassifier:
             try:
                 item = Path(item).expanduser().read_bytes()
             except OSError as err:
-                raise ValueError(f"{name}: cannot read the image file ({err.strerror or err})") from err
+                raise ConfigError(f"{name}: cannot read the image file ({err.strerror or err})") from err
         if not isinstance(item, (bytes, bytearray, memoryview)):
             raise TypeError(f"{name}: images must be file paths, bytes or PIL images, got {type(item).__name__}")
         img = decode(bytes(item))
         if img is None:
-            raise ValueError(f"{name}: not a readable image")
+            raise ConfigError(f"{name}: not a readable image")
         return img
 
     def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 1,
@@ -267,9 +223,9 @@ class ImageClassifier:
         import torch
 
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+            raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         k = min(top_k, self.num_classes)
         out: list[list[dict[str, Any]]] = []

@@ -3,115 +3,70 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from typing import Any, Callable
+from typing import Callable
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-
-
-def run_guarded(fn: Callable[[], Any]) -> int:
-    """Run `fn`; known user-facing failures become one line on stderr and a non-zero exit code."""
-    from hubtune.checkpoint import CheckpointError
-    from hubtune.hub import PushError
-    from hubtune.run_state import TrainingInterrupted
-    from hubtune.train import BadDataError
-
-    try:
-        result = fn()
-    except TrainingInterrupted as stop:
-        print(f"hubtune: {stop}", file=sys.stderr)
-        return 128 + stop.signum
-    except KeyboardInterrupt:
-        print("hubtune: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, FloatingPointError, BadDataError, CheckpointError, PushError) as err:
-        print(f"hubtune: error: {err}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(err, ValueError) else EXIT_FAILED
-    return result if isinstance(result, int) else 0
+from hubtune.config import ArgumentParser
+from hubtune.errors import run_guarded, setup_logging
 
 
 def _train(args: argparse.Namespace) -> int:
     from hubtune.config import from_args
     from hubtune.train import train
 
-    return run_guarded(lambda: train(from_args(args)) and 0)
+    train(from_args(args))
+    return 0
 
 
 def _summary(args: argparse.Namespace) -> int:
-    def run() -> int:
-        import torch
+    import torch
 
-        from hubtune import model as model_lib
+    from hubtune import model as model_lib
 
-        net = model_lib.create(args.model, num_classes=args.num_classes, pretrained=args.pretrained)
-        frozen = model_lib.resolve_freeze(net, args.freeze) if args.freeze else []
-        model_lib.freeze(net, frozen, args.freeze_bn)
-        size = model_lib.data_config(net, args.image_size)["input_size"]
-        print(f"{args.model}: input {tuple(size)}, {len(frozen)} frozen parameter tensors")
-        print(model_lib.format_table(model_lib.parameter_table(net)))
-        print("\nlayers (group, module, type, parameters, trainable):")
-        groups = model_lib.param_groups(net)
-        for name, module in net.named_modules():
-            counted = model_lib.counted_parameters(module, recurse=False)
-            if not counted:
-                continue
-            n = sum(k for k, _ in counted)
-            trainable = "yes" if all(t for _, t in counted) else "no"
-            group = groups.get(f"{name}.weight", groups.get(f"{name}.bias", ""))
-            kind = type(module).__name__ + (" (fixed)" if model_lib.has_fixed_statistics(module) else "")
-            print(f"  {group:<10} {name:<40} {kind:<20} {n:>10,} {trainable}")
-        with torch.no_grad():
-            feats = net.forward_features(torch.zeros(1, *size))
-        print(f"\nfeature map for one {tuple(size)} image: {tuple(feats.shape)}")
-        return 0
-
-    return run_guarded(run)
+    net = model_lib.create(args.model, num_classes=args.num_classes, pretrained=args.pretrained)
+    frozen = model_lib.resolve_freeze(net, args.freeze) if args.freeze else []
+    model_lib.freeze(net, frozen, args.freeze_bn)
+    size = model_lib.data_config(net, args.image_size)["input_size"]
+    print(f"{args.model}: input {tuple(size)}, {len(frozen)} frozen parameter tensors")
+    print(model_lib.format_table(model_lib.parameter_table(net)))
+    print("\nlayers (group, module, type, parameters, trainable):")
+    groups = model_lib.param_groups(net)
+    for name, module in net.named_modules():
+        counted = model_lib.counted_parameters(module, recurse=False)
+        if not counted:
+            continue
+        n = sum(k for k, _ in counted)
+        trainable = "yes" if all(t for _, t in counted) else "no"
+        group = groups.get(f"{name}.weight", groups.get(f"{name}.bias", ""))
+        kind = type(module).__name__ + (" (fixed)" if model_lib.has_fixed_statistics(module) else "")
+        print(f"  {group:<10} {name:<40} {kind:<20} {n:>10,} {trainable}")
+    with torch.no_grad():
+        feats = net.forward_features(torch.zeros(1, *size))
+    print(f"\nfeature map for one {tuple(size)} image: {tuple(feats.shape)}")
+    return 0
 
 
 def _checkpoints(args: argparse.Namespace) -> int:
-    def run() -> int:
-        import json
-        from pathlib import Path
+    from pathlib import Path
 
-        from hubtune import checkpoint
+    from hubtune import checkpoint
 
-        root = Path(args.output_dir)
-        found = checkpoint.listing(root)
-        if not found:
-            print(f"no checkpoints in {root / checkpoint.CHECKPOINTS}")
-            return 0
-        latest = checkpoint.find_resume(root, "latest") if found else None
-        rows = []
-        for path in found:
-            try:
-                checkpoint.verify(path)
-                state = json.loads((path / checkpoint.STATE_FILE).read_text())
-                run_state, metric = state["run_state"], state["config"]["metric"]
-                best = run_state["best"]
-                where = "in epoch" if run_state["in_epoch"] else "end of epoch"
-                epoch = run_state["epoch"] + (1 if run_state["in_epoch"] else 0)
-                last = run_state["history"][-1] if run_state["history"] else {}
-                shown = f"{metric} {last[metric]:.4f}" if last and not run_state["in_epoch"] else "-"
-                marks = [m for m, on in (("best", best.get("checkpoint") == path.name), ("latest", path == latest)) if on]
-                rows.append((path.name, str(run_state["global_step"]), f"{where} {epoch}", shown,
-                             f"{checkpoint.dir_size(path) / 2**20:.1f} MiB", ",".join(marks)))
-            except (checkpoint.CheckpointError, KeyError, ValueError) as err:
-                rows.append((path.name, "-", "-", "-", f"{checkpoint.dir_size(path) / 2**20:.1f} MiB", f"DAMAGED: {err}"))
-        header = ("checkpoint", "step", "position", "metric", "size", "")
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(6)]
-        for r in [header, *rows]:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    root = Path(args.output_dir)
+    rows = checkpoint.describe(root)
+    if not rows:
+        print(f"no checkpoints in {root / checkpoint.CHECKPOINTS}")
         return 0
-
-    return run_guarded(run)
+    header = ("checkpoint", "step", "position", "metric", "size", "")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
 
 
 def _hub_serve(args: argparse.Namespace) -> int:
-    from hubtune.hub_server import run_serve
+    from hubtune.localhub import run_serve
 
-    return run_guarded(lambda: run_serve(args))
+    return run_serve(args)
 
 
 def _delegate(module: str, runner: str) -> Callable[[argparse.Namespace], int]:
@@ -120,7 +75,7 @@ def _delegate(module: str, runner: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         import importlib
 
-        return run_guarded(lambda: getattr(importlib.import_module(module), runner)(args))
+        return getattr(importlib.import_module(module), runner)(args)
 
     return run
 
@@ -147,7 +102,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from hubtune import __version__
     from hubtune.config import add_arguments
 
-    parser = argparse.ArgumentParser(prog="hubtune", description="Fine-tune timm image classifiers on the Hub.")
+    parser = ArgumentParser(prog="hubtune", description="Fine-tune timm image classifiers on the Hub.")
     parser.add_argument("--version", action="version", version=f"hubtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -180,21 +135,20 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     hub = sub.add_parser("hub", help="local Hub-compatible server").add_subparsers(dest="hub_command", required=True)
     p = hub.add_parser("serve", help="serve a Hub-compatible API from a directory (for offline use and tests)")
-    from hubtune.hub_server import add_serve_arguments
+    if chosen == "hub":
+        from hubtune.localhub import add_serve_arguments
 
-    add_serve_arguments(p)
+        add_serve_arguments(p)
     p.set_defaults(func=_hub_serve)
     return parser
 
 
-def setup_logging() -> None:
-    """hubtune's own messages at INFO; the libraries' (HTTP requests, ...) only when they warn."""
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    logging.getLogger("hubtune").setLevel(logging.INFO)
-
-
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
+    return run_guarded(lambda: _dispatch(argv))
+
+
+def _dispatch(argv: list[str] | None) -> int:
     args = build_parser(argv).parse_args(argv)
     return args.func(args)
 

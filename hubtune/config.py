@@ -13,11 +13,16 @@ from typing import Any, Literal
 
 import yaml
 
+from hubtune.errors import ConfigError
+
 MIXED_PRECISION = ("no", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "lamb", "lion", "adan", "rmsprop")
 COMPILE_BACKENDS = ("inductor", "cudagraphs", "aot_eager", "eager")
 METRICS = ("val_accuracy", "val_loss", "val_f1")
-CONFIG_FILE = "train_config.yaml"
+# sane ranges of the integer settings: beyond them a run only exhausts the machine (a 100000 px image is 30 GB)
+UPPER_BOUNDS = {"image_size": 4096, "batch_size": 65536, "epochs": 100_000, "max_steps": 10**9, "grad_accum": 4096,
+                "log_every": 10**9, "shuffle_buffer": 10**7, "cache_views": 1000, "warmup_steps": 10**9,
+                "num_workers": 256}
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -31,6 +36,8 @@ class TrainConfig:
     model: str = _f("timm/resnet50.a1_in1k", "timm model: Hub id (org/name, hf-hub:org/name[@rev]), local-dir:PATH or a timm architecture name")
     model_revision: str | None = _f(None, "base model revision on the Hub (resolved to a commit sha and recorded)")
     pretrained: bool = _f(True, "start from the model's pretrained weights")
+    drop_rate: float = _f(0.0, "dropout rate before the classifier (timm create_model drop_rate)")
+    drop_path_rate: float = _f(0.0, "stochastic depth rate (timm create_model drop_path_rate)")
     dataset: str = _f("microsoft/cats_vs_dogs", "Hub dataset id, or a local imagefolder directory or parquet file(s)")
     dataset_revision: str | None = _f(None, "dataset revision on the Hub (resolved to a commit sha and recorded)")
     image_column: str | None = _f(None, "image column (default: the column with the Image feature)")
@@ -61,6 +68,7 @@ class TrainConfig:
     compile: bool = _f(False, "compile the model with torch.compile (through Accelerate)")
     compile_backend: str = _f("inductor", "torch.compile backend for --compile", choices=COMPILE_BACKENDS)
     output_dir: str = _f("outputs", "where the checkpoints, metrics and Hub-ready export are written")
+    overwrite_output_dir: bool = _f(False, "replace an earlier run in --output-dir (its checkpoints and export are deleted) instead of refusing to start")
     save_every: str = _f("epoch", "checkpoint every epoch, or every N optimizer steps (and at each epoch end)")
     keep_last: int = _f(2, "checkpoints kept besides the best one; older ones are deleted once a newer one is complete")
     metric: str = _f("val_accuracy", "validation metric that picks the best checkpoint", choices=METRICS)
@@ -82,10 +90,10 @@ class TrainConfig:
     progress: bool = _f(True, "show a progress bar (main process, terminals only)")
 
     def validate(self) -> None:
-        """Raise one ValueError listing every problem, each naming the flag, the bad value and what is accepted."""
+        """Raise one ConfigError listing every problem, each naming the flag, the bad value and what is accepted."""
         problems = self.problems()
         if problems:
-            raise ValueError(format_problems(problems))
+            raise ConfigError(format_problems(problems))
 
     def problems(self) -> list[str]:
         """Every invalid value, one message each."""
@@ -98,12 +106,13 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 bad(f.name, f"one of {', '.join(choices)}")
-        for name in ("epochs", "batch_size", "grad_accum", "log_every", "shuffle_buffer", "cache_views"):
-            if getattr(self, name) < 1:
-                bad(name, "an integer >= 1")
-        for name in ("max_steps", "image_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                bad(name, "an integer >= 1")
+        for name, most in UPPER_BOUNDS.items():
+            value = getattr(self, name)
+            least = 0 if name in ("warmup_steps", "num_workers") else 1
+            if value is not None and value < least:
+                bad(name, f"an integer >= {least}")
+            elif value is not None and value > most:
+                bad(name, f"an integer from {least} to {most:,} (larger values exhaust the machine)")
         if not (self.save_every == "epoch" or (self.save_every.isdigit() and int(self.save_every) > 0)):
             bad("save_every", "'epoch' or a positive number of optimizer steps")
         if self.keep_last < 1:
@@ -112,11 +121,11 @@ class TrainConfig:
             bad("early_stopping_patience", "an integer >= 1")
         if self.early_stopping_min_delta < 0:
             bad("early_stopping_min_delta", "a number >= 0")
-        for name in ("warmup_steps", "num_workers"):
-            if getattr(self, name) < 0:
-                bad(name, "an integer >= 0")
         if not 0.0 < self.val_fraction < 1.0:
             bad("val_fraction", "a number strictly between 0 and 1")
+        for name in ("drop_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                bad(name, "a number from 0 up to (not including) 1")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             bad("max_bad_fraction", "a number between 0 and 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -132,6 +141,11 @@ class TrainConfig:
         if not self.dataset.strip():
             bad("dataset", "a Hub dataset id or a local path")
         return problems
+
+    @property
+    def save_steps(self) -> int | None:
+        """Optimizer steps between checkpoints inside an epoch (None: at epoch ends only)."""
+        return None if self.save_every == "epoch" else int(self.save_every)
 
     @property
     def higher_is_better(self) -> bool:
@@ -169,22 +183,22 @@ def _optional(tp: Any) -> bool:
 
 
 def _convert(name: str, raw: Any, tp: Any) -> Any:
-    """Convert one YAML/flag value to the field's type or raise ValueError naming the key."""
+    """Convert one YAML/flag value to the field's type or raise ConfigError naming the key."""
     if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null") and _optional(tp)):
         if _optional(tp):
             return None
-        raise ValueError(f"{name}: got None, expected a value of type {_base_type(tp).__name__}")
+        raise ConfigError(f"{name}: got None, expected a value of type {_base_type(tp).__name__}")
     base = _base_type(tp)
     if base is bool:
         if isinstance(raw, bool):
             return raw
-        raise ValueError(f"{name}: got {raw!r}, expected true or false")
+        raise ConfigError(f"{name}: got {raw!r}, expected true or false")
     try:
         if base is int and isinstance(raw, float) and not raw.is_integer():
             raise ValueError
         return base(raw)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: got {raw!r}, expected a value of type {base.__name__}") from None
+        raise ConfigError(f"{name}: got {raw!r}, expected a value of type {base.__name__}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -212,13 +226,13 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
     if args.config:
         path = Path(args.config)
         if not path.is_file():
-            raise ValueError(f"--config: file {str(path)!r} does not exist")
+            raise ConfigError(f"--config: file {str(path)!r} does not exist")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ValueError(f"--config: {path} is not valid YAML: {err}") from None
+            raise ConfigError(f"--config: {path} is not valid YAML: {err}") from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"--config: {path} must hold a mapping of option: value, got {type(loaded).__name__}")
+            raise ConfigError(f"--config: {path} must hold a mapping of option: value, got {type(loaded).__name__}")
         for key, raw in loaded.items():
             name = str(key).replace("-", "_")
             if name not in fields:
@@ -238,11 +252,18 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig(**converted)
     problems += cfg.problems()
     if problems:
-        raise ValueError(format_problems(problems))
+        raise ConfigError(format_problems(problems))
     return cfg
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (unknown flag, missing argument) are ConfigErrors: one `hubtune: error:` line."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
 def parse(argv: list[str] | None = None, prog: str = "hubtune train") -> TrainConfig:
-    parser = argparse.ArgumentParser(prog=prog, description="Fine-tune a timm image classifier on a streamed dataset.")
+    parser = ArgumentParser(prog=prog, description="Fine-tune a timm image classifier on a streamed dataset.")
     add_arguments(parser)
     return from_args(parser.parse_args(argv))

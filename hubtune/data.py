@@ -14,6 +14,8 @@ from datasets.distributed import split_dataset_by_node
 from datasets.utils.file_utils import xopen
 from PIL import Image, ImageOps
 
+from hubtune.errors import DataError
+
 VAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
 # Everything PIL and datasets raise for unreadable, truncated or hostile image files.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, KeyError, IndexError)
@@ -43,27 +45,29 @@ def _load(cfg: Any) -> tuple[datasets.IterableDatasetDict, str | None]:
     if local.is_file() or matches:
         files = matches or [str(local)]
         if not all(f.endswith(".parquet") for f in files):
-            raise ValueError(f"--dataset {cfg.dataset!r}: local files must be .parquet; or give an imagefolder directory")
+            raise DataError(f"--dataset {cfg.dataset!r}: local files must be .parquet; or give an imagefolder directory")
         return datasets.load_dataset("parquet", data_files={"train": files}, streaming=True), None
-    if cfg.dataset.startswith((".", "/", "~")) or cfg.dataset.count("/") > 1:
-        raise ValueError(f"--dataset {cfg.dataset!r}: no such local file or directory (or give a Hub id org/name)")
-    from huggingface_hub import HfApi
+    if cfg.dataset.startswith((".", "/", "~")) or cfg.dataset.count("/") != 1:
+        raise DataError(f"--dataset {cfg.dataset!r}: no such local file or directory, and not a Hub dataset id "
+                        "(org/name)")
     from huggingface_hub.constants import is_offline_mode
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
-    from hubtune.hub import cached_dataset_dir
+    from hubtune.hub import api, cached_dataset_dir
 
     if is_offline_mode():  # compute nodes without internet: the snapshot `hubtune prefetch` cached
         snapshot = cached_dataset_dir(cfg.dataset, cfg.dataset_revision)
         return datasets.load_dataset(str(snapshot), streaming=True), snapshot.name
     try:
         # pin the commit once, so every process, epoch and a later reproduction read the same files
-        sha = HfApi().dataset_info(cfg.dataset, revision=cfg.dataset_revision).sha
+        sha = api().dataset_info(cfg.dataset, revision=cfg.dataset_revision).sha
         return datasets.load_dataset(cfg.dataset, revision=sha, streaming=True), sha
     except RevisionNotFoundError as err:
-        raise ValueError(f"--dataset-revision {cfg.dataset_revision!r} does not exist in {cfg.dataset}") from err
+        raise DataError(f"--dataset-revision {cfg.dataset_revision!r} does not exist in {cfg.dataset}") from err
+    except HFValidationError as err:
+        raise DataError(f"--dataset {cfg.dataset!r} is not a valid Hub dataset id: {err}") from err
     except (RepositoryNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
-        raise ValueError(
+        raise DataError(
             f"--dataset {cfg.dataset!r}: no such dataset on the Hub or locally "
             "(private or gated? set HF_TOKEN or run `hf auth login`)"
         ) from err
@@ -76,16 +80,20 @@ def _describe(features: datasets.Features) -> str:
 def _pick_column(features: datasets.Features, wanted: str | None, kind: type, flag: str) -> str:
     if wanted is not None:
         if wanted not in features:
-            raise ValueError(f"{flag} {wanted!r} is not in the dataset; columns: {_describe(features)}")
+            raise DataError(f"{flag} {wanted!r} is not in the dataset; columns: {_describe(features)}")
         if not isinstance(features[wanted], kind):
-            raise ValueError(
+            raise DataError(
                 f"{flag} {wanted!r} is {type(features[wanted]).__name__}, expected a {kind.__name__} column; "
                 f"columns: {_describe(features)}"
             )
         return wanted
     found = [name for name, feat in features.items() if isinstance(feat, kind)]
+    if not found and kind is datasets.ClassLabel:
+        raise DataError(f"no ClassLabel column found, so the dataset has no class labels (columns: "
+                        f"{_describe(features)}); an imagefolder needs one subfolder per class, at least two, or pass "
+                        f"{flag} with a ClassLabel column")
     if not found:
-        raise ValueError(f"no {kind.__name__} column found, pass {flag}; columns: {_describe(features)}")
+        raise DataError(f"no {kind.__name__} column found, pass {flag}; columns: {_describe(features)}")
     return found[0]
 
 
@@ -93,13 +101,17 @@ def open_splits(cfg: Any) -> tuple[datasets.IterableDataset, datasets.IterableDa
     """Return (train, val) streams of {image: {bytes, path}, label} plus what was learned about the dataset."""
     dsd, revision = _load(cfg)
     if "train" not in dsd:
-        raise ValueError(f"--dataset {cfg.dataset!r} has no 'train' split; splits: {', '.join(dsd)}")
+        raise DataError(f"--dataset {cfg.dataset!r} has no 'train' split; splits: {', '.join(dsd)}")
     train = dsd["train"]
     features = train.features
     if features is None:
-        raise ValueError(f"--dataset {cfg.dataset!r}: its features are unknown; store it as parquet or imagefolder")
+        raise DataError(f"--dataset {cfg.dataset!r}: its features are unknown; store it as parquet or imagefolder")
     image_col = _pick_column(features, cfg.image_column, datasets.Image, "--image-column")
     label_col = _pick_column(features, cfg.label_column, datasets.ClassLabel, "--label-column")
+    names = list(features[label_col].names)
+    if len(names) < 2:
+        raise DataError(f"--dataset {cfg.dataset!r} has {len(names)} class ({names}) in {label_col!r}: a classifier "
+                        "needs at least two; add images of another class (an imagefolder subfolder per class)")
     val_name = next((name for name in VAL_SPLIT_NAMES if name in dsd), None)
     keep = [image_col, label_col]
     train = train.select_columns(keep).cast_column(image_col, datasets.Image(decode=False))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -27,6 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hubtune import model as model_lib
+from hubtune.errors import ConfigError
+from hubtune.files import atomic_write
 
 logger = logging.getLogger("hubtune")
 
@@ -41,23 +42,23 @@ def default_dir() -> Path:
 
 
 def check_cacheable(net: torch.nn.Module) -> None:
-    """Raise ValueError unless the backbone output cannot change: only the classifier trains, nothing is random."""
+    """Raise ConfigError unless the backbone output cannot change: only the classifier trains, nothing is random."""
     classifier = {id(p) for p in net.get_classifier().parameters()}
     trainable = [name for name, p in net.named_parameters() if p.requires_grad and id(p) not in classifier]
     if trainable:
         shown = ", ".join(trainable[:3]) + (f" and {len(trainable) - 3} more" if len(trainable) > 3 else "")
-        raise ValueError(f"--cache-features trains only the classifier, but {len(trainable)} other parameters are "
+        raise ConfigError(f"--cache-features trains only the classifier, but {len(trainable)} other parameters are "
                          f"trainable ({shown}); freeze them with --freeze (e.g. every group but the head)")
     inside = {id(m) for m in net.get_classifier().modules()}
     for name, module in net.named_modules():
         if id(module) in inside:
             continue
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not model_lib.has_fixed_statistics(module):
-            raise ValueError(f"--cache-features needs fixed BatchNorm statistics ({name} is a {type(module).__name__}"
+            raise ConfigError(f"--cache-features needs fixed BatchNorm statistics ({name} is a {type(module).__name__}"
                              f" that updates in training); add --freeze-bn")
         p = getattr(module, "p", None) if not isinstance(module, timm.layers.DropPath) else module.drop_prob
         if isinstance(module, STOCHASTIC) and p:
-            raise ValueError(f"--cache-features needs a deterministic backbone, but {name} drops with "
+            raise ConfigError(f"--cache-features needs a deterministic backbone, but {name} drops with "
                              f"p={p}; create the model without drop_rate/drop_path_rate")
 
 
@@ -175,25 +176,19 @@ class FeatureCache:
         feats = torch.stack(list(table.values())) if table else torch.zeros(0, 0)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            _atomic(folder / f"part-{self.rank}-of-{self.world_size}.safetensors",
-                    lambda p: save_file({"keys": keys, "features": feats}, str(p)))
+            atomic_write(folder / f"part-{self.rank}-of-{self.world_size}.safetensors",
+                         lambda p: save_file({"keys": keys, "features": feats}, str(p)), fsync=False)
         except OSError as err:  # the run goes on from memory; a later run recomputes what is missing
             logger.warning(f"feature cache: could not store {view} in {folder} ({err}); later runs will recompute it")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:  # the view is complete once every part is on disk
             try:
-                _atomic(self.dir / "spec.json", lambda p: p.write_text(json.dumps(self.spec, indent=1)))
-                _atomic(folder / f"complete-of-{self.world_size}.json",
-                        lambda p: p.write_text(json.dumps({"processes": self.world_size})))
+                atomic_write(self.dir / "spec.json", json.dumps(self.spec, indent=1), fsync=False)
+                atomic_write(folder / f"complete-of-{self.world_size}.json",
+                             json.dumps({"processes": self.world_size}), fsync=False)
             except OSError as err:
                 logger.warning(f"feature cache: could not mark {view} complete in {folder} ({err})")
         logger.info(f"feature cache: {view} computed ({len(table)} examples in this process), kept in {self.dir}")
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def backbone_features(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

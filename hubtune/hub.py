@@ -7,11 +7,9 @@ import contextlib
 import fnmatch
 import hashlib
 import logging
-import queue
 import shutil
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -25,70 +23,57 @@ from huggingface_hub.errors import (
 )
 
 from hubtune import __version__
+from hubtune.errors import ConfigError, DataError, ModelSourceError, PushError
+from hubtune.files import CARD_FILE, METRICS_FILE, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE, WEIGHTS_FILE
+from hubtune.hub_calls import causes, attempts_of, install_timeouts, retrying, status_of, transient_reason
+from hubtune.sources import SAFETENSORS_ONLY, ModelSpec, check_weight_files, parse_model_spec
 
 logger = logging.getLogger("hubtune")
 
 # What a pushed repo holds: the timm export, the card and its plots, the run's record.
-PUSH_PATTERNS = ["config.json", "model.safetensors", "README.md", "metrics.json", "train_config.yaml", "plots/*.png"]
+PUSH_PATTERNS = [MODEL_CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, METRICS_FILE, TRAIN_CONFIG_FILE, "plots/*.png"]
 CHECKPOINT_PATTERNS = ["checkpoints/step-*/*"]
 CARD_MARKER = "<!-- hubtune-card sha256:"
 
-try:  # the transport errors huggingface_hub itself retries on
-    import httpx2
-
-    TRANSIENT: tuple[type[BaseException], ...] = (OSError, TimeoutError, httpx2.TransportError)
-except ImportError:  # pragma: no cover - older huggingface_hub on httpx/requests
-    TRANSIENT = (OSError, TimeoutError)
-
-
-class PushError(RuntimeError):
-    """A push could not complete; the local output is untouched and the same push can be run again."""
-
-
 def api(token: str | bool | None = None, endpoint: str | None = None) -> HfApi:
+    """hubtune's HfApi client; every request it makes has a timeout (see hub_calls)."""
+    install_timeouts()
     return HfApi(endpoint=endpoint, library_name="hubtune", library_version=__version__, token=token)
-
-
-def parse_model_spec(spec: str) -> tuple[str, str | None] | None:
-    """(repo_id, revision) for a Hub model spec, None for a timm architecture or local-dir:."""
-    if spec.startswith("local-dir:") or ("/" not in spec):
-        return None
-    repo = spec.removeprefix("hf-hub:")
-    repo, _, revision = repo.partition("@")
-    return repo, revision or None
 
 
 @contextlib.contextmanager
 def model_repo_errors(spec: str) -> Iterator[None]:
-    """Turn the Hub client's typed errors about a --model repo into one-line ValueErrors."""
+    """Turn the Hub client's typed errors about a --model repo into one-line ModelSourceErrors with the fix."""
     try:
         yield
     except GatedRepoError as err:
-        raise ValueError(f"--model {spec!r} is gated: accept its licence on the Hub and set HF_TOKEN") from err
+        raise ModelSourceError(f"--model {spec!r} is gated: accept its licence on the Hub and set HF_TOKEN") from err
     except RevisionNotFoundError as err:
-        raise ValueError(f"--model {spec!r}: that revision does not exist") from err
+        raise ModelSourceError(f"--model {spec!r}: that revision does not exist; give an existing branch, tag or "
+                               "commit sha") from err
     except RepositoryNotFoundError as err:
-        raise ValueError(f"--model {spec!r}: no such model repo on the Hub (private? set HF_TOKEN)") from err
+        raise ModelSourceError(f"--model {spec!r}: no such model repo on the Hub (private? set HF_TOKEN or run "
+                               "`hf auth login`)") from err
 
 
-def resolve_model(spec: str, token: str | None = None) -> tuple[str, dict[str, Any]]:
+def resolve_model(spec: ModelSpec, token: str | None = None) -> tuple[str, dict[str, Any]]:
     """The timm model name pinned to a commit sha, and {id, revision, spec, license} of the base model.
 
     Raises:
-        ValueError: the repo or revision does not exist, or the repo is gated/private without a token.
+        ModelSourceError: the repo or revision does not exist, or the repo is gated/private without a token.
     """
-    parsed = parse_model_spec(spec)
-    if parsed is None:
-        return spec, {"id": None, "revision": None, "spec": spec, "license": None}
-    repo, revision = parsed
+    if spec.kind != "hub":
+        return spec.timm_name, {"id": None, "revision": None, "spec": spec.spec, "license": None}
+    repo, revision = spec.repo_id, spec.revision
     if is_offline_mode():
         sha = _cached_sha(repo, revision, "model")
         return f"hf-hub:{repo}" + (f"@{sha or revision}" if (sha or revision) else ""), {
-            "id": repo, "revision": sha or revision, "spec": spec, "license": None}
-    with model_repo_errors(spec):
+            "id": repo, "revision": sha or revision, "spec": spec.spec, "license": None}
+    with model_repo_errors(spec.spec):
         info = api(token).model_info(repo, revision=revision)
+    check_weight_files([s.rfilename for s in info.siblings or []], f"--model {spec.spec!r}", remedy=SAFETENSORS_ONLY)
     card = info.card_data.to_dict() if info.card_data else {}
-    return f"hf-hub:{repo}@{info.sha}", {"id": repo, "revision": info.sha, "spec": spec,
+    return f"hf-hub:{repo}@{info.sha}", {"id": repo, "revision": info.sha, "spec": spec.spec,
                                          "license": card.get("license")}
 
 
@@ -105,12 +90,12 @@ def cached_dataset_dir(repo: str, revision: str | None) -> Path:
     """The prefetched snapshot of a Hub dataset, for HF_HUB_OFFLINE=1 runs.
 
     Raises:
-        ValueError: the dataset was not prefetched.
+        DataError: the dataset was not prefetched.
     """
     try:
         return Path(snapshot_download(repo, repo_type="dataset", revision=revision, local_files_only=True))
     except (OSError, ValueError, HfHubHTTPError) as err:
-        raise ValueError(
+        raise DataError(
             f"--dataset {repo!r} is not in the local cache and HF_HUB_OFFLINE is set; run "
             f"`hubtune prefetch --dataset {repo}` on a machine with access to the Hub first"
         ) from err
@@ -121,15 +106,17 @@ def prefetch(model: str | None, dataset: str | None, dataset_revision: str | Non
     """Download a base model and a dataset into the normal HF cache so HF_HUB_OFFLINE=1 runs work."""
     out = {}
     if model:
-        parsed = parse_model_spec(model)
-        if parsed is None:
+        spec = parse_model_spec(model)
+        repo, revision = spec.repo_id, spec.revision
+        if spec.kind != "hub":
             import timm
 
             cfg = timm.models.get_pretrained_cfg(model)
             if cfg is None or not cfg.hf_hub_id:
-                raise ValueError(f"--model {model!r}: no Hub weights to prefetch (give a Hub id such as timm/resnet50.a1_in1k)")
-            parsed = (cfg.hf_hub_id, None)
-        out["model"] = snapshot_download(parsed[0], revision=parsed[1], token=token,
+                raise ModelSourceError(f"--model {model!r}: no Hub weights to prefetch (give a Hub id such as "
+                                       "timm/resnet50.a1_in1k)")
+            repo, revision = cfg.hf_hub_id, None
+        out["model"] = snapshot_download(repo, revision=revision, token=token,
                                          allow_patterns=["*.json", "*.safetensors", "*.md"])
     if dataset:
         out["dataset"] = snapshot_download(dataset, repo_type="dataset", revision=dataset_revision, token=token)
@@ -157,61 +144,60 @@ def card_was_edited(remote: str) -> bool:
     return rest.split(" ")[0].strip() != hashlib.sha256(body.encode()).hexdigest()
 
 
-def _retrying(what: str, fn: Callable[[], Any], retries: int, wait: float) -> Any:
-    """Run `fn`, retrying transient failures (network, 5xx, 429) with exponential backoff."""
-    for attempt in range(retries + 1):
-        try:
-            return fn()
-        except HfHubHTTPError as err:
-            status = err.response.status_code if err.response is not None else None
-            if status is None or not (status >= 500 or status in (408, 429)) or attempt == retries:
-                raise
-            reason = f"HTTP {status}"
-        except TRANSIENT as err:
-            if attempt == retries:
-                raise
-            reason = f"{type(err).__name__}: {err}"
-        delay = wait * 2**attempt
-        logger.warning(f"{what} failed ({reason}); retrying in {delay:.0f}s ({attempt + 1}/{retries})")
-        time.sleep(delay)
-
-
 def push(output_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          commit_message: str | None = None, push_checkpoints: bool = False, overwrite_card: bool = False,
          token: str | bool | None = None, retries: int = 4, retry_wait: float = 2.0,
-         endpoint: str | None = None) -> str:
+         endpoint: str | None = None, cancel: threading.Event | None = None) -> str:
     """Push a run's export in one commit, verify the files on the Hub, and return the commit URL.
 
+    Every call to the Hub has a timeout and is retried on transient failures (`retries` times, backoff from
+    `retry_wait` s). `cancel`, when set, stops the push before its next call (background pushes).
+
     Raises:
-        ValueError: the folder is not a hubtune export.
+        ConfigError: the folder is not a hubtune export.
         PushError: the Hub refused or could not be reached; nothing local changed, rerun to complete.
     """
     folder = Path(output_dir)
-    for required in ("config.json", "model.safetensors"):
+    for required in (MODEL_CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / required).is_file():
-            raise ValueError(f"{folder} is not a hubtune export: {required} is missing (train first)")
+            raise ConfigError(f"{folder} is not a hubtune export: {required} is missing (train first)")
     hub = api(token, endpoint)
     files = files_to_push(folder, push_checkpoints)
     # what is uploaded: the files as they are, except the card, which carries a hash of itself (see card_was_edited)
     contents: dict[str, bytes | Path] = {name: folder / name for name in files}
-    if "README.md" in contents:
-        contents["README.md"] = mark_card((folder / "README.md").read_text(encoding="utf-8")).encode()
+    if CARD_FILE in contents:
+        contents[CARD_FILE] = mark_card((folder / CARD_FILE).read_text(encoding="utf-8")).encode()
+    step = "create_repo"
+
+    def call(what: str, fn: Callable[[], Any]) -> Any:
+        nonlocal step
+        step = what
+        if cancel is not None and cancel.is_set():
+            raise PushError(f"push to {repo_id} cancelled before {what}")
+        return retrying(what, fn, retries, retry_wait, cancel)
+
     try:
-        _retrying("create_repo", lambda: hub.create_repo(repo_id, private=private, exist_ok=True), retries, retry_wait)
+        call("create_repo", lambda: hub.create_repo(repo_id, private=private, exist_ok=True))
         if revision:
-            _retrying("create_branch", lambda: hub.create_branch(repo_id, branch=revision, exist_ok=True),
-                      retries, retry_wait)
-        if "README.md" in contents and not overwrite_card and _remote_card_edited(hub, repo_id, revision):
-            logger.warning(f"README.md on {repo_id} was edited on the Hub; keeping it (pass --overwrite-card)")
-            del contents["README.md"]
+            call("create_branch", lambda: hub.create_branch(repo_id, branch=revision, exist_ok=True))
+        if CARD_FILE in contents and not overwrite_card and call(
+                "reading the card on the Hub", lambda: _remote_card_edited(hub, repo_id, revision)):
+            logger.warning(f"{CARD_FILE} on {repo_id} was edited on the Hub; keeping it (pass --overwrite-card)")
+            del contents[CARD_FILE]
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data if isinstance(data, bytes) else str(data))
                       for name, data in contents.items()]
-        info = _retrying("upload", lambda: hub.create_commit(
+        info = call("upload", lambda: hub.create_commit(
             repo_id, operations, revision=revision,
-            commit_message=commit_message or f"Upload {folder.name} with hubtune {__version__}"), retries, retry_wait)
-        _verify(hub, repo_id, info.oid, contents)
-    except (RepositoryNotFoundError, HfHubHTTPError, *TRANSIENT) as err:
-        raise PushError(_push_failure(err, repo_id, folder)) from err
+            commit_message=commit_message or f"Upload {folder.name} with hubtune {__version__}"))
+        remote = call("verification", lambda: _remote_entries(hub, repo_id, info.oid, list(contents)))
+    except PushError:
+        raise
+    except Exception as err:  # classified by push_failure; an unexpected error keeps its traceback
+        message = push_failure(err, repo_id, step, folder)
+        if message is None:
+            raise
+        raise PushError(message) from err
+    _verify(repo_id, info.oid, contents, remote)
     logger.info(f"pushed {len(contents)} files to {info.commit_url} (verified size and hash on the Hub)")
     return info.commit_url
 
@@ -220,80 +206,140 @@ def _remote_card_edited(hub: HfApi, repo_id: str, revision: str | None) -> bool:
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        path = hub.hf_hub_download(repo_id, "README.md", revision=revision)
+        path = hub.hf_hub_download(repo_id, CARD_FILE, revision=revision)
     except (EntryNotFoundError, RevisionNotFoundError):
         return False
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     return card_was_edited(text)
 
 
-def _verify(hub: HfApi, repo_id: str, commit: str, contents: dict[str, bytes | Path]) -> None:
-    """Re-read the repo at the pushed commit; every pushed file must match the local one in size and hash."""
-    remote = {entry.path: entry for entry in hub.get_paths_info(repo_id, list(contents), revision=commit)}
+def _remote_entries(hub: HfApi, repo_id: str, commit: str, paths: list[str]) -> dict[str, Any]:
+    return {entry.path: entry for entry in hub.get_paths_info(repo_id, paths, revision=commit)}
+
+
+def _verify(repo_id: str, commit: str, contents: dict[str, bytes | Path], remote: dict[str, Any]) -> None:
+    """Every pushed file, as the Hub lists it at the pushed commit, must match the local one in size and hash."""
+    rerun = "nothing local was changed; run the same push again"
     for name, data in contents.items():
         blob = data if isinstance(data, bytes) else data.read_bytes()
         entry = remote.get(name)
         if entry is None:
-            raise PushError(f"verification failed: {name} is not in {repo_id}@{commit[:8]}")
+            raise PushError(f"verification failed: {name} is not in {repo_id}@{commit[:8]}; {rerun}")
         if entry.size != len(blob):
-            raise PushError(f"verification failed: {name} is {entry.size} bytes on the Hub, {len(blob)} here")
+            raise PushError(f"verification failed: {name} is {entry.size} bytes on {repo_id}@{commit[:8]}, "
+                            f"{len(blob)} here; {rerun}")
         if entry.lfs:
             ok = entry.lfs.sha256 == hashlib.sha256(blob).hexdigest()
         else:
             ok = entry.blob_id == hashlib.sha1(f"blob {len(blob)}\0".encode() + blob).hexdigest()
         if not ok:
-            raise PushError(f"verification failed: {name} on {repo_id}@{commit[:8]} differs from the local file")
+            raise PushError(f"verification failed: {name} on {repo_id}@{commit[:8]} differs from the local file; "
+                            f"{rerun}")
 
 
-def _push_failure(err: BaseException, repo_id: str, folder: Path) -> str:
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    rerun = f"nothing in {folder} was changed; run the same push again to complete it"
+def push_failure(err: BaseException, repo_id: str, step: str, folder: Path | None = None) -> str | None:
+    """One line for a failed Hub call: what failed, why, and how to complete it; None for an unexpected error."""
+    status = status_of(err)
+    rerun = (f"nothing in {folder} was changed; run the same push again to complete it" if folder is not None
+             else "run it again to complete it")
     if status == 401:
         return f"push to {repo_id} refused (401): set HF_TOKEN or run `hf auth login`; {rerun}"
     if status == 403:
         return f"push to {repo_id} refused (403): your token cannot write to {repo_id.split('/')[0]!r}; {rerun}"
-    if isinstance(err, RepositoryNotFoundError):
+    if isinstance(err, RepositoryNotFoundError) or status == 404:
         return f"push to {repo_id} failed: repo not found or not yours; {rerun}"
-    return f"push to {repo_id} failed after retries ({type(err).__name__}: {str(err).splitlines()[0]}); {rerun}"
+    reason = transient_reason(err)
+    if reason is None and status is None:
+        return None
+    attempts = attempts_of(err)
+    tries = f"after {attempts} attempts" if attempts > 1 else "at the first attempt"
+    answer = next((c for c in causes(err) if isinstance(c, HfHubHTTPError)), err)
+    detail = reason or f"HTTP {status}: {str(answer).splitlines()[0]}"
+    return f"push to {repo_id} failed at {step} {tries} ({detail}); {rerun}"
 
 
 class BackgroundPusher:
-    """Push snapshots of the export while training goes on: one push at a time, only the newest one waiting.
+    """Runs uploads in one thread while training goes on: one at a time, only the newest one waiting (a newer
+    submission replaces a waiting older one, which `discard` receives).
 
-    A failed push is logged and forgotten; it never stops training.
+    `work(item, cancel)` does one upload and returns where it went; whatever it raises is logged and recorded in
+    `failed`, never raised: it does not stop training, and it does not end the thread.
     """
 
-    def __init__(self, repo_id: str, **push_kwargs: Any) -> None:
-        self.repo_id = repo_id
-        self.push_kwargs = {**push_kwargs, "retries": push_kwargs.get("retries", 2)}
-        self._pending: queue.Queue[Path | None] = queue.Queue(maxsize=1)
-        self._thread = threading.Thread(target=self._run, name="hubtune-push", daemon=True)
-        self._thread.start()
+    def __init__(self, work: Callable[[Path, threading.Event], str], name: str = "hubtune-push",
+                 discard: Callable[[Path], None] = lambda item: None) -> None:
+        self.work, self.discard = work, discard
+        self.cancel = threading.Event()  # set by close(): the upload in flight stops at its next Hub call
         self.pushed: list[str] = []
+        self.failed: list[dict[str, str]] = []
+        self._cond = threading.Condition()
+        self._waiting: Path | None = None
+        self._busy = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
 
-    def submit(self, export_dir: Path) -> None:
-        """Queue a snapshot folder (owned by the pusher from now on), replacing a waiting older one."""
-        try:
-            older = self._pending.get_nowait()
-            if older is not None:
-                shutil.rmtree(older, ignore_errors=True)
-        except queue.Empty:
-            pass
-        self._pending.put(export_dir)
+    def submit(self, item: Path) -> None:
+        """Queue `item` (owned by the pusher from now on), replacing a waiting older one."""
+        with self._cond:
+            older, self._waiting = self._waiting, item
+            self._cond.notify_all()
+        if older is not None:
+            self.discard(older)
 
-    def close(self) -> None:
-        """Wait for the push in flight and the waiting one."""
-        self._pending.put(None)
-        self._thread.join()
+    def close(self, timeout: float, drain: bool = False) -> bool:
+        """Stop the thread: with `drain`, after the waiting item too; else drop it and cancel the one in flight.
+
+        Waits at most `timeout` seconds; returns False (and logs why) if an upload was still running then.
+        """
+        with self._cond:
+            self._closed = True
+            dropped = None if drain else self._waiting
+            if not drain:
+                self._waiting = None
+            self._cond.notify_all()
+        if dropped is not None:
+            self.discard(dropped)
+        if not drain:
+            self.cancel.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.cancel.set()
+            logger.warning(f"{self._thread.name}: an upload was still running after {timeout:.0f}s; left behind")
+            return False
+        return True
+
+    def idle(self) -> bool:
+        """Nothing waiting and nothing in flight."""
+        with self._cond:
+            return self._waiting is None and not self._busy
 
     def _run(self) -> None:
-        while (folder := self._pending.get()) is not None:
+        while True:
+            with self._cond:
+                while self._waiting is None and not self._closed:
+                    self._cond.wait()
+                item, self._waiting = self._waiting, None
+                if item is None:
+                    return
+                self._busy = True
             try:
-                self.pushed.append(push(folder, self.repo_id, **self.push_kwargs))
-            except (PushError, ValueError) as err:
-                logger.warning(f"background push skipped: {err}")
+                self.pushed.append(self.work(item, self.cancel))
+            except Exception as err:  # noqa: BLE001 - recorded and logged; the thread must live on
+                self.failed.append({"item": item.name, "error": str(err).splitlines()[0] if str(err) else repr(err)})
+                logger.warning(f"background upload of {item.name} failed: {self.failed[-1]['error']}")
             finally:
-                shutil.rmtree(folder, ignore_errors=True)
+                self.discard(item)
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+
+def export_pusher(repo_id: str, **push_kwargs: Any) -> BackgroundPusher:
+    """Pushes snapshots of the export (new best models) to `repo_id`; each snapshot folder is deleted after."""
+    kwargs = {"retries": 2, **push_kwargs}
+    return BackgroundPusher(lambda folder, cancel: push(folder, repo_id, cancel=cancel, **kwargs),
+                            discard=lambda folder: shutil.rmtree(folder, ignore_errors=True))
 
 
 def snapshot_dir(output_dir: Path) -> Path:
@@ -328,7 +374,7 @@ def add_prefetch_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_prefetch(args: argparse.Namespace) -> int:
     if not args.model and not args.dataset:
-        raise ValueError("prefetch needs --model and/or --dataset")
+        raise ConfigError("prefetch needs --model and/or --dataset")
     for kind, path in prefetch(args.model, args.dataset, args.dataset_revision).items():
         print(f"{kind}: {path}")
     print("cached; on nodes without internet run with HF_HUB_OFFLINE=1")

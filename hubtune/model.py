@@ -19,39 +19,51 @@ from timm.utils.model import freeze as timm_freeze
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from hubtune.errors import ConfigError, ModelSourceError
+from hubtune.files import MODEL_CONFIG_FILE
+from hubtune.sources import SAFETENSORS_ONLY, check_weight_files, parse_model_spec
+
 HEAD_GROUP = "head"
 FROZEN_BN = (FrozenBatchNorm2d, FrozenBatchNormAct2d)
 
 
 def timm_name(spec: str) -> str:
     """The name timm.create_model understands for a --model value."""
-    if spec.startswith(("hf-hub:", "local-dir:")) or "/" not in spec:
-        return spec
-    return "hf-hub:" + spec
+    return parse_model_spec(spec).timm_name
+
+
+def _check_architecture(name: str, pretrained: bool) -> None:
+    """Raise ModelSourceError unless timm knows the architecture (and, for pretrained weights, the tag)."""
+    arch, tag = timm.models.split_model_name_tag(name)
+    if not timm.is_model(arch):
+        raise ModelSourceError(f"--model {name!r} is not a timm architecture; see timm.list_models(), "
+                               "or give a Hub id (org/name) or local-dir:PATH")
+    tags = [t.split(".", 1)[1] for t in timm.models.get_arch_pretrained_cfgs(arch)]
+    if tag and tag not in tags:
+        raise ModelSourceError(f"--model {name!r} is not a timm architecture: {arch} has no pretrained tag {tag!r} "
+                               f"(tags: {', '.join(tags) or 'none'})")
 
 
 def create(spec: str, num_classes: int | None, pretrained: bool = True, **kwargs: Any) -> torch.nn.Module:
     """Build the model through timm.create_model with a classifier sized for `num_classes`.
 
     Raises:
-        ValueError: the model does not exist (as an architecture, on the Hub, or at the local path).
+        ModelSourceError: the model does not exist (as an architecture, on the Hub, or at the local path).
     """
     from hubtune.hub import model_repo_errors
 
+    parsed = parse_model_spec(spec)
+    if parsed.kind == "timm":
+        _check_architecture(parsed.name, pretrained)
+    if parsed.kind == "local" and not (parsed.path / MODEL_CONFIG_FILE).is_file():
+        raise ModelSourceError(f"--model {spec!r}: {parsed.path} is not a model directory (no {MODEL_CONFIG_FILE}); "
+                               "give a directory written by hubtune or timm.save_for_hf, a Hub id or a timm architecture")
+    if parsed.kind == "local" and pretrained:
+        check_weight_files([p.name for p in parsed.path.iterdir()], f"--model {spec!r}", remedy=SAFETENSORS_ONLY)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    try:
-        with model_repo_errors(spec):
-            return timm.create_model(timm_name(spec), pretrained=pretrained, **kwargs)
-    except FileNotFoundError as err:
-        raise ValueError(f"--model {spec!r}: {err}") from err
-    except RuntimeError as err:
-        if "Unknown model" in str(err) or "Invalid pretrained tag" in str(err):
-            raise ValueError(
-                f"--model {spec!r} is not a timm architecture; see timm.list_models(), "
-                "or give a Hub id (org/name) or local-dir:PATH"
-            ) from err
-        raise
+    with model_repo_errors(spec):
+        return timm.create_model(parsed.timm_name, pretrained=pretrained, **kwargs)
 
 
 def data_config(model: torch.nn.Module, image_size: int | None) -> dict[str, Any]:
@@ -163,7 +175,7 @@ def resolve_freeze(model: torch.nn.Module, spec: str) -> list[str]:
     """Module names to freeze for a --freeze spec (group names and module-name globs).
 
     Raises:
-        ValueError: a token matches nothing, or would freeze the classifier without naming it.
+        ConfigError: a token matches nothing, or would freeze the classifier without naming it.
     """
     tokens = [t.strip() for t in spec.split(",") if t.strip()]
     groups = param_groups(model)
@@ -172,8 +184,15 @@ def resolve_freeze(model: torch.nn.Module, spec: str) -> list[str]:
     head_params = {n for n, g in groups.items() if g == HEAD_GROUP}
     chosen: set[str] = set()
     problems = []
+    stages = sorted((g for g in group_names if g.startswith("stages.")), key=lambda g: int(g.split(".")[1]))
     for token in tokens:
         params: set[str] = set()
+        outside = [item for item in _expand(token) if item.startswith("stages.") and item not in group_names]
+        if outside and len(_expand(token)) > 1:  # a range must lie within the stages that exist, not be clamped
+            valid = f"stages.0-{len(stages) - 1}" if stages else "none"
+            problems.append(f"--freeze {token!r} reaches past the model's stages ({', '.join(outside[:3])}"
+                            f"{' ...' if len(outside) > 3 else ''} do not exist); valid range: {valid}")
+            continue
         for item in _expand(token):
             if item == "stages":
                 params |= {n for n, g in groups.items() if g.startswith("stages.")}
@@ -194,7 +213,7 @@ def resolve_freeze(model: torch.nn.Module, spec: str) -> list[str]:
             )
         chosen |= params
     if problems:
-        raise ValueError("\n".join(problems))
+        raise ConfigError("\n".join(problems))
     return sorted(chosen)
 
 

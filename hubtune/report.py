@@ -15,10 +15,9 @@ from accelerate import Accelerator
 
 from hubtune import data
 from hubtune import model as model_lib
-from hubtune.config import CONFIG_FILE, TrainConfig
+from hubtune.config import TrainConfig
+from hubtune.files import METRICS_FILE, TRAIN_CONFIG_FILE
 from hubtune.run_state import RunState
-
-METRICS_FILE = "metrics.json"
 
 
 def write_outputs(folder: Path, net: Any, cfg: TrainConfig, data_cfg: dict, result: dict) -> None:
@@ -27,7 +26,7 @@ def write_outputs(folder: Path, net: Any, cfg: TrainConfig, data_cfg: dict, resu
 
     model_lib.export(net, folder, result["class_names"], data_cfg)
     (folder / METRICS_FILE).write_text(json.dumps(result, indent=2))
-    cfg.save(folder / CONFIG_FILE)
+    cfg.save(folder / TRAIN_CONFIG_FILE)
     card.write_card(folder, repo_id=cfg.push_to_hub, license=cfg.license)
 
 
@@ -63,8 +62,10 @@ def run_info(cfg: TrainConfig, accelerator: Accelerator, net: Any, frozen: list[
     }
 
 
-def final_metrics(state: RunState, info: data.DataInfo, accelerator: Accelerator, start_time: float,
-                   run_info: dict) -> dict:
+def final_metrics(state: RunState, info: data.DataInfo, accelerator: Accelerator, started: float,
+                  run_info: dict) -> dict:
+    """metrics.json: history, best, stop reason, counts, and the wall time of every segment of the run together
+    (`started`: when this process's segment began; a resumed run adds the time its checkpoint recorded)."""
     last = state.history[-1] if state.history else {}
     return {
         "history": state.history,
@@ -78,7 +79,8 @@ def final_metrics(state: RunState, info: data.DataInfo, accelerator: Accelerator
         "class_names": info.class_names,
         "dataset_revision": info.revision,
         "num_processes": accelerator.num_processes,
-        "wall_time_s": round(time.time() - start_time, 2),
+        "wall_time_s": round(state.elapsed_s + time.time() - started, 2),
+        "segments": state.segments + 1,
         "run_info": run_info,
     }
 

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from hubtune.config import CONFIG_FILE, TrainConfig
+from hubtune.config import TrainConfig
+from hubtune.errors import ConfigError
+from hubtune.files import CARD_FILE, METRICS_FILE, TRAIN_CONFIG_FILE
+from hubtune.sources import parse_model_spec
 
 logger = logging.getLogger("hubtune")
 COMPARED = ("val_accuracy", "val_f1", "val_loss", "train_loss")
@@ -22,25 +25,25 @@ def fetch_record(source: str, revision: str | None = None) -> tuple[dict, dict, 
     """(train_config, metrics, card eval results) of a local output dir or a Hub repo."""
     local = Path(source)
     if local.is_dir():
-        files = {name: local / name for name in (CONFIG_FILE, "metrics.json", "README.md")}
+        files = {name: local / name for name in (TRAIN_CONFIG_FILE, METRICS_FILE, CARD_FILE)}
     else:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
         files = {}
-        for name in (CONFIG_FILE, "metrics.json", "README.md"):
+        for name in (TRAIN_CONFIG_FILE, METRICS_FILE, CARD_FILE):
             try:
                 files[name] = Path(hf_hub_download(source, name, revision=revision))
             except EntryNotFoundError:
                 files[name] = Path("/nonexistent")
             except (RepositoryNotFoundError, RevisionNotFoundError) as err:
-                raise ValueError(f"{source!r} is neither a local output dir nor a Hub model repo you can read") from err
-    for name in (CONFIG_FILE, "metrics.json"):
+                raise ConfigError(f"{source!r} is neither a local output dir nor a Hub model repo you can read") from err
+    for name in (TRAIN_CONFIG_FILE, METRICS_FILE):
         if not files[name].is_file():
-            raise ValueError(f"{source}: no {name}; only runs made by hubtune can be reproduced")
-    config = yaml.safe_load(files[CONFIG_FILE].read_text())
-    metrics = json.loads(files["metrics.json"].read_text())
-    card = _card_results(files["README.md"]) if files["README.md"].is_file() else None
+            raise ConfigError(f"{source}: no {name}; only runs made by hubtune can be reproduced")
+    config = yaml.safe_load(files[TRAIN_CONFIG_FILE].read_text())
+    metrics = json.loads(files[METRICS_FILE].read_text())
+    card = _card_results(files[CARD_FILE]) if files[CARD_FILE].is_file() else None
     return config, metrics, card
 
 
@@ -61,8 +64,9 @@ def plan(config: dict, metrics: dict, output_dir: str) -> tuple[TrainConfig, str
     launcher = (f"accelerate launch --num_processes {procs} hubtune/train.py" if procs > 1 else "hubtune train")
     command = f"{launcher} --config {shlex.quote(str(Path(output_dir) / 'reproduce_config.yaml'))}"
     downloads = []
-    if "/" in cfg.model and not cfg.model.startswith("local-dir:") and cfg.pretrained:
-        downloads.append(f"model {cfg.model.removeprefix('hf-hub:')}@{cfg.model_revision or 'main'}")
+    spec = parse_model_spec(cfg.model)
+    if spec.kind == "hub" and cfg.pretrained:
+        downloads.append(f"model {spec.repo_id}@{cfg.model_revision or spec.revision or 'main'}")
     if not Path(cfg.dataset).exists():
         downloads.append(f"dataset {cfg.dataset}@{cfg.dataset_revision or 'main'} (streamed)")
     return cfg, command, downloads
@@ -106,7 +110,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     cfg.save(Path(output_dir) / "reproduce_config.yaml")
     if metrics.get("num_processes", 1) > 1:
-        raise ValueError(f"the original run used {metrics['num_processes']} processes; run: {command}")
+        raise ConfigError(f"the original run used {metrics['num_processes']} processes; run: {command}")
     from hubtune.train import train
 
     result = train(cfg)

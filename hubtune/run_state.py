@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable, TypedDict
 
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -14,12 +15,60 @@ from accelerate.utils import gather_object
 
 from hubtune import checkpoint
 from hubtune.config import TrainConfig
+from hubtune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hubtune.job import Job
 
 logger = get_logger("hubtune")
 
 # Config fields whose change would make a resumed run a different run.
 RESUME_MUST_MATCH = ("model", "dataset", "image_size", "val_fraction", "freeze", "freeze_bn", "batch_size",
-                     "grad_accum", "seed", "shuffle_buffer", "num_workers")
+                     "grad_accum", "seed", "shuffle_buffer", "num_workers", "drop_rate", "drop_path_rate")
+
+
+class EpochRow(TypedDict):
+    """One epoch of metrics.json's history (and of a checkpoint's)."""
+
+    epoch: int  # 1-based
+    step: int  # optimizer steps at the end of the epoch
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    val_f1: float
+    train_examples: int
+    val_examples: int
+    per_class: dict[str, dict[str, float]]  # label -> precision, recall, f1, support
+    confusion_matrix: list[list[int]]  # [true][predicted]
+    skipped_images: dict[str, int]  # undecodable images: train, val
+
+
+@dataclass
+class EpochProgress:
+    """One process's position in the epoch in progress: sums for the epoch's train loss and decode counters, and
+    the loader state after the last batch trained on (what a checkpoint saved mid-epoch restores)."""
+
+    loss_sum: float = 0.0
+    n: int = 0
+    bad: int = 0
+    seen: int = 0
+    loader: dict[str, Any] | None = None
+    rest: Iterable[dict] = ()  # batches read but not trained on when the processes stopped together (not saved)
+
+    def add(self, loss: float, n: int) -> None:
+        self.loss_sum += loss * n
+        self.n += n
+
+    def advance(self, position: dict[str, Any]) -> None:
+        """Move to the position after a batch: {"loader": state, "bad": count, "seen": count}."""
+        self.loader, self.bad, self.seen = position["loader"], position["bad"], position["seen"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum, "n": self.n, "bad": self.bad, "seen": self.seen, "loader": self.loader}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EpochProgress:
+        return cls(**{k: d[k] for k in ("loss_sum", "n", "bad", "seen", "loader") if k in d})
 
 
 @dataclass
@@ -30,11 +79,13 @@ class RunState:
     global_step: int = 0
     in_epoch: bool = False  # saved inside an epoch: the data position is restored, not restarted
     steps_per_epoch: int | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[EpochRow] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)
     bad_evals: int = 0  # evaluations since the metric last improved (early stopping)
     stopped: dict[str, Any] | None = None
     examples_seen: int = 0
+    elapsed_s: float = 0.0  # wall time of the earlier segments of a resumed run, up to their last checkpoint
+    segments: int = 0  # earlier segments (processes that trained this run and were interrupted)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,7 +95,7 @@ class RunState:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-def update_best(state: RunState, row: dict[str, Any], cfg: TrainConfig) -> bool:
+def update_best(state: RunState, row: EpochRow, cfg: TrainConfig) -> bool:
     """Record an evaluation; return True if it is the new best. Sets state.stopped on early stopping."""
     value = row[cfg.metric]
     if state.best:
@@ -72,12 +123,14 @@ def resume_differences(saved: dict[str, Any], cfg: TrainConfig, run: dict[str, A
     diffs = []
     old_cfg = saved["config"]
     for key in RESUME_MUST_MATCH:
-        if old_cfg.get(key) != getattr(cfg, key):
-            diffs.append(f"--{key.replace('_', '-')}: checkpoint has {old_cfg.get(key)!r}, this run has "
+        old = old_cfg.get(key, TrainConfig.__dataclass_fields__[key].default)  # older checkpoints: the default
+        if old != getattr(cfg, key):
+            diffs.append(f"--{key.replace('_', '-')}: checkpoint has {old!r}, this run has "
                          f"{getattr(cfg, key)!r}")
-    for key, what in (("dataset_revision", "dataset revision"), ("class_names", "classes"),
-                      ("val_source", "validation split"), ("num_processes", "number of processes")):
-        if saved["run"].get(key) != run.get(key):
+    for key, what in (("dataset_revision", "dataset revision"), ("model_revision", "base model revision"),
+                      ("class_names", "classes"), ("val_source", "validation split"),
+                      ("num_processes", "number of processes")):
+        if key in saved["run"] and saved["run"][key] != run.get(key):  # (older checkpoints did not record all)
             diffs.append(f"{what}: checkpoint has {saved['run'].get(key)!r}, this run has {run.get(key)!r}")
     return diffs
 
@@ -108,27 +161,21 @@ class StopRequest:
         self.signum = signum
 
 
-class TrainingInterrupted(Exception):
-    """Raised after the checkpoint requested by a signal has been written."""
-
-    def __init__(self, signum: int, checkpoint: Path, command: str) -> None:
-        self.signum = signum
-        name = signal.Signals(signum).name
-        super().__init__(f"{name} received: saved {checkpoint}; resume with: {command} --resume latest")
-
-
-def save_checkpoint(accelerator: Accelerator, out: Path, net: Any, optimizer: Any, state: RunState,
-                    epoch_progress: dict, cfg: TrainConfig, run: dict) -> Path:
+def save_checkpoint(job: Job) -> Path:
     """Gather every process's RNG and data position, then the main process writes one atomic checkpoint."""
+    accelerator, out, state, cfg = job.accelerator, job.out, job.state, job.cfg
     rng_meta, rng_tensors = checkpoint.rng_state()
-    mine = ({**rng_meta, "progress": epoch_progress}, rng_tensors)
+    mine = ({**rng_meta, "progress": job.progress.to_dict()}, rng_tensors)
     ranks = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
     path = checkpoint.step_dir(out, state.global_step)
     if accelerator.is_main_process:
-        opt_meta, opt_tensors = checkpoint.optimizer_state(optimizer.optimizer)
+        opt_meta, opt_tensors = checkpoint.optimizer_state(job.optimizer.optimizer)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        payload = {"run_state": state.to_dict(), "config": cfg.to_dict(), "run": run, "grad_scaler": scaler}
-        weights = accelerator.unwrap_model(net, keep_torch_compile=False).state_dict()
+        # the wall time so far, this segment included: a resumed run continues the count
+        run_state = {**state.to_dict(), "elapsed_s": state.elapsed_s + time.time() - job.started,
+                     "segments": state.segments + 1}
+        payload = {"run_state": run_state, "config": cfg.to_dict(), "run": job.run, "grad_scaler": scaler}
+        weights = job.net.state_dict()
         checkpoint.write(out, state.global_step, weights, opt_meta, opt_tensors, ranks, payload)
         keep = {state.best["checkpoint"]} if state.best.get("checkpoint") else set()
         for gone in checkpoint.prune(out, cfg.keep_last, keep):
@@ -138,14 +185,15 @@ def save_checkpoint(accelerator: Accelerator, out: Path, net: Any, optimizer: An
     return path
 
 
-def restore(path: Path, accelerator: Accelerator, net: Any, optimizer: Any, cfg: TrainConfig, run: dict) -> tuple[RunState, dict]:
+def restore(path: Path, accelerator: Accelerator, net: Any, optimizer: Any, cfg: TrainConfig,
+            run: dict) -> tuple[RunState, EpochProgress]:
     """Load a checkpoint into the model, optimizer and RNGs; return its RunState and this process's progress."""
     saved, model_tensors, opt_tensors, rank_tensors = checkpoint.read(path)
     diffs = resume_differences(saved, cfg, run)
     if diffs:
-        raise ValueError(f"cannot resume from {path}: the run would change meaning:\n  " + "\n  ".join(diffs)
+        raise ConfigError(f"cannot resume from {path}: the run would change meaning:\n  " + "\n  ".join(diffs)
                          + "\n  (start a new --output-dir for a different run)")
-    accelerator.unwrap_model(net, keep_torch_compile=False).load_state_dict(model_tensors)
+    net.load_state_dict(model_tensors)
     checkpoint.load_optimizer_state(optimizer.optimizer, saved["optimizer"], opt_tensors)
     mine = saved["ranks"][accelerator.process_index]
     checkpoint.set_rng_state(mine, checkpoint.rank_tensors(rank_tensors, accelerator.process_index))
@@ -155,4 +203,4 @@ def restore(path: Path, accelerator: Accelerator, net: Any, optimizer: Any, cfg:
     if state.stopped and state.stopped["reason"] != "early_stopping":
         state.stopped = None  # a finished run resumed with more --epochs/--max-steps continues
     logger.info(f"resumed from {path} at epoch {state.epoch + 1}, step {state.global_step}")
-    return state, mine["progress"]
+    return state, EpochProgress.from_dict(mine["progress"])

@@ -39,13 +39,11 @@ def content_key(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8, person=b"hubtune-val").digest(), "big")
 
 
-def in_val(data: bytes, fraction: float) -> bool:
-    """Stable membership: a hash of the image content, the same in every run, process and shuffle order.
-
-    Each class keeps `fraction` of its examples in validation (in expectation), so the split is stratified;
-    identical images always land on the same side, so duplicates cannot leak from train into val.
-    """
-    return content_key(data) / 2**64 < fraction
+def in_val(key: int, fraction: float) -> bool:
+    """Whether the image with this content key is held out for validation: the same in every run, process count
+    and shuffle order. Each image is cut off independently, so a class keeps `fraction` of its examples only on
+    average (a small class can get none); identical images always land on the same side."""
+    return key / 2**64 < fraction
 
 
 def _seeded(transform: Callable, img: Any, seed: int) -> Any:
@@ -113,6 +111,16 @@ class ExampleStream(torch.utils.data.IterableDataset):
         """
         return self.images, self.known_keys, self.views, self.draft
 
+    def labels(self) -> Iterator[int]:
+        """The labels of this process's examples in stream order, read without decoding (a pass over the keys)."""
+        saved = self.images, self.known_keys
+        self.images, self.known_keys = False, frozenset()
+        try:
+            for example in self:
+                yield example["label"]
+        finally:
+            self.images, self.known_keys = saved
+
     def state_dict(self) -> dict:
         # a pass's position carries its own epoch: a worker may still be finishing one when the next is set
         return self._position or {"epoch": self.epoch, "source": None, "block": 0, "offset": 0}
@@ -124,7 +132,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
     def _process(self, example: dict, view: int) -> dict | None:
         data = example["data"]
         key = content_key(data)
-        if self.keep_val is not None and (key / 2**64 < self.val_fraction) != self.keep_val:
+        if self.keep_val is not None and in_val(key, self.val_fraction) != self.keep_val:
             return None
         if not self.images:
             return {"pixel_values": None, "label": example["label"], "key": key, "ok": key in self.known_keys}
@@ -205,6 +213,9 @@ def make_loader(stream: ExampleStream, batch_size: int, num_workers: int, pin_me
         stream, batch_size=batch_size, num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
         prefetch_factor=4 if workers else None,
         persistent_workers=persistent_workers and workers > 0,
+        # its own generator: each new iterator draws its workers' base seed from it, and a draw from the global
+        # stream would make a resumed run's dropout diverge (a resume starts one more iterator mid-epoch)
+        generator=torch.Generator().manual_seed(stream.seed or 0),
     )
 
 

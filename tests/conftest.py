@@ -58,7 +58,7 @@ HUB_TOKENS = {
 @pytest.fixture(scope="session")
 def hub():
     """A local Hub-compatible server on the reserved port, shared by the session."""
-    from hubtune.hub_server import LocalHub
+    from hubtune.localhub import LocalHub
 
     server = LocalHub(_SESSION_HOME / "hub", port=HUB_PORT, tokens=HUB_TOKENS).start()
     yield server

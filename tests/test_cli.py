@@ -35,6 +35,34 @@ def test_same_flags_work_through_every_entry_point(entry, two_class_folder, tmp_
     assert (tmp_path / "out" / "train_config.yaml").is_file()
 
 
+ENTRY_POINTS = {
+    "accelerate-launch": [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "hubtune/train.py"],
+    "python-m": [sys.executable, "-m", "hubtune.train"],
+    "hubtune-train": HUBTUNE + ["train"],
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_every_entry_point_turns_user_errors_into_one_line(entry, two_class_folder, tmp_path):
+    """The same error path whichever way training is started (train.py run as a script once had its own copy
+    of the error classes, so `except BadDataError` did not match and a traceback came out)."""
+    cases = [
+        (flags(two_class_folder, tmp_path / "bad", "--max-bad-fraction", "0"), 1, "could not be decoded, over --max-bad-fraction 0"),
+        (flags(tmp_path / "no-such-dataset", tmp_path / "missing"), 2, "no such local file or directory"),
+        (flags(two_class_folder, tmp_path / "flag", "--no-such-flag", "1"), 2, "unrecognized arguments: --no-such-flag"),
+    ]
+    for args, code, message in cases:
+        proc = run(ENTRY_POINTS[entry] + args)
+        # accelerate's launcher exits 1 for any failure of its script (and prints its own traceback unless `-q`)
+        assert proc.returncode == (1 if entry == "accelerate-launch" else code), proc.stderr[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("hubtune: error: ")]
+        assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+        assert f'File "{REPO / "hubtune"}' not in proc.stderr, proc.stderr[-3000:]
+        if entry != "accelerate-launch":
+            assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--mixed-precision", "fp8"], "invalid configuration: --mixed-precision: got 'fp8', expected one of no, bf16, fp16"),
     (["--label-column", "breed"], "--label-column 'breed' is not in the dataset; columns: image (Image), label (ClassLabel)"),
@@ -93,7 +121,13 @@ def test_predict_command_on_a_trained_folder(two_class_folder, tmp_path):
 
     result = json.loads(proc.stdout)
     assert result[0]["image"] == str(image)
-    assert sorted(p["label"] for p in result[0]["predictions"]) == ["cat", "dog"]
+    from hubtune import ImageClassifier
+
+    expected = ImageClassifier.from_pretrained(out, device="cpu").predict(str(image), top_k=2)[0]
+    got = result[0]["predictions"]
+    assert [p["label"] for p in got] == [p["label"] for p in expected]
+    assert [p["score"] for p in got] == pytest.approx([p["score"] for p in expected], abs=1e-6)
+    assert got[0]["score"] >= got[1]["score"] and sum(p["score"] for p in got) == pytest.approx(1.0)
     card = run(HUBTUNE + ["card", str(out), "--repo-id", "alice/demo"])
     assert card.returncode == 0, card.stderr
     assert "alice/demo" in (out / "README.md").read_text()

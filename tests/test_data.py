@@ -4,6 +4,7 @@ import io
 import subprocess
 import sys
 
+import datasets
 import numpy as np
 import pytest
 import torchvision.transforms as T
@@ -79,7 +80,7 @@ def test_val_split_is_disjoint_stable_and_independent_of_processes_and_shuffle(t
 def test_hash_split_keeps_each_class_near_the_fraction():
     blobs = [(b, lab) for _, b, lab in examples(per_class=400, odd=False)]
     for label in (0, 1):
-        share = sum(stream.in_val(b, 0.2) for b, lab in blobs if lab == label) / 400
+        share = sum(stream.in_val(stream.content_key(b), 0.2) for b, lab in blobs if lab == label) / 400
         assert 0.14 < share < 0.26
 
 
@@ -171,3 +172,56 @@ print("batches after the signal", rest, flush=True)
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert int(proc.stdout.split()[-1]) >= 2
+
+
+def test_names_that_are_neither_local_nor_hub_ids_are_one_line_errors(hub, tmp_path):
+    from hubtune.errors import DataError
+
+    for name in ("nosuch", "a/b/c", "./missing"):
+        with pytest.raises(DataError, match=rf"--dataset {name!r}: no such local file or directory, and not a Hub "
+                                            r"dataset id \(org/name\)"):
+            data.open_splits(_cfg(name))
+    with pytest.raises(DataError, match="--dataset 'alice/nosuch': no such dataset on the Hub or locally"):
+        data.open_splits(_cfg("alice/nosuch"))
+
+
+def test_a_single_class_label_column_is_refused(tmp_path):
+    from hubtune.errors import DataError
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat"])})
+    items = examples(per_class=3, odd=False)[:3]
+    datasets.Dataset.from_dict({"image": [{"bytes": b, "path": n} for n, b, _ in items], "label": [0, 0, 0]},
+                               features=features).to_parquet(str(tmp_path / "one.parquet"))
+    with pytest.raises(DataError, match=r"has 1 class \(\['cat'\]\) in 'label': a classifier needs at least two"):
+        data.open_splits(_cfg(tmp_path / "one.parquet"))
+
+
+SPLIT_MEMBERS = """
+import hashlib, json, sys
+from hubtune import data, stream
+from hubtune.config import TrainConfig
+path, world = sys.argv[1], int(sys.argv[2])
+train, _, info = data.open_splits(TrainConfig(dataset=path))
+members = []
+for rank in range(world):
+    source = data.process_source(train, info, rank=rank, world_size=world, shuffle_seed=rank)
+    ds = stream.ExampleStream(source, lambda img: hashlib.sha256(img.tobytes()).hexdigest(), keep_val=True,
+                              val_fraction=0.3, seed=None, shuffle_buffer=16)
+    members += [ex["pixel_values"] for ex in ds if ex["ok"]]
+print(json.dumps(sorted(members)))
+"""
+
+
+def test_the_validation_split_is_the_same_in_every_process_and_process_count(two_class_parquet):
+    """Python's own hash() is salted per process: a split keyed on it would differ between runs and ranks."""
+    import json
+    import os
+
+    runs = []
+    for hash_seed, world in (("1", 1), ("2", 3)):
+        proc = subprocess.run([sys.executable, "-c", SPLIT_MEMBERS, str(two_class_parquet), str(world)],
+                              env={**os.environ, "PYTHONHASHSEED": hash_seed}, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(json.loads(proc.stdout.splitlines()[-1]))
+    assert 20 < len(runs[0]) < 60 and runs[0] == runs[1]

@@ -21,7 +21,7 @@ from hubtune.demo import (
     add_demo_arguments,
     prepare_workdir,
 )
-from hubtune.hub_server import LocalHub
+from hubtune.localhub import LocalHub
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TIMEOUT_S = 400  # about a minute on 2 idle cores; generous for a loaded CI machine

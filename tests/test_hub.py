@@ -16,7 +16,7 @@ from helpers import make_image_dataset
 from huggingface_hub import HfApi
 
 from hubtune import hub as hub_lib
-from hubtune.hub_server import LocalHub
+from hubtune.localhub import LocalHub
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "tok-alice-write"
@@ -42,8 +42,11 @@ def published(hub, tmp_path_factory):
     api.upload_folder(folder_path=str(root / "backbone"), repo_id=backbone)
     dataset = unique("cats-vs-dogs")
     path = make_image_dataset(root / "ds", "parquet", per_class=60, bad=True)
-    datasets.config.USE_PARQUET_EXPORT = False
-    datasets.load_dataset("parquet", data_files=str(path), split="train").push_to_hub(dataset, token=TOKEN)
+    exporting, datasets.config.USE_PARQUET_EXPORT = datasets.config.USE_PARQUET_EXPORT, False
+    try:
+        datasets.load_dataset("parquet", data_files=str(path), split="train").push_to_hub(dataset, token=TOKEN)
+    finally:  # a module-level setting of datasets: other tests must not inherit it
+        datasets.config.USE_PARQUET_EXPORT = exporting
     return {"backbone": backbone, "dataset": dataset}
 
 
@@ -71,8 +74,8 @@ preds = clf.predict(paths, top_k=2)
 net = timm.create_model("hf-hub:" + repo, pretrained=True).eval()
 cfg = timm.data.resolve_data_config({}, model=net)
 tf = timm.data.create_transform(**cfg)
-from hubtune.data import decode
-x = torch.stack([tf(decode(open(p, "rb").read())) for p in paths])
+from PIL import Image
+x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])  # plain timm use, no hubtune code
 with torch.no_grad():
     probs = net(x).softmax(-1)
 names = net.pretrained_cfg["label_names"]
@@ -142,9 +145,9 @@ def test_push_is_verified_idempotent_and_never_ships_checkpoints(hub, finished_r
     api = HfApi(token=TOKEN)
     files = set(api.list_repo_files(target))
     assert "model.safetensors" in files and not any(f.startswith("checkpoints") for f in files)
-    before = len(hub.requests)
+    mark = hub.request_count
     hub_lib.push(finished_run, target, token=TOKEN)
-    again = list(hub.requests)[before:]
+    again = hub.requests_since(mark)
     assert not [r for r in again if r[0] == "PUT"], "unchanged files were uploaded again"
     assert not [r for r in again if r[0] == "POST" and "/commit/" in r[1]], "a no-op push made a commit"
     with_ckpt = hub_lib.files_to_push(finished_run, push_checkpoints=True)
@@ -233,7 +236,11 @@ def test_background_pushes_coalesce_and_failures_never_stop_training(published, 
     train(TrainConfig(**base, output_dir=str(tmp_path / "ok"), push_to_hub=target))
     api = HfApi(token=TOKEN)
     messages = [c.title for c in api.list_repo_commits(target)]
-    assert 1 <= messages.count("hubtune: new best checkpoint") <= 2  # at most one per improvement, none per step
+    history = json.loads((tmp_path / "ok" / "metrics.json").read_text())["history"]
+    improvements = sum(1 for i, row in enumerate(history)
+                       if all(row["val_accuracy"] > earlier["val_accuracy"] for earlier in history[:i]))
+    # one push per improvement (two epochs: never more than one waiting, so nothing coalesces), none per step
+    assert messages.count("hubtune: new best checkpoint") == improvements
     assert not list((tmp_path / "ok").glob(".push-*"))  # snapshots are cleaned up
     # pushes refused (alice cannot write to bob's namespace): training still runs to the end, only the final push fails
     with pytest.raises(hub_lib.PushError, match="403"):
@@ -289,3 +296,175 @@ def test_missing_hub_model_is_one_line_error(published, tmp_path):
     assert proc.returncode == 2
     assert "--model 'alice/no-such-backbone': no such model repo on the Hub" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_push_retries_every_call_that_fails_once_and_completes(hub, finished_run, caplog):
+    """A 503 or a dropped connection once on each of the push's own calls: each is retried and the push completes."""
+    from faultproxy import FaultProxy
+
+    target = unique("flaky")
+    with FaultProxy(hub.url) as proxy:
+        faults = [proxy.fail("POST", r"/api/repos/create$", status=503),
+                  proxy.drop("*", rf"/{target}/resolve/main/README\.md$"),  # is the card on the Hub edited?
+                  proxy.fail("POST", rf"/api/models/{target}/commit/", status=500),
+                  proxy.fail("POST", rf"/api/models/{target}/paths-info/", status=503)]  # the verification read
+        url = hub_lib.push(finished_run, target, token=TOKEN, endpoint=proxy.url, retry_wait=0.01)
+    assert [f.applied for f in faults] == [1, 1, 1, 1]
+    retried = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    for step in ("create_repo", "reading the card on the Hub", "upload", "verification"):
+        assert any(m.startswith(f"{step} failed") for m in retried), (step, retried)
+    files = HfApi(token=TOKEN).list_repo_files(target)
+    assert f"{target}/commit/" in url and "model.safetensors" in files
+
+
+def test_push_that_keeps_failing_says_where_and_how_often_and_changes_nothing(hub, finished_run):
+    from faultproxy import FaultProxy
+
+    target = unique("down")
+    before = _digests(finished_run)
+    with FaultProxy(hub.url) as proxy:
+        proxy.fail("POST", rf"/api/models/{target}/commit/", status=500, times=None)
+        with pytest.raises(hub_lib.PushError) as err:
+            hub_lib.push(finished_run, target, token=TOKEN, endpoint=proxy.url, retries=2, retry_wait=0.01)
+    assert str(err.value).startswith(f"push to {target} failed at upload after 3 attempts (HTTP 500)")
+    assert str(err.value).endswith("run the same push again to complete it") and "\n" not in str(err.value)
+    assert _digests(finished_run) == before
+
+
+def test_a_corrupted_object_on_the_server_fails_verification_naming_the_file(hub, finished_run):
+    import hashlib
+
+    # the server already stores metrics.json's content; damaged on its disk, a new commit of it reuses the damage
+    sha = hashlib.sha256((finished_run / "metrics.json").read_bytes()).hexdigest()
+    hub_lib.push(finished_run, unique("first"), token=TOKEN)
+    stored = hub.store.object_path(sha)
+    original = stored.read_bytes()
+    try:
+        stored.write_bytes(original.replace(b'"history"', b'"HISTORY"'))
+        with pytest.raises(hub_lib.PushError, match=r"verification failed: metrics\.json on alice/second-\w+@\w+ "
+                                                    r"differs from the local file"):
+            hub_lib.push(finished_run, unique("second"), token=TOKEN)
+    finally:
+        stored.write_bytes(original)
+
+
+def test_a_server_that_holds_the_commit_times_out_with_one_line(hub, finished_run, tmp_path):
+    from faultproxy import FaultProxy
+
+    target = unique("held")
+    with FaultProxy(hub.url) as proxy:
+        held = proxy.hold("POST", rf"/api/models/{target}/commit/", timeout=120, times=None)
+        proc = subprocess.run([sys.executable, "-m", "hubtune.cli", "push", str(finished_run), target, "--retries", "1"],
+                              cwd=REPO, env=env_for(proxy.url, tmp_path / "home", HUBTUNE_HUB_TIMEOUT="2"),
+                              capture_output=True, text=True, timeout=120)
+        held.release()
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert held.applied == 2  # the first attempt and one retry, each given up after 2 s
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("hubtune: error: ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"push to {target} failed at upload after 2 attempts (ReadTimeout" in lines[0]
+
+
+def test_a_background_push_that_crashes_never_hangs_the_run(hub, published, tmp_path):
+    """Every file upload refused: the background pushes fail (huggingface_hub wraps that in a RuntimeError), training
+    still runs to the end, the final push fails with one line, and the process exits."""
+    from faultproxy import FaultProxy
+
+    target, out = unique("refused-uploads"), tmp_path / "run"
+    with FaultProxy(hub.url) as proxy:
+        refused = proxy.fail("PUT", r"/upload/", status=400, times=None)
+        proc = subprocess.run([sys.executable, "-m", "hubtune.cli", "train",
+                               *train_flags(published, out, "--push-to-hub", target, "--push-every-save",
+                                            "--seed", "1234")],  # weights no other test pushed: uploads needed
+                              cwd=REPO, env=env_for(proxy.url, tmp_path / "home"), capture_output=True, text=True,
+                              timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert refused.applied >= 2  # at least one background push and the final one
+    assert "background upload of .push-" in proc.stderr and "failed" in proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("hubtune: error: ")]
+    assert len(error) == 1 and f"push to {target} failed at upload" in error[0] and "HTTP 400" in error[0]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["background_pushes"]["failed"] and not metrics["background_pushes"]["pushed"]
+    assert not list(out.glob(".push-*"))
+
+
+SNIPPET_CHECK = """
+import json, sys
+from hubtune import ImageClassifier
+repo, image, snippet = sys.argv[1], sys.argv[2], sys.argv[3]
+scope = {}
+exec(snippet, scope)  # the card's timm snippet, as a reader would paste it (it prints its top-k)
+theirs = {scope["labels"][i]: p.item() for p, i in zip(scope["top"].values, scope["top"].indices)}
+ours = {p["label"]: p["score"] for p in ImageClassifier.from_pretrained(repo).predict(image, top_k=len(theirs))[0]}
+print(json.dumps({"timm": theirs, "hubtune": ours}))
+"""
+
+
+def _python_blocks(card: str) -> dict[str, str]:
+    """The card's ```python blocks, by the line that introduces them ("With timm:", ...)."""
+    blocks, lines = {}, card.splitlines()
+    for i, line in enumerate(lines):
+        if line == "```python":
+            end = lines.index("```", i)
+            blocks[lines[i - 2]] = "\n".join(lines[i + 1:end])
+    return blocks
+
+
+def test_the_cards_timm_snippet_sees_images_as_hubtune_does(hub, finished_run, tmp_path):
+    """EXIF rotation and transparency: plain `.convert("RGB")` would disagree with hubtune on both."""
+    import random
+    import shutil
+
+    from helpers import make_rgb
+    from PIL import Image
+
+    from hubtune.card import write_card
+
+    target, export = unique("snippets"), tmp_path / "export"
+    shutil.copytree(finished_run, export, ignore=shutil.ignore_patterns("checkpoints"))
+    write_card(export, repo_id=target)
+    hub_lib.push(export, target, token=TOKEN)
+    snippet = _python_blocks((export / "README.md").read_text())["With timm:"]
+    rotated = make_rgb(1, random.Random(3)).resize((40, 24))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    rgba = make_rgb(0, random.Random(4)).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+    rgba.save(tmp_path / "transparent.png")
+    for name in ("rotated.jpg", "transparent.png"):
+        image = str(tmp_path / name)
+        proc = subprocess.run([sys.executable, "-c", SNIPPET_CHECK, target, image, snippet.replace("cat.jpg", image)],
+                              cwd=REPO, env=env_for(hub.url, tmp_path / "home", token=None), capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["timm"].keys() == result["hubtune"].keys() == {"cat", "dog"}
+        for label, score in result["hubtune"].items():
+            assert result["timm"][label] == pytest.approx(score, abs=1e-6), name
+
+
+def test_background_uploads_run_one_at_a_time_and_only_the_newest_waits(tmp_path):
+    started, release = threading.Event(), threading.Event()
+    discarded, worked = [], []
+
+    def work(item: Path, cancel: threading.Event) -> str:
+        worked.append(item.name)
+        started.set()
+        assert release.wait(30)
+        if item.name == "boom":
+            raise RuntimeError("Error while uploading 'model.safetensors' to the Hub.")
+        return f"done {item.name}"
+
+    pusher = hub_lib.BackgroundPusher(work, discard=lambda item: discarded.append(item.name))
+    pusher.submit(tmp_path / "a")
+    assert started.wait(30)  # "a" is in flight
+    for name in ("b", "c", "boom"):
+        pusher.submit(tmp_path / name)  # each replaces the one waiting
+    release.set()
+    assert pusher.close(timeout=30, drain=True)
+    assert worked == ["a", "boom"] and discarded == ["b", "c", "a", "boom"]
+    assert pusher.pushed == ["done a"] and pusher.failed == [
+        {"item": "boom", "error": "Error while uploading 'model.safetensors' to the Hub."}]
+    assert not pusher._thread.is_alive()

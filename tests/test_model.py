@@ -80,3 +80,10 @@ def test_export_round_trip_through_plain_timm(net, tmp_path):
     assert torch.allclose(loaded(x), net(x), atol=1e-6)
     assert loaded.pretrained_cfg["label_names"] == ["a", "b", "c"]
     assert tuple(loaded.pretrained_cfg["input_size"]) == (3, 48, 48)
+
+
+def test_a_stage_range_past_the_last_stage_is_an_error_not_clamped(net):
+    with pytest.raises(ValueError, match=r"--freeze 'stages.0-99' reaches past the model's stages \(stages.4, "
+                                         r"stages.5, stages.6 ... do not exist\); valid range: stages.0-3"):
+        model_lib.resolve_freeze(net, "stages.0-99")
+    assert model_lib.resolve_freeze(net, "stages.0-3") == model_lib.resolve_freeze(net, "stages")

@@ -90,13 +90,15 @@ def test_non_finite_loss_stops_with_step_and_advice(two_class_folder, tmp_path):
 
 
 def test_optimizer_only_sees_trainable_parameters(two_class_folder, tmp_path, backbone):
-    from timm.optim import create_optimizer_v2
-
+    train(tiny_config(two_class_folder, tmp_path, epochs=1, model=f"local-dir:{backbone}", pretrained=True,
+                      freeze="stem,stages.0-2"))
+    optimizer = json.loads((checkpoint.listing(tmp_path)[-1] / checkpoint.STATE_FILE).read_text())["optimizer"]
     net = model_lib.create(f"local-dir:{backbone}", num_classes=2)
     model_lib.freeze(net, model_lib.resolve_freeze(net, "stem,stages.0-2"), freeze_bn=False)
-    opt = create_optimizer_v2(net, opt="adamw", lr=1e-3)
-    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
-    assert in_opt == {id(p) for p in net.parameters() if p.requires_grad}
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    assert 0 < len(trainable) < len(list(net.parameters()))
+    assert sum(len(g["params"]) for g in optimizer["param_groups"]) == len(trainable)
+    assert len(optimizer["state"]) == len(trainable)  # an AdamW moment pair for each, and for nothing else
 
 
 def _launch(args: list[str], env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -145,15 +147,31 @@ def test_gradient_accumulation_counts_optimizer_steps(two_class_folder, tmp_path
     assert result.metrics["global_step"] == -(-batches // 2)  # the last partial group still steps
 
 
-def test_bf16_mixed_precision_on_cpu_trains_and_exports_fp32(two_class_folder, tmp_path):
+ACTIVATION_DTYPES = """
+import json, sys, torch
+from hubtune.train import main
+seen = {}
+def record(module, args, output):
+    if isinstance(module, torch.nn.Conv2d) and module.training:
+        seen[str(output.dtype)] = seen.get(str(output.dtype), 0) + 1
+torch.nn.modules.module.register_module_forward_hook(record)
+code = main(sys.argv[1:])
+print(json.dumps(seen))
+sys.exit(code)
+"""
+
+
+def test_bf16_mixed_precision_on_cpu_computes_in_bf16_and_exports_fp32(two_class_folder, tmp_path):
     # a process of its own: Accelerate keeps one precision per process
     flags = ["--model", "test_resnet", "--no-pretrained", "--dataset", str(two_class_folder), "--image-size", "32",
              "--epochs", "1", "--batch-size", "16", "--num-workers", "0", "--max-bad-fraction", "0.05",
              "--output-dir", str(tmp_path), "--no-progress", "--mixed-precision", "bf16"]
-    proc = _launch([sys.executable, "-m", "hubtune.cli", "train", *flags])
+    proc = _launch([sys.executable, "-c", ACTIVATION_DTYPES, *flags])
     assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(seen) == {"torch.bfloat16"} and seen["torch.bfloat16"] > 0  # every training convolution ran in bf16
     history = json.loads((tmp_path / "metrics.json").read_text())["history"]
-    assert history[0]["train_loss"] == history[0]["train_loss"]  # finite, not NaN
+    assert torch.isfinite(torch.tensor(history[0]["train_loss"]))
     weights = load_file(str(tmp_path / "model.safetensors"))
     assert all(t.dtype in (torch.float32, torch.int64) for t in weights.values())
 
@@ -182,3 +200,74 @@ def test_jpeg_draft_validation_uses_the_eval_resize_as_the_floor(two_class_folde
     # the test images are smaller than twice the eval size, so no JPEG may be scaled down: identical evaluations
     assert drafted.history[0]["confusion_matrix"] == plain.history[0]["confusion_matrix"]
     assert drafted.history[0]["val_loss"] == plain.history[0]["val_loss"]
+
+
+def test_a_new_run_never_overwrites_an_earlier_one_without_being_told(two_class_folder, tmp_path):
+    from hubtune.errors import ConfigError, OutputDirError
+
+    out = tmp_path / "run"
+    train(tiny_config(two_class_folder, out, epochs=1))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # a run that fails its checks, and a run that would start over: both refused before writing anything
+    with pytest.raises(ConfigError, match="--freeze 'nosuchgroup' matches no parameters"):
+        train(tiny_config(two_class_folder, out, epochs=1, freeze="nosuchgroup", overwrite_output_dir=True))
+    with pytest.raises(OutputDirError, match=r"holds an earlier run \(checkpoints, train_config.yaml, metrics.json, "
+                                             r".*pass --resume latest to continue it, --overwrite-output-dir"):
+        train(tiny_config(two_class_folder, out, epochs=1, lr=1e-3))
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (out / "notes.txt").write_text("mine")
+    train(tiny_config(two_class_folder, out, epochs=1, lr=1e-3, overwrite_output_dir=True))
+    assert "lr: 0.001" in (out / "train_config.yaml").read_text() and (out / "notes.txt").read_text() == "mine"
+    assert len(checkpoint.listing(out)) == 1  # the earlier run's checkpoints were removed, not mixed in
+    with pytest.raises(OutputDirError, match="is a file"):
+        train(tiny_config(two_class_folder, out / "notes.txt"))
+
+
+def test_impossible_sizes_are_refused_before_anything_is_allocated(two_class_folder, tmp_path):
+    from hubtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--image-size: got 100000, expected an integer from 1 to 4,096"):
+        train(tiny_config(two_class_folder, tmp_path / "a", image_size=100_000))
+    with pytest.raises(ConfigError, match=r"--image-size 4096 with --batch-size 4096 and --num-workers 0 needs about "
+                                          r"[\d.]+ GiB for the input batches alone; cpu has [\d.]+ GiB free"):
+        train(tiny_config(two_class_folder, tmp_path / "b", image_size=4096, batch_size=4096))
+    with pytest.raises(ConfigError, match=r"--image-size 64: vit_tiny_patch16_224 takes only 224 px inputs"):
+        train(tiny_config(two_class_folder, tmp_path / "c", model="vit_tiny_patch16_224", image_size=64))
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_an_empty_validation_split_is_refused_before_training(two_class_folder, tmp_path):
+    from hubtune.errors import DataError
+
+    with pytest.raises(DataError, match=r"has no validation images: --val-fraction 1e-06 held out none of its images"):
+        train(tiny_config(two_class_folder, tmp_path / "out", val_fraction=1e-6))
+    assert not (tmp_path / "out").exists()
+
+
+def test_classes_with_few_validation_images_are_named_in_the_log_metrics_and_card(two_class_folder, tmp_path, caplog):
+    result = train(tiny_config(two_class_folder, tmp_path, epochs=1))
+    validation = result.metrics["run_info"]["validation"]
+    assert validation["small_classes"] == ["cat", "dog"] and sum(validation["per_class"].values()) == 11
+    assert any("few validation images for 2 class(es) ('cat': 6, 'dog': 5" in r.getMessage() for r in caplog.records)
+    card = (tmp_path / "README.md").read_text()
+    assert "**Few validation images:** `cat`, `dog` had fewer than 10" in card and "stratified content" not in card
+
+
+def test_pickled_base_models_and_one_class_datasets_are_refused_with_the_fix(two_class_folder, backbone, tmp_path):
+    import shutil
+
+    from hubtune.errors import DataError, ModelSourceError
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(backbone, pickled)
+    weights = load_file(str(pickled / "model.safetensors"))
+    (pickled / "model.safetensors").unlink()
+    torch.save(weights, pickled / "pytorch_model.bin")
+    with pytest.raises(ModelSourceError, match=r"only pickled weights \(pytorch_model.bin\).*hubtune trains only from "
+                                               r"safetensors weights"):
+        train(tiny_config(two_class_folder, tmp_path / "a", model=f"local-dir:{pickled}", pretrained=True))
+    one_class = tmp_path / "one_class"
+    shutil.copytree(two_class_folder / "cat", one_class / "cat")
+    with pytest.raises(DataError, match=r"no ClassLabel column found, so the dataset has no class labels .*an "
+                                        r"imagefolder needs one subfolder per class, at least two"):
+        train(tiny_config(one_class, tmp_path / "b"))

@@ -1,14 +1,12 @@
-"""On-disk storage for the local Hub: content-addressed objects, repos, commits, branches and tags.
+"""On-disk storage for the local Hub: repos, commits, branches and tags over content-addressed objects.
 
-Layout under ``root``::
+Layout under ``root`` (objects, upload staging and the holder index are described in :mod:`.objects`)::
 
-    objects/<aa>/<sha256>                     file contents, stored once per distinct content
-    tmp/                                      staging area for uploads (same filesystem, for os.replace)
-    repos/<type>s/<ns>/<name>/repo.json       visibility, timestamps and refs (branches, tags, PRs)
+    repos/<type>s/<ns>/<name>/repo.json            visibility, timestamps and refs (branches, tags, PRs)
     repos/<type>s/<ns>/<name>/commits/<sha>.json   immutable commits: parent, message, full file tree
 
-Every file is written to a temporary name, fsynced and moved into place with ``os.replace``, and a commit file is
-always written before the ref that points to it, so an interrupted upload or commit is never visible.
+Every file is written with ``hubtune.files.atomic_write`` (temporary name, fsync, ``os.replace``), and a commit
+file is always written before the ref that points to it, so an interrupted upload or commit is never visible.
 """
 
 from __future__ import annotations
@@ -18,19 +16,21 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+from hubtune.files import atomic_write
+from hubtune.localhub.errors import Conflict, EntryNotFound, HubError, RepoNotFound, RevisionNotFound
+from hubtune.localhub.objects import ObjectStore, git_blob_sha1, lfs_pointer
+
 REPO_TYPES = ("model", "dataset", "space")
 DEFAULT_BRANCH = "main"
-LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n"
 INITIAL_GITATTRIBUTES = "".join(
     f"*.{ext} filter=lfs diff=lfs merge=lfs -text\n"
     for ext in ("bin", "ckpt", "gz", "h5", "npy", "npz", "onnx", "parquet", "arrow", "pt", "pth", "safetensors",
@@ -38,40 +38,8 @@ INITIAL_GITATTRIBUTES = "".join(
 )
 _HEX40 = re.compile(r"[0-9a-f]{40}")
 _SHORT_SHA = re.compile(r"[0-9a-f]{4,39}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-
-
-class HubError(Exception):
-    """An error with the HTTP status and ``X-Error-Code`` the server should answer with."""
-
-    status = 400
-    code: str | None = None
-
-    def __init__(self, message: str, status: int | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status or self.status
-        self.code = code or self.code
-        self.headers = headers or {}
-        self.extra = extra or {}
-
-
-class RepoNotFound(HubError):
-    status, code = 404, "RepoNotFound"
-
-
-class RevisionNotFound(HubError):
-    status, code = 404, "RevisionNotFound"
-
-
-class EntryNotFound(HubError):
-    status, code = 404, "EntryNotFound"
-
-
-class Conflict(HubError):
-    status = 409
+_HOLDERS_INDEXED = ".complete"
 
 
 @dataclass(frozen=True)
@@ -84,35 +52,10 @@ class Op:
     lfs: bool = False
 
 
-def git_blob_sha1(data: bytes) -> str:
-    """Git's blob id of ``data`` (what the Hub calls the ``oid`` of a regular file)."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def lfs_pointer(sha256: str, size: int) -> str:
-    """The git-lfs pointer text stored in git in place of an LFS file."""
-    return LFS_POINTER.format(sha256=sha256, size=size)
-
-
 def iso_now() -> str:
     """Current UTC time as ISO-8601 with milliseconds and ``Z``, like the Hub."""
     now = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see either the old file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_repo_path(path: str) -> str:
@@ -128,68 +71,53 @@ class HubStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
-        for sub in ("objects", "tmp", "repos"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        (self.root / "repos").mkdir(parents=True, exist_ok=True)
+        self.objects = ObjectStore(self.root)
         self._locks: dict[Path, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._index_holders()
 
     # ---- objects -------------------------------------------------------------------------------------------------
     def object_path(self, sha256: str) -> Path:
         """Where the content with this sha256 lives (whether or not it exists yet)."""
-        if not _SHA256.fullmatch(sha256):
-            raise HubError(f"invalid sha256 oid {sha256!r}: expected 64 lowercase hex characters")
-        return self.root / "objects" / sha256[:2] / sha256
+        return self.objects.path(sha256)
 
     def has_object(self, sha256: str, size: int | None = None) -> bool:
-        """Whether this content is stored (with this size, when given)."""
-        path = self.object_path(sha256)
-        return path.is_file() and (size is None or path.stat().st_size == size)
+        """Whether this content is stored anywhere (with this size, when given); says nothing about access."""
+        return self.objects.has(sha256, size)
 
     def put_bytes(self, data: bytes) -> str:
         """Store ``data`` once and return its sha256."""
-        sha256 = hashlib.sha256(data).hexdigest()
-        if not self.has_object(sha256):
-            self._publish(self._stage(lambda f: f.write(data)), sha256)
-        return sha256
+        return self.objects.put_bytes(data)
 
     def put_stream(self, read: Callable[[int], bytes], size: int, sha256: str) -> None:
         """Store ``size`` bytes from ``read`` after checking they hash to ``sha256``; raise HubError if not."""
-        hasher, received = hashlib.sha256(), 0
+        self.objects.put_stream(read, size, sha256)
 
-        def copy(f: Any) -> None:
-            nonlocal received
-            while received < size:
-                chunk = read(min(1 << 20, size - received))
-                if not chunk:
-                    break
-                hasher.update(chunk)
-                f.write(chunk)
-                received += len(chunk)
+    def holds(self, repo_type: str, repo_id: str, sha256: str) -> bool:
+        """Whether the repo holds this object: it was uploaded to the repo, or one of its commits contains it."""
+        return self.objects.holds(sha256, repo_type, repo_id)
 
-        self.object_path(sha256)
-        tmp = self._stage(copy)
-        if received != size or hasher.hexdigest() != sha256:
-            tmp.unlink(missing_ok=True)
-            raise HubError(f"upload of {sha256} rejected: got {received} bytes hashing to {hasher.hexdigest()}, "
-                           f"expected {size} bytes; retry the upload")
-        self._publish(tmp, sha256)
+    def holders(self, sha256: str) -> list[tuple[str, str]]:
+        """(type, id) of the repos that hold this object."""
+        return self.objects.holders(sha256)
 
-    def _stage(self, write: Callable[[Any], Any]) -> Path:
-        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix="upload-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return Path(tmp)
+    def add_holder(self, repo_type: str, repo_id: str, sha256s: Iterable[str]) -> None:
+        """Record that the repo holds these objects."""
+        self.objects.add_holder(sha256s, repo_type, repo_id)
 
-    def _publish(self, tmp: Path, sha256: str) -> None:
-        target = self.object_path(sha256)
-        target.parent.mkdir(exist_ok=True)
-        os.replace(tmp, target)
+    def _index_holders(self) -> None:
+        # Roots written before the holder index existed: index every commit once, so their repos keep the
+        # objects they already have. Idempotent, so two servers starting together may both run it.
+        done = self.root / "holders" / _HOLDERS_INDEXED
+        if done.exists():
+            return
+        for commits in (self.root / "repos").glob("*/*/*/commits"):
+            type_dir, ns, name = commits.parts[-4:-1]
+            for path in commits.glob("*.json"):
+                tree = json.loads(path.read_bytes())["tree"]
+                self.add_holder(type_dir[:-1], f"{ns}/{name}", (e["sha256"] for e in tree.values()))
+        done.touch()
 
     # ---- repos ---------------------------------------------------------------------------------------------------
     def repo_dir(self, repo_type: str, repo_id: str) -> Path:
@@ -232,6 +160,7 @@ class HubStore:
             if (repo_dir / "repo.json").exists():
                 return False
             sha256 = self.put_bytes(INITIAL_GITATTRIBUTES.encode())
+            self.add_holder(repo_type, repo_id, [sha256])
             tree = {".gitattributes": self._entry(sha256, lfs=False)}
             sha = self._write_commit(repo_type, repo_id, None, tree, "initial commit", "", author)
             now = iso_now()
@@ -282,12 +211,13 @@ class HubStore:
             current = commit["parent"]
 
     def resolve(self, repo_type: str, repo_id: str, rev: str) -> str:
-        """Full commit sha for a branch, tag, ``refs/...`` name, full sha or unique short sha prefix."""
+        """Full commit sha for a branch, tag, ``refs/...`` name, full sha or unique short sha prefix of this repo."""
         state = self.load_repo(repo_type, repo_id)
         for prefix, table in (("", "branches"), ("refs/heads/", "branches"), ("", "tags"), ("refs/tags/", "tags"),
                               ("refs/pr/", "prs")):
             if rev.startswith(prefix) and rev[len(prefix):] in state[table]:
                 return state[table][rev[len(prefix):]]
+        # Commits live in the repo's own folder, so a sha of another repo never resolves here.
         commits = self.repo_dir(repo_type, repo_id) / "commits"
         if _HEX40.fullmatch(rev) and (commits / f"{rev}.json").exists():
             return rev
@@ -302,7 +232,10 @@ class HubStore:
 
     def commit(self, repo_type: str, repo_id: str, rev: str, ops: list[Op], message: str, description: str = "",
                author: str = "", parent_commit: str | None = None, create_pr: bool = False) -> tuple[str, int | None]:
-        """Apply ``ops`` on top of branch ``rev`` (or open a PR from ``rev``) and return (commit sha, PR number)."""
+        """Apply ``ops`` on top of branch ``rev`` (or open a PR from ``rev``) and return (commit sha, PR number).
+
+        The caller has checked that the repo may use every object an ``add`` op names (see ``holds``).
+        """
         repo_dir = self.repo_dir(repo_type, repo_id)
         with self._repo_lock(repo_dir):
             state = self.load_repo(repo_type, repo_id)
@@ -319,6 +252,8 @@ class HubStore:
                 raise HubError(f"parentCommit {parent_commit} is not the head of {rev!r} ({head}); someone else "
                                "committed in between: fetch the new head and retry", status=412)
             tree = _apply_ops(dict(self.get_commit(repo_type, repo_id, head)["tree"]), ops, self._entry)
+            # Objects of the parent tree are indexed already; only the added ones are new to this repo.
+            self.add_holder(repo_type, repo_id, (op.sha256 for op in ops if op.kind == "add" and op.sha256))
             sha = self._write_commit(repo_type, repo_id, head, tree, message, description, author)
             pr_num = None
             if create_pr:
@@ -333,7 +268,7 @@ class HubStore:
     # ---- refs ----------------------------------------------------------------------------------------------------
     def set_ref(self, repo_type: str, repo_id: str, kind: Literal["branches", "tags"], name: str,
                 start: str | None, exist_ok: bool = False) -> str | None:
-        """Point branch/tag ``name`` at revision ``start``, or delete it when ``start`` is None."""
+        """Point branch/tag ``name`` at revision ``start`` of this repo, or delete it when ``start`` is None."""
         with self._repo_lock(self.repo_dir(repo_type, repo_id)):
             state = self.load_repo(repo_type, repo_id)
             what = "branch" if kind == "branches" else "tag"

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,11 +24,13 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import httpx2
 import numpy as np
 import pytest
 import torch
 from huggingface_hub import (
     CommitOperationAdd,
+    CommitOperationCopy,
     CommitOperationDelete,
     HfApi,
     HfFileSystem,
@@ -44,7 +47,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.file_download import http_get
 from PIL import Image
 
-from hubtune.hub_server import LocalHub
+from hubtune.localhub import LocalHub
 
 TOKENS = {
     "tok-alice-write": ("alice", "write"),
@@ -210,15 +213,16 @@ def test_pull_request_commit(hub, api, tmp_path):
 
 
 def test_tree_pagination_expand_orgs_and_quiet_logging(small_hub, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="hubtune.hub_server")
+    caplog.set_level(logging.INFO, logger="hubtune.localhub")
     api = HfApi(endpoint=small_hub.url, token="tok-alice-write")
     repo_id = _repo("team")  # alice writes to her org's namespace
     api.create_repo(repo_id)
     ops = [CommitOperationAdd(f"d{i % 2}/f{i}.txt", f"{i}".encode()) for i in range(5)]
     api.create_commit(repo_id, operations=ops + [CommitOperationAdd("w.bin", os.urandom(300))], commit_message="c")
+    mark = small_hub.request_count
     files = api.list_repo_files(repo_id)
     assert sorted(files) == sorted([".gitattributes", "w.bin"] + [op.path_in_repo for op in ops])
-    tree_calls = [r for r in small_hub.requests if r[0] == "GET" and "/tree/" in r[1]]
+    tree_calls = [r for r in small_hub.requests_since(mark) if r.method == "GET" and "/tree/" in r.path]
     assert len(tree_calls) == 5  # 2 dirs + 7 files at 2 per page
     entries = list(api.list_repo_tree(repo_id, path_in_repo="d0", expand=True))
     assert [e.path for e in entries] == ["d0/f0.txt", "d0/f2.txt", "d0/f4.txt"]
@@ -254,10 +258,12 @@ def test_range_requests_and_resume(hub, api, tmp_path):
     # The client's resume path: http_get with resume_size sends `Range: bytes=N-` and appends.
     part = tmp_path / "part"
     part.write_bytes(data[:1000])
+    mark = hub.request_count
     with open(part, "ab") as f:
         http_get(url, f, resume_size=1000, expected_size=len(data))
     assert part.read_bytes() == data
-    assert ("GET", f"/{repo_id}/resolve/main/blob.bin", 206, "bytes=1000-") in hub.requests
+    # Recorded before the answer went out, so it is there as soon as the client has the bytes.
+    assert hub.requests_since(mark) == [("GET", f"/{repo_id}/resolve/main/blob.bin", 206, "bytes=1000-")]
     with HfFileSystem(endpoint=hub.url, skip_instance_cache=True).open(f"{repo_id}/blob.bin", "rb") as f:
         f.seek(2500)
         assert f.read(100) == data[2500:2600]
@@ -399,6 +405,7 @@ def test_concurrent_commits_to_one_repo(hub, api):
         t.start()
     for t in threads:
         t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "an upload hung"  # else results/errors may still change
     assert not errors
     commits = api.list_repo_commits(repo_id)
     assert len(commits) == 9 and set(results) <= {c.commit_id for c in commits}
@@ -424,10 +431,10 @@ def test_timm_model_round_trip(hub, api, tmp_path):
     assert loaded.num_classes == 3
 
 
-def test_dataset_parquet_and_imagefolder_streaming(hub, api, hub_token, tmp_path):
+def test_dataset_parquet_and_imagefolder_streaming(hub, api, hub_token, tmp_path, monkeypatch):
     import datasets
 
-    datasets.config.USE_PARQUET_EXPORT = False
+    monkeypatch.setattr(datasets.config, "USE_PARQUET_EXPORT", False)  # restored after the test
     features = datasets.Features({"image": datasets.Image(), "labels": datasets.ClassLabel(names=["cat", "dog"])})
     images = [Image.open(io.BytesIO(_png(i))) for i in range(6)]
     parquet_repo = _repo(prefix="cats")
@@ -473,46 +480,110 @@ def test_model_card_push_load_and_yaml_validation(hub, api, hub_token):
         assert status == 400 and why in json.loads(body)["errors"][0]["message"]
 
 
-@pytest.mark.parametrize("entry", [["-m", "hubtune.hub_server"], ["-m", "hubtune.cli", "hub", "serve"]],
+class _Served:
+    """`hub serve` in a subprocess; a thread moves its stdout lines to a queue so that every read can time out."""
+
+    def __init__(self, entry: list[str], args: list[str]) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        self.proc = subprocess.Popen([sys.executable, *entry, *args], cwd=REPO_ROOT, env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.output: list[str] = []
+        self.pump = threading.Thread(target=self._pump, daemon=True)
+        self.pump.start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def value(self, prefix: str, timeout: float = 30) -> str:
+        """The value of the first `export NAME=value` line starting with `prefix`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            assert line is not None, f"exited before printing {prefix!r}; stdout={self.output!r}"
+            self.output.append(line)
+            if line.startswith(prefix):
+                return line.rstrip("\n").split("=", 1)[1]
+
+    def stop(self) -> tuple[int, str]:
+        """Ctrl-C, then (exit code, stderr); `output` then holds all of stdout."""
+        self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(timeout=20)
+        while (line := self.lines.get(timeout=10)) is not None:  # the process has exited: stdout is at EOF
+            self.output.append(line)
+        self.pump.join(timeout=10)
+        return code, self.proc.stderr.read()
+
+    def kill(self) -> None:
+        """Make sure the process and the pump thread are gone (after a failed test too)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.pump.join(timeout=10)  # the process is gone, so the pump reaches EOF
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+@pytest.mark.parametrize("entry", [["-m", "hubtune.localhub"], ["-m", "hubtune.cli", "hub", "serve"]],
                          ids=["module", "hubtune-hub-serve"])
 def test_cli_serve_subprocess(entry, tmp_path):
-    cmd = [sys.executable, *entry, "--root", str(tmp_path / "root"), "--port", "0",
-           "--token", "carol=tok-carol:write", "--token", "dave=tok-dave:read"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
+    served = _Served(entry, ["--root", str(tmp_path / "root"), "--port", "0", "--print-token",
+                             "--token", "carol=tok-carol:write", "--token", "dave=tok-dave:read"])
     try:
-        deadline, endpoint, output = time.monotonic() + 30, None, []
-        while endpoint is None and time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            output.append(line)
-            if line.startswith("export HF_ENDPOINT="):
-                endpoint = output[-1].strip().split("=", 1)[1]
-        assert endpoint, f"no HF_ENDPOINT line; stdout={output!r}"
+        endpoint = served.value("export HF_ENDPOINT=")
+        assert served.value("export HF_TOKEN=") == "tok-carol"  # --print-token: the first write token only
         assert HfApi(endpoint=endpoint, token="tok-carol").whoami()["name"] == "carol"
         assert HfApi(endpoint=endpoint, token="tok-carol").create_repo("carol/cli").repo_id == "carol/cli"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
-        while (line := lines.get(timeout=10)) is not None:  # the process has exited: stdout is at EOF
-            output.append(line)
+        code, stderr = served.stop()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert "export HF_HUB_DISABLE_XET=1\n" in output and "export HF_TOKEN=tok-carol\n" in output
-    assert "tok-carol" not in proc.stderr.read()
+        served.kill()
+    assert code == 0
+    assert "export HF_HUB_DISABLE_XET=1\n" in served.output and "export HF_TOKEN=tok-carol\n" in served.output
+    assert "tok-carol" not in stderr and "tok-dave" not in "".join(served.output) + stderr
+
+
+def test_serve_banner_prints_no_token_unless_it_made_one(tmp_path):
+    served = _Served(["-m", "hubtune.localhub"], ["--root", str(tmp_path / "a"), "--port", "0",
+                                                  "--token", "carol=tok-carol"])
+    try:
+        served.value("export HF_ENDPOINT=")
+        code, stderr = served.stop()
+    finally:
+        served.kill()
+    out = "".join(served.output)
+    assert code == 0 and "tok-carol" not in out + stderr
+    assert not [line for line in served.output if line.startswith("export HF_TOKEN")]
+    assert "--print-token" in out  # says how to get one
+    # No --token at all: one write token is generated for --user and printed, so the Hub can be pushed to.
+    served = _Served(["-m", "hubtune.localhub"], ["--root", str(tmp_path / "b"), "--port", "0", "--user", "erin"])
+    try:
+        endpoint, token = served.value("export HF_ENDPOINT="), served.value("export HF_TOKEN=")
+        api = HfApi(endpoint=endpoint, token=token)
+        me = api.whoami()
+        assert (me["name"], me["auth"]["accessToken"]["role"]) == ("erin", "write")
+        api.create_repo("erin/pushed")
+        api.upload_file(path_or_fileobj=b"\0weights", path_in_repo="w.bin", repo_id="erin/pushed")
+        assert served.stop()[0] == 0
+    finally:
+        served.kill()
+    assert len(token) >= 32 and "".join(served.output).count(token) == 1
+
+
+def test_serve_on_a_busy_port_fails_with_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "hubtune.localhub", "--root", str(tmp_path / "root"),
+                                 "--port", str(port)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                                timeout=60, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"127.0.0.1:{port}" in lines[0] and "already in use" in lines[0] and "--port 0" in lines[0]
 
 
 def test_lfs_upload_href_is_signed_single_use_and_atomic(hub, api, hub_token):
@@ -533,22 +604,16 @@ def test_lfs_upload_href_is_signed_single_use_and_atomic(hub, api, hub_token):
     assert href.startswith(hub.url) and "sig=" in href
     assert _raw("PUT", href.replace("sig=", "sig=0"), data=data)[0] == 403  # tampered signature
     assert _raw("PUT", href, data=os.urandom(2000))[0] == 400  # content does not match the oid
-    assert not hub.store.has_object(oid)
-    # A connection dropped mid-upload leaves nothing visible.
+    assert not hub.store.has_object(oid) and not any((hub.root / "tmp").iterdir())
+    # A connection dropped mid-upload leaves nothing visible, not even in the staging area.
     host, port = hub.url.removeprefix("http://").split(":")
     target = href.removeprefix(hub.url)
-
-    def put_count() -> int:
-        return sum(r[0] == "PUT" and r[1] == target.split("?")[0] for r in list(hub.requests))
-
-    before = put_count()
-    with socket.create_connection((host, int(port))) as sock:
+    mark = hub.request_count
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(f"PUT {target} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(data)}\r\n\r\n".encode())
         sock.sendall(data[:700])
-    deadline = time.monotonic() + 10
-    while put_count() == before:
-        assert time.monotonic() < deadline, "server never finished the interrupted PUT"
-        time.sleep(0.01)
+    # The server records the PUT after it has removed the partial file (and before any answer).
+    hub.wait_for_request(lambda r: r.method == "PUT" and r.path == target.split("?")[0], since=mark)
     assert not hub.store.has_object(oid) and not any((hub.root / "tmp").iterdir())
     assert _raw("PUT", href, data=data)[0] == 200
     assert _raw("PUT", href, data=data)[0] == 403  # single use
@@ -563,3 +628,116 @@ def test_lfs_upload_href_is_signed_single_use_and_atomic(hub, api, hub_token):
         api.create_commit(repo_id, commit_message="clash", operations=[
             CommitOperationAdd("x/y.txt", b"1"), CommitOperationAdd("x", b"2")])
     assert err.value.response.status_code == 400
+
+
+def _commit_by_oid(hub, token: str, repo_id: str, path: str, oid: str, size: int | None) -> httpx2.Response:
+    """A raw NDJSON commit naming an LFS object by oid without uploading it (size None: the copy form)."""
+    value = {"path": path, "algo": "sha256", "oid": oid, **({"size": size} if size is not None else {})}
+    body = "\n".join(json.dumps(line) for line in ({"key": "header", "value": {"summary": "by oid"}},
+                                                   {"key": "lfsFile", "value": value}))
+    return httpx2.post(f"{hub.url}/api/models/{repo_id}/commit/main", content=body.encode(), timeout=30,
+                       headers={"Authorization": f"Bearer {token}", "Content-Type": "application/x-ndjson"})
+
+
+def _batch(hub, token: str, repo_id: str, oid: str, size: int) -> dict:
+    """The LFS batch answer for one object."""
+    body = {"operation": "upload", "transfers": ["basic"], "objects": [{"oid": oid, "size": size}],
+            "hash_algo": "sha256"}
+    response = httpx2.post(f"{hub.url}/{repo_id}.git/info/lfs/objects/batch", json=body, timeout=30,
+                           headers={"Authorization": f"Bearer {token}", "Accept": "application/vnd.git-lfs+json"})
+    assert response.status_code == 200, response.text
+    return response.json()["objects"][0]
+
+
+def test_private_objects_do_not_leak_through_dedup(hub, api):
+    secret = b"\0alice's private weights " + os.urandom(512)
+    oid, size = hashlib.sha256(secret).hexdigest(), len(secret)
+    private = api.create_repo(_repo(), private=True).repo_id
+    api.upload_file(path_or_fileobj=secret, path_in_repo="secret.bin", repo_id=private)
+    assert hub.store.has_object(oid, size)
+    bob = HfApi(endpoint=hub.url, token="tok-bob-write")
+    bob_repo = bob.create_repo(_repo("bob")).repo_id
+
+    # The attack: commit alice's object into bob's public repo by its sha256, with or without a size (the second
+    # is the form of a server-side copy). The answer is the one for an object that exists nowhere.
+    for known_size in (size, None):
+        stolen = _commit_by_oid(hub, "tok-bob-write", bob_repo, "stolen.bin", oid, known_size)
+        assert stolen.status_code == 400 and "was not uploaded" in stolen.json()["error"]
+    unknown = _commit_by_oid(hub, "tok-bob-write", bob_repo, "stolen.bin", "0" * 64, size)
+    assert unknown.json()["error"].replace("0" * 64, oid) == stolen.json()["error"]
+    assert "stolen.bin" not in bob.list_repo_files(bob_repo)
+    # Nor does the batch endpoint say "present": bob gets an upload action, as for unknown content.
+    assert "upload" in _batch(hub, "tok-bob-write", bob_repo, oid, size)["actions"]
+    # Branch and tag starting points are revisions of the repo itself: alice's commit means nothing there.
+    alice_head = api.model_info(private).sha
+    with pytest.raises(RevisionNotFoundError):
+        bob.create_branch(bob_repo, branch="b", revision=alice_head)
+    with pytest.raises(RevisionNotFoundError):
+        bob.create_tag(bob_repo, tag="t", revision=alice_head)
+
+    # An upload URL is signed for one repo: moved to bob's repo it is refused, and bob's repo gains nothing.
+    href = _batch(hub, "tok-alice-write", private, hashlib.sha256(b"new").hexdigest(), 3)["actions"]["upload"]["href"]
+    forged = href.replace(f"/{private}.git/", f"/{bob_repo}.git/")
+    assert forged != href and httpx2.put(forged, content=b"new", timeout=30).status_code == 403
+    assert not hub.store.holds("model", bob_repo, hashlib.sha256(b"new").hexdigest())
+
+    # Uploading the bytes proves possession: bob may then commit them, and the content is still stored once.
+    bob.upload_file(path_or_fileobj=secret, path_in_repo="mine.bin", repo_id=bob_repo)
+    assert "mine.bin" in bob.list_repo_files(bob_repo)
+    assert [p for p in (hub.root / "objects").rglob("*") if p.is_file() and p.read_bytes() == secret] == [
+        hub.store.object_path(oid)]
+
+
+def test_owner_reuses_objects_of_her_other_repos_without_uploading(hub, api):
+    blob = b"\0shared " + os.urandom(512)
+    oid, size = hashlib.sha256(blob).hexdigest(), len(blob)
+    first = api.create_repo(_repo(), private=True).repo_id
+    api.upload_file(path_or_fileobj=blob, path_in_repo="w.bin", repo_id=first)
+    second = api.create_repo(_repo(), private=True).repo_id
+    assert "actions" not in _batch(hub, "tok-alice-write", second, oid, size)  # she can read `first`
+    assert _commit_by_oid(hub, "tok-alice-write", second, "by-oid.bin", oid, size).status_code == 200
+    third = api.create_repo(_repo()).repo_id
+    mark = hub.request_count
+    api.upload_file(path_or_fileobj=blob, path_in_repo="again.bin", repo_id=third)
+    assert not [r for r in hub.requests_since(mark) if r.method == "PUT"]  # dedup: the client skipped the upload
+    api.create_commit(third, commit_message="copy", operations=[CommitOperationCopy("again.bin", "copy/again.bin")])
+    assert {"again.bin", "copy/again.bin"} <= set(api.list_repo_files(third))
+
+
+def test_holder_index_is_built_for_a_root_from_before_it_existed(tmp_path):
+    with LocalHub(tmp_path / "root", tokens=TOKENS) as server:
+        api = HfApi(endpoint=server.url, token="tok-alice-write")
+        repo_id = api.create_repo(_repo(), private=True).repo_id
+        api.upload_file(path_or_fileobj=b"\0old", path_in_repo="old.bin", repo_id=repo_id)
+    oid = hashlib.sha256(b"\0old").hexdigest()
+    shutil.rmtree(tmp_path / "root" / "holders")  # what an older hubtune left behind
+    with LocalHub(tmp_path / "root", tokens=TOKENS) as server:
+        assert server.store.holds("model", repo_id, oid) and server.store.holders(oid) == [("model", repo_id)]
+
+
+def test_start_removes_partial_uploads_left_by_a_killed_server(tmp_path):
+    root = tmp_path / "root"
+    staging = root / "tmp"
+    with LocalHub(root, tokens=TOKENS) as first:
+        stale, fresh = staging / "upload-stale", staging / "upload-fresh"
+        stale.write_bytes(b"part of an upload")
+        fresh.write_bytes(b"maybe an upload `first` is receiving")
+        old = time.time() - 3600
+        os.utime(stale, (old, old))
+        with LocalHub(root, tokens=TOKENS):  # a second server on a root in use removes only stale files
+            assert not stale.exists() and fresh.exists()
+        assert HfApi(endpoint=first.url, token="tok-alice-write").whoami()["name"] == "alice"
+    with LocalHub(root, tokens=TOKENS):  # alone on the root: whatever is staged was left by a stopped server
+        assert not any(staging.iterdir())
+
+
+def test_request_log_window_refuses_dropped_entries(tmp_path):
+    with LocalHub(tmp_path / "root", request_log_size=3) as server:
+        api = HfApi(endpoint=server.url, token=False)
+        mark = server.request_count
+        assert not api.repo_exists("alice/none") and not api.repo_exists("alice/none")
+        assert [(r.method, r.status) for r in server.requests_since(mark)] == [("GET", 404)] * 2
+        assert not api.repo_exists("alice/none") and not api.repo_exists("alice/none")
+        with pytest.raises(LookupError, match="1 of the 4 requests since mark"):
+            server.requests_since(mark)
+        assert server.requests_since(server.request_count) == [] and server.request_count == mark + 4

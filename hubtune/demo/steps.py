@@ -1,15 +1,7 @@
-"""`hubtune demo`: the whole workflow in a few minutes on a laptop CPU, against a local Hub, with narration.
-
-It starts the local Hub server, publishes a tiny pre-trained backbone and a synthetic "cats vs dogs" dataset to
-it, fine-tunes through the real entry point (`accelerate launch hubtune/train.py`), interrupts that run with
-SIGTERM and resumes it, pushes the result, and loads it back in a clean process with hubtune and with plain timm.
-Every step that uses the Hugging Face clients runs in a child process whose environment points at the local Hub
-(the clients read HF_ENDPOINT when they are imported) and has its own HF_HOME.
-"""
+"""The steps of `hubtune demo` after the local Hub is up: publish, train and interrupt, resume and push, load."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -20,17 +12,16 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import hubtune
-from hubtune.demo_data import RESULT_PREFIX
+from hubtune.demo.child import RESULT_PREFIX
+from hubtune.demo.children import DEMO_USER, Children, child_pids, signal_group
+from hubtune.demo.narration import say, step
+from hubtune.errors import DemoError
 
-if TYPE_CHECKING:
-    from hubtune.hub_server import LocalHub
-
-DEMO_USER, DEMO_TOKEN = "demo-user", "hubtune-demo-write-token"
 BACKBONE_REPO = f"{DEMO_USER}/tiny-texture-resnet"
 DATASET_REPO = f"{DEMO_USER}/synthetic-cats-vs-dogs"
 MODEL_REPO = f"{DEMO_USER}/cats-vs-dogs-finetuned"
@@ -41,7 +32,6 @@ SUMMARY_FILE = "demo_summary.json"
 # what the demo writes in its workdir; a rerun deletes exactly these
 ENTRIES = ("hub", "backbone", "run", "heldout", "hf_home", SUMMARY_FILE)
 REAL_HUB_COMMAND = "accelerate launch hubtune/train.py --config examples/cats_vs_dogs.yaml --push-to-hub you/name"
-HIDDEN_LINES = re.compile(rf"^(HTTP Request: |Setting num_proc from |{RESULT_PREFIX})")
 SIGTERM_GRACE_S = 120  # a run that has not saved and exited by then is killed
 
 
@@ -56,120 +46,6 @@ class DemoSize:
 FULL = DemoSize(images=800, pretrain_steps=800, epochs=3, heldout=12)
 QUICK = DemoSize(images=400, pretrain_steps=250, epochs=2, heldout=8)
 
-
-class DemoError(RuntimeError):
-    """A demo step failed; the message says which and shows the end of its output."""
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the `hubtune demo` options to `parser`."""
-    parser.add_argument("--workdir", type=Path, default=Path("hubtune-demo"),
-                        help="where the Hub storage, data, run outputs and summary go (cleaned on a rerun)")
-    parser.add_argument("--keep-server", action="store_true",
-                        help="keep the local Hub serving at the end, until Ctrl-C, and print how to use it")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smaller dataset, backbone pre-training and fewer epochs (for CI); same steps")
-
-
-def _say(message: str = "") -> None:
-    print(message, flush=True)
-
-
-def _step(number: int, title: str) -> None:
-    _say(f"\n[{number}/6] {title}")
-
-
-class Children:
-    """Runs one child process at a time in its own process group, streaming its output; stops it on Ctrl-C."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.current: subprocess.Popen | None = None
-
-    def run(self, cmd: list[str], home: Path, on_line: Callable[[str, subprocess.Popen], None] | None = None,
-            token: str | None = DEMO_TOKEN) -> tuple[int, list[str]]:
-        """Run `cmd` with HF_HOME=`home`; echo its output indented; return (exit code, output lines)."""
-        env = {**self.env, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
-               "HF_DATASETS_CACHE": str(home / "datasets")}
-        if token is None:
-            env.pop("HF_TOKEN", None)
-        # own session: a terminal's Ctrl-C reaches only the demo, which then stops the child gracefully
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1, start_new_session=True)
-        self.current = proc
-        lines = []
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip("\n").removeprefix("[RANK 0] ")
-            lines.append(line)
-            if not HIDDEN_LINES.match(line):
-                _say(f"    | {line}")
-            if on_line is not None:
-                on_line(line, proc)
-        code = proc.wait()
-        self.current = None
-        return code, lines
-
-    def stop(self) -> None:
-        """SIGINT to the running child's process group (training saves a checkpoint), SIGKILL after 30 s."""
-        proc, self.current = self.current, None
-        if proc is None:
-            return
-        _signal_group(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        # the launcher exits at once; train.py, adopted by this process, is waited for until it has saved
-        if not _wait_group(proc.pid, 30):
-            _signal_group(proc.pid, signal.SIGKILL)
-            _wait_group(proc.pid, 5)
-        proc.wait()
-
-
-def _signal_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def _wait_group(pgid: int, timeout: float) -> bool:
-    """Wait until no process of group `pgid` is left, reaping adopted ones; False on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            while os.waitpid(-1, os.WNOHANG)[0]:
-                pass
-        except ChildProcessError:
-            pass
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def _child_pids(pid: int) -> list[int]:
-    """Direct children of `pid` (Linux); empty where /proc does not list them."""
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except (OSError, ValueError):
-        return []
-
-
-def _become_subreaper() -> bool:
-    """Adopt orphaned descendants (Linux), so the demo can read the exit code of train.py after its launcher died."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    PR_SET_CHILD_SUBREAPER = 36
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 def prepare_workdir(workdir: Path) -> Path:
@@ -212,7 +88,7 @@ def _failure(what: str, code: int, lines: list[str]) -> DemoError:
 
 
 def _result(code: int, lines: list[str], what: str) -> dict[str, Any]:
-    """The JSON a `hubtune.demo_data` child printed last; DemoError if it failed."""
+    """The JSON a `hubtune.demo.child` printed last; DemoError if it failed."""
     found = [ln for ln in lines if ln.startswith(RESULT_PREFIX)]
     if code != 0 or not found:
         raise _failure(f"{what} failed", code, lines)
@@ -246,12 +122,12 @@ def train_and_interrupt(children: Children, cmd: list[str], home: Path) -> dict[
         m = re.match(r"saved checkpoint (step-\d+)", line)
         if m and state["first_checkpoint"] is None:
             state["first_checkpoint"] = m.group(1)
-            kids = _child_pids(proc.pid)
+            kids = child_pids(proc.pid)
             state["train_pid"] = kids[0] if len(kids) == 1 else None
-            _say(f">>> demo: first checkpoint {m.group(1)} is on disk: sending SIGTERM to the training job, as a "
+            say(f">>> demo: first checkpoint {m.group(1)} is on disk: sending SIGTERM to the training job, as a "
                  "cluster scheduler does on preemption. train.py saves at the next step boundary and exits.")
-            _signal_group(proc.pid, signal.SIGTERM)
-            state["timer"] = threading.Timer(SIGTERM_GRACE_S, _signal_group, (proc.pid, signal.SIGKILL))
+            signal_group(proc.pid, signal.SIGTERM)
+            state["timer"] = threading.Timer(SIGTERM_GRACE_S, signal_group, (proc.pid, signal.SIGKILL))
             state["timer"].daemon = True
             state["timer"].start()
 
@@ -286,7 +162,7 @@ def train_resumed(children: Children, cmd: list[str], home: Path) -> dict[str, A
 
 
 def publish(children: Children, workdir: Path, size: DemoSize) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "hubtune.demo_data", "publish", "--workdir", str(workdir),
+    cmd = [sys.executable, "-m", "hubtune.demo.child", "publish", "--workdir", str(workdir),
            "--backbone-repo", BACKBONE_REPO, "--dataset-repo", DATASET_REPO, "--images", str(size.images),
            "--pretrain-steps", str(size.pretrain_steps), "--seed", str(SEED)]
     return _result(*children.run(cmd, workdir / "hf_home" / "publish"), "publishing the backbone and dataset")
@@ -294,7 +170,7 @@ def publish(children: Children, workdir: Path, size: DemoSize) -> dict[str, Any]
 
 def predict_fresh(children: Children, workdir: Path, size: DemoSize) -> list[dict[str, Any]]:
     """Write held-out images (another seed) and classify them in a child with an empty cache and no token."""
-    from hubtune.demo_data import CLASSES, animals
+    from hubtune.demo.data import CLASSES, animals
 
     (workdir / "heldout").mkdir()
     paths, truths = [], []
@@ -302,7 +178,7 @@ def predict_fresh(children: Children, workdir: Path, size: DemoSize) -> list[dic
         paths.append(workdir / "heldout" / f"{i:02d}_{CLASSES[label]}.jpg")
         paths[-1].write_bytes(data)
         truths.append(CLASSES[label])
-    cmd = [sys.executable, "-m", "hubtune.demo_data", "predict", MODEL_REPO, *map(str, paths)]
+    cmd = [sys.executable, "-m", "hubtune.demo.child", "predict", MODEL_REPO, *map(str, paths)]
     loaded = _result(*children.run(cmd, workdir / "hf_home" / "fresh", token=None), "loading the pushed model")
     return [{"image": str(p), "truth": t, "hubtune": ours, "timm": theirs, "revision": loaded["revision"]}
             for p, t, ours, theirs in zip(paths, truths, loaded["hubtune"], loaded["timm"])]
@@ -316,33 +192,33 @@ def run_steps(workdir: Path, size: DemoSize, children: Children, timings: dict[s
         timings[name] = round(time.time() - t0, 1)
         return result
 
-    _step(2, "Publishing a pre-trained backbone and a dataset to the local Hub")
-    _say(f"A backbone that learned something else first, so that transfer and freezing mean something: timm's tiny "
+    step(2, "Publishing a pre-trained backbone and a dataset to the local Hub")
+    say(f"A backbone that learned something else first, so that transfer and freezing mean something: timm's tiny "
          f"test_resnet, pre-trained for {size.pretrain_steps} steps on 4 synthetic textures (stripes, checks, dots, "
          f"rings), uploaded in timm format as {BACKBONE_REPO}. Then {size.images} generated cat/dog images "
          f"(synthetic, not photos; the card says so) pushed as a parquet dataset {DATASET_REPO}.")
     published = timed("publish", publish, children, workdir, size)
 
-    _step(3, "Fine-tuning through the real entry point, interrupted once on purpose")
+    step(3, "Fine-tuning through the real entry point, interrupted once on purpose")
     cmd, home = train_command(workdir, size), workdir / "hf_home" / "train"
-    _say(f"Streams {DATASET_REPO} from the Hub, freezes the stem and stages.0 (BatchNorm included), bf16 autocast, "
+    say(f"Streams {DATASET_REPO} from the Hub, freezes the stem and stages.0 (BatchNorm included), bf16 autocast, "
          f"a checkpoint every epoch. This is `accelerate launch hubtune/train.py ...` with this Python:\n"
          f"$ {shlex.join(cmd)}")
     interrupt = timed("train_interrupted", train_and_interrupt, children, cmd, home)
     code = interrupt["train_exit_code"]
     exited = f"exited with code {code}" if code is not None else "exited"
-    _say(f">>> demo: train.py saved {interrupt['saved']}, {exited} and printed how to resume. Rerunning the same "
+    say(f">>> demo: train.py saved {interrupt['saved']}, {exited} and printed how to resume. Rerunning the same "
          f"command with --resume latest, and --push-to-hub to publish at the end:\n"
          f"$ {shlex.join(cmd)} --resume latest --push-to-hub {MODEL_REPO}")
     resumed = timed("train_resumed", train_resumed, children, cmd, home)
 
-    _step(4, "The result")
+    step(4, "The result")
     out = workdir / "run"
     metrics = json.loads((out / "metrics.json").read_text())
     best = metrics["best"]
     plots = sorted(str(p) for p in (out / "plots").glob("*.png"))
     checkpoints = sorted(str(p) for p in (out / "checkpoints").glob("step-*"))
-    _say(f"The resumed run went on from step {resumed['resumed_from_step']} (epoch {resumed['resumed_from_epoch']}), "
+    say(f"The resumed run went on from step {resumed['resumed_from_step']} (epoch {resumed['resumed_from_epoch']}), "
          f"finished {len(metrics['history'])} epochs, exported the best checkpoint ({best.get('checkpoint')}, epoch "
          f"{best['epoch']}, val_accuracy {best['val_accuracy']:.4f}), wrote the model card with {len(plots)} plots "
          f"and pushed it all in one verified commit:\n  {resumed['commit_url']}\n"
@@ -350,14 +226,14 @@ def run_steps(workdir: Path, size: DemoSize, children: Children, timings: dict[s
          f"  checkpoints  {', '.join(Path(p).name for p in checkpoints)} in {out / 'checkpoints'}\n"
          f"  metrics      {out / 'metrics.json'}\n  Hub storage  {workdir / 'hub'}")
 
-    _step(5, "Loading the pushed model in a clean process (empty HF cache, no token)")
-    _say(f"hubtune.ImageClassifier.from_pretrained({MODEL_REPO!r}) and plain timm.create_model('hf-hub:{MODEL_REPO}', "
+    step(5, "Loading the pushed model in a clean process (empty HF cache, no token)")
+    say(f"hubtune.ImageClassifier.from_pretrained({MODEL_REPO!r}) and plain timm.create_model('hf-hub:{MODEL_REPO}', "
          f"pretrained=True), on {size.heldout} held-out images generated with another seed:")
     predictions = timed("predict", predict_fresh, children, workdir, size)
-    _say(f"  {'image':<12} {'truth':<6} {'hubtune':<15} {'plain timm':<15}")
+    say(f"  {'image':<12} {'truth':<6} {'hubtune':<15} {'plain timm':<15}")
     for p in predictions:
         ours, theirs = p["hubtune"], p["timm"]
-        _say(f"  {Path(p['image']).name:<12} {p['truth']:<6} {ours['label']} {ours['score']:<10.6f} {theirs['label']} "
+        say(f"  {Path(p['image']).name:<12} {p['truth']:<6} {ours['label']} {ours['score']:<10.6f} {theirs['label']} "
              f"{theirs['score']:<10.6f} {'ok' if ours['label'] == p['truth'] else 'WRONG'}")
     return {
         "val_accuracy": best["val_accuracy"], "min_accuracy": MIN_ACCURACY, "epochs": len(metrics["history"]),
@@ -373,100 +249,3 @@ def run_steps(workdir: Path, size: DemoSize, children: Children, timings: dict[s
                   "hub_storage": str(workdir / "hub"), "heldout": str(workdir / "heldout")},
         "train_command": shlex.join(cmd), "real_hub_command": REAL_HUB_COMMAND,
     }
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    """Run the demo; 0 on success, 1 if a step failed or the model did not learn, 130 on Ctrl-C (143 on SIGTERM)."""
-    from hubtune.hub_server import LocalHub
-
-    size, start = (QUICK if args.quick else FULL), time.time()
-    hub = children = None
-    signals: list[int] = []
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        signals.append(signum)
-        raise KeyboardInterrupt
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
-    try:
-        workdir = prepare_workdir(args.workdir)
-        _become_subreaper()
-        _step(1, "Starting a local Hub server")
-        hub = LocalHub(workdir / "hub", tokens={DEMO_TOKEN: (DEMO_USER, "write")}).start()
-        children = Children(child_env(hub.env(DEMO_TOKEN)))
-        _say(f"Hub-compatible server at {hub.url}, storing repos under {workdir / 'hub'}; user {DEMO_USER!r} has a "
-             "write token. Each step below runs in a child process that reaches it through the real huggingface_hub,"
-             f" datasets and timm clients (HF_ENDPOINT={hub.url}, its own HF_HOME).")
-        timings: dict[str, float] = {}
-        summary = run_steps(workdir, size, children, timings)
-        timings["total"] = round(time.time() - start, 1)
-        problems = []
-        if summary["val_accuracy"] < MIN_ACCURACY:
-            problems.append(f"best validation accuracy {summary['val_accuracy']:.4f} is below {MIN_ACCURACY}: the "
-                            "model did not learn the task; see the epoch lines above and run/metrics.json")
-        if not summary["loaders_agree"]:
-            problems.append("hubtune's ImageClassifier and plain timm disagree on the pushed model (table above)")
-        summary = {"ok": not problems, "problems": problems, "quick": bool(args.quick), "size": asdict(size),
-                   "workdir": str(workdir), "hub_url": hub.url, **summary, "timings_s": timings}
-        (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        _step(6, "Summary")
-        print_summary(summary)
-        for problem in problems:
-            print(f"hubtune demo: error: {problem}", file=sys.stderr)
-        if args.keep_server and not problems:
-            keep_serving(hub, workdir)
-        return 1 if problems else 0
-    except DemoError as err:
-        print(f"hubtune demo: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        _say("\nhubtune demo: interrupted; stopping the running step and the local Hub")
-        return 128 + signals[0] if signals else 130
-    finally:
-        if children is not None:
-            children.stop()
-        if hub is not None:
-            hub.stop()
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    t, paths = summary["timings_s"], summary["paths"]
-    _say(f"Done in {t['total']:.0f}s (publish {t['publish']:.0f}s, training {t['train_interrupted']:.0f}s + "
-         f"{t['train_resumed']:.0f}s after the resume, loading and predicting {t['predict']:.0f}s).\n"
-         f"Best validation accuracy {summary['val_accuracy']:.4f} (epoch {summary['best']['epoch']} of "
-         f"{summary['epochs']}); interrupted after {summary['interrupt']['after_checkpoint']} and resumed from step "
-         f"{summary['resumed_from_step']}; {summary['heldout_correct']}/{summary['heldout_total']} held-out images "
-         f"right; hubtune and plain timm {'agree' if summary['loaders_agree'] else 'DISAGREE'}.\n"
-         f"  model card   {paths['model_card']} (plots in {Path(paths['output_dir']) / 'plots'})\n"
-         f"  checkpoints  {Path(paths['output_dir']) / 'checkpoints'}\n"
-         f"  Hub repo     {summary['hub_url']}/{summary['repo_id']} (storage {paths['hub_storage']})\n"
-         f"  commit       {summary['commit_url']}\n"
-         f"  summary      {Path(summary['workdir']) / SUMMARY_FILE}\n"
-         f"The same run on the real Hub, with a real backbone and dataset:\n  {REAL_HUB_COMMAND}")
-
-
-def keep_serving(hub: LocalHub, workdir: Path) -> None:
-    """Serve until Ctrl-C (or SIGTERM), after printing the environment a client needs."""
-    _say(f"\nThe local Hub keeps serving at {hub.url}; Ctrl-C stops it. To use it from another shell:")
-    for key, value in hub.env(DEMO_TOKEN).items():
-        _say(f"  export {key}={shlex.quote(value)}")
-    _say(f"  hubtune predict {MODEL_REPO} {workdir / 'heldout'}/*.jpg")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        _say("stopping the local Hub")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m hubtune.demo [--workdir DIR] [--quick] [--keep-server]`."""
-    parser = argparse.ArgumentParser(prog="python -m hubtune.demo", description=__doc__.splitlines()[0])
-    add_demo_arguments(parser)
-    return run_demo(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

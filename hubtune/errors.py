@@ -1,0 +1,101 @@
+"""Every error a user can cause, defined once, and the one place where they become a line on stderr.
+
+Library code only raises these. `run_guarded` (used by every entry point: `hubtune ...`, `python -m
+hubtune.train`, `accelerate launch hubtune/train.py`) turns them into `hubtune: error: ...` and an exit code; any
+other exception is a bug in hubtune and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class HubtuneError(Exception):
+    """An error the user can act on: the message names the bad value, what would be accepted, and the fix."""
+
+    exit_code = EXIT_FAILED
+
+
+class ConfigError(HubtuneError, ValueError):
+    """A flag, config file, argument or input path has a value hubtune cannot use."""
+
+    exit_code = EXIT_USAGE
+
+
+class DataError(ConfigError):
+    """The dataset cannot be opened or does not fit the task (missing column, one class, no validation images)."""
+
+
+class ModelSourceError(ConfigError):
+    """The model to start from or to load does not exist, cannot be read, or is refused (pickled weights)."""
+
+
+class OutputDirError(ConfigError):
+    """--output-dir cannot be used: it is a file, not writable, or holds another run."""
+
+
+class CompileModeError(ConfigError):
+    """--compile was asked for in a process whose Accelerate state was already set up without it."""
+
+
+class BadDataError(HubtuneError, RuntimeError):
+    """More images than --max-bad-fraction allows could not be decoded."""
+
+
+class DivergedError(HubtuneError, FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+class CheckpointError(HubtuneError, RuntimeError):
+    """A checkpoint is missing, incomplete or damaged."""
+
+
+class DiskFullError(HubtuneError, OSError):
+    """A file could not be written for lack of space; nothing written before was lost."""
+
+
+class PushError(HubtuneError, RuntimeError):
+    """A push could not complete; the local output is untouched and the same push can be run again."""
+
+
+class DemoError(HubtuneError, RuntimeError):
+    """A step of `hubtune demo` failed; the message says which and shows the end of its output."""
+
+
+class TrainingInterrupted(HubtuneError):
+    """Raised after the checkpoint requested by SIGTERM/SIGINT has been written."""
+
+    def __init__(self, signum: int, checkpoint: Path, command: str) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: saved {checkpoint}; resume with: {command} --resume latest")
+
+
+def run_guarded(fn: Callable[[], Any]) -> int:
+    """Run `fn`; a HubtuneError becomes one line on stderr and its exit code, Ctrl-C exit code 130."""
+    try:
+        result = fn()
+    except TrainingInterrupted as stop:
+        print(f"hubtune: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except HubtuneError as err:
+        print(f"hubtune: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("hubtune: interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+def setup_logging() -> None:
+    """hubtune's own messages at INFO; the libraries' (HTTP requests, ...) only when they warn."""
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("hubtune").setLevel(logging.INFO)

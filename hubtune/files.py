@@ -1,0 +1,94 @@
+"""What hubtune keeps on disk: the file names every module agrees on, atomic writes and file digests."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from hubtune.errors import DiskFullError
+
+# a run's output directory (the Hub-ready export) and its checkpoints
+TRAIN_CONFIG_FILE = "train_config.yaml"
+MODEL_CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+METRICS_FILE = "metrics.json"
+CARD_FILE = "README.md"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or directory to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], None], fsync: bool = True) -> Path:
+    """Write `path` so that readers see either the old file or the complete new one, never a part.
+
+    `data` is the content, or a function that writes a given temporary path (safetensors' save_file, for one).
+    The temporary file sits next to `path` (one filesystem, so the rename is atomic) and is removed on failure.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+    tmp = Path(name)
+    try:
+        if callable(data):
+            os.close(fd)
+            data(tmp)
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+        if fsync:
+            fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 hex digest of a file's content, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def disk_space(folder: Path, needed: int, what: str, cleanup: Path | None = None) -> Iterator[None]:
+    """Turn a write that ran out of space into a DiskFullError naming the folder and the space needed.
+
+    Checked before (so nothing partial is written when the space is known to be short) and after a failed write
+    (safetensors reports a full disk as its own error type, not as OSError). `cleanup` (a partial file or folder)
+    is removed on any failure.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DiskFullError(_no_space(what, folder, free, needed))
+    try:
+        yield
+    except Exception as err:
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True) if cleanup.is_dir() else cleanup.unlink(missing_ok=True)
+        free = shutil.disk_usage(folder).free
+        if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or free < needed:
+            raise DiskFullError(_no_space(what, folder, free, needed)) from err
+        raise
+
+
+def _no_space(what: str, folder: Path, free: int, needed: int) -> str:
+    return (f"{what}: not enough space in {folder} ({free / 2**20:.1f} MiB free, about {needed / 2**20:.1f} MiB "
+            "needed); free some space or use an --output-dir on another disk (what was saved before is intact)")

@@ -1,0 +1,328 @@
+"""A training job as its loop needs it, assembled before the first step: accelerator, data, model, loaders,
+optimizer, schedule and the state a resumed run continues from.
+
+`build_job` checks the config, the data and the model before it writes anything into the output directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+
+from hubtune import checkpoint, data, features, hub, report, stream
+from hubtune import model as model_lib
+from hubtune.config import TrainConfig
+from hubtune.errors import CompileModeError, ConfigError, DataError, OutputDirError
+from hubtune.files import (
+    CARD_FILE,
+    CHECKPOINTS_DIR,
+    METRICS_FILE,
+    MODEL_CONFIG_FILE,
+    TRAIN_CONFIG_FILE,
+    WEIGHTS_FILE,
+)
+from hubtune.run_state import EpochProgress, RunState, restore
+from hubtune.sources import parse_model_spec
+
+logger = get_logger("hubtune")
+
+MIN_VAL_PER_CLASS = 10  # fewer validation images than this make a class's metrics a coin toss: warn
+# what a run leaves in --output-dir; an earlier run's copy is refused, or removed with --overwrite-output-dir
+EARLIER_RUN = (CHECKPOINTS_DIR, TRAIN_CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, MODEL_CONFIG_FILE, CARD_FILE, "plots")
+
+
+@dataclass
+class Job:
+    """Everything the training loop works with. `net` is the bare timm module (saved, exported, evaluated);
+    `stepped` is what Accelerate prepared from it for training (DDP, autocast, compile)."""
+
+    cfg: TrainConfig  # resolved: revisions pinned to commit shas, as saved in train_config.yaml
+    accelerator: Accelerator
+    out: Path
+    info: data.DataInfo
+    net: torch.nn.Module
+    head: torch.nn.Module  # what is evaluated: `net`, or its classifier when features are cached
+    stepped: torch.nn.Module
+    optimizer: Any
+    scheduler: CosineLRScheduler
+    prepare: model_lib.Normalize
+    data_cfg: dict[str, Any]
+    train_ds: stream.ExampleStream
+    val_ds: stream.ExampleStream
+    train_loader: Any
+    val_loader: Any
+    cache: features.FeatureCache | None
+    run: dict[str, Any]  # what a resumed run must share with its checkpoint (see run_state.resume_differences)
+    run_info: dict[str, Any]  # what the card records
+    command: str  # this run's command line, for the resume hint
+    state: RunState = field(default_factory=RunState)
+    progress: EpochProgress = field(default_factory=EpochProgress)
+    pusher: hub.BackgroundPusher | None = None
+    started: float = field(default_factory=time.time)  # when this process's segment of the run began
+
+    def backbone(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pre-logits features of a uint8 batch, without gradients (what --cache-features stores)."""
+        with torch.no_grad(), self.accelerator.autocast():
+            return features.backbone_features(self.net, self.prepare(pixels))
+
+    def logits(self, module: torch.nn.Module, batch: dict, view: str | None) -> torch.Tensor:
+        """The batch's logits through `module`: `stepped` in training, the bare `head` in evaluation."""
+        if self.cache is None:
+            return module(self.prepare(batch["pixel_values"]))
+        return module(self.cache.features(view, batch, self.backbone, self.accelerator.device))
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=_cpu_only_launch(),
+                              dynamo_backend=cfg.compile_backend if cfg.compile else None)
+    if cfg.compile and accelerator.state.dynamo_plugin.backend.value == "NO":
+        raise CompileModeError("--compile: Accelerate was already set up in this process without torch.compile; "
+                               "run training in a new process (hubtune train, accelerate launch)")
+    return accelerator
+
+
+def _cpu_only_launch() -> bool:
+    """True when a multi-process launcher (torchrun, `accelerate launch --multi_gpu`) started us without GPUs.
+
+    Accelerate then treats every process as a lone single-process run unless told to use the CPU, and each
+    would train and write the outputs on its own; with cpu=True they form one gloo process group instead.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def steps_per_epoch_hint(cfg: TrainConfig, info: data.DataInfo, world_size: int) -> int | None:
+    if info.train_size_hint is None:
+        return None
+    n = info.train_size_hint * (1 - cfg.val_fraction if info.val_source.startswith("hash") else 1)
+    return max(1, math.ceil(n / (cfg.batch_size * world_size * cfg.grad_accum)))
+
+
+def make_scheduler(optimizer: Any, cfg: TrainConfig, state: RunState) -> CosineLRScheduler:
+    """Warmup + cosine over optimizer steps, positioned at state.global_step."""
+    total = cfg.max_steps or (state.steps_per_epoch * cfg.epochs if state.steps_per_epoch else None)
+    # an unknown length (no split size in the metadata) holds the peak lr until the first epoch has counted it
+    scheduler = CosineLRScheduler(optimizer, t_initial=total or 10**9, warmup_t=cfg.warmup_steps,
+                                  warmup_lr_init=0.0, t_in_epochs=False, lr_min=0.0)
+    if state.global_step:
+        scheduler.step_update(num_updates=state.global_step)
+    return scheduler
+
+
+def _streams(cfg: TrainConfig, info: data.DataInfo, train_src: Any, val_src: Any, train_tf: Any, eval_tf: Any,
+             rank: int, world_size: int) -> tuple[stream.ExampleStream, stream.ExampleStream]:
+    """This process's training and validation streams (the validation split cut by content hash if needed)."""
+    where = dict(rank=rank, world_size=world_size)
+    hashed = info.val_source.startswith("hash")
+    train_ds = stream.ExampleStream(data.process_source(train_src, info, shuffle_seed=cfg.seed, **where), train_tf,
+                                    keep_val=False if hashed else None, val_fraction=cfg.val_fraction,
+                                    seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
+    val_ds = stream.ExampleStream(data.process_source(val_src, info, shuffle_seed=None, **where), eval_tf,
+                                  keep_val=True if hashed else None, val_fraction=cfg.val_fraction, seed=None,
+                                  shuffle_buffer=cfg.shuffle_buffer)
+    if cfg.jpeg_draft:
+        val_ds.draft = model_lib.resize_size(eval_tf)
+    return train_ds, val_ds
+
+
+def build_job(cfg: TrainConfig) -> Job:
+    """Check and assemble the run described by `cfg`; resume it when --resume finds a checkpoint."""
+    cfg.validate()
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed, device_specific=True)
+    out = Path(cfg.output_dir)
+    resume_from = checkpoint.find_resume(out, cfg.resume) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        logger.info(f"--resume latest: no checkpoint in {out}, starting fresh")
+    if resume_from is not None:  # the same run: the base model and dataset commits it pinned, unless given here
+        pinned = checkpoint.saved_config(resume_from)
+        cfg = dataclasses.replace(cfg, model_revision=cfg.model_revision or pinned.get("model_revision"),
+                                  dataset_revision=cfg.dataset_revision or pinned.get("dataset_revision"))
+
+    # data, and the base model pinned to a commit sha: the resolved config is built once, then saved
+    train_src, val_src, info = data.open_splits(cfg)
+    logger.info(f"dataset {cfg.dataset}: classes {info.class_names}, validation from {info.val_source}")
+    spec = parse_model_spec(cfg.model)
+    spec = dataclasses.replace(spec, revision=cfg.model_revision or spec.revision)  # a pinned sha wins over @rev
+    timm_name, base_model = hub.resolve_model(spec) if cfg.pretrained else (cfg.model, {"id": None})
+    cfg = dataclasses.replace(cfg, model_revision=base_model.get("revision") or cfg.model_revision,
+                              dataset_revision=info.revision or cfg.dataset_revision)
+
+    regularization = {k: getattr(cfg, k) for k in ("drop_rate", "drop_path_rate") if getattr(cfg, k)}
+    net = model_lib.create(timm_name, num_classes=len(info.class_names), pretrained=cfg.pretrained, **regularization)
+    frozen = model_lib.resolve_freeze(net, cfg.freeze) if cfg.freeze else []
+    model_lib.freeze(net, frozen, cfg.freeze_bn)  # before DDP wraps it: no find_unused_parameters needed
+    if not any(p.requires_grad for p in net.parameters()):
+        raise ConfigError(f"--freeze {cfg.freeze!r} leaves no trainable parameters; leave at least the head trainable")
+    if cfg.cache_features:
+        features.check_cacheable(net)
+    logger.info("parameters:\n" + model_lib.format_table(model_lib.parameter_table(net)))
+
+    data_cfg = model_lib.data_config(net, cfg.image_size)
+    check_input_size(cfg, net, data_cfg, accelerator.device)
+    train_tf, eval_tf = model_lib.transforms(data_cfg)  # uint8 tensors; `prepare` normalizes whole batches
+    train_tf = train_tf if cfg.augment else eval_tf
+    prepare = model_lib.Normalize(data_cfg, accelerator.device, channels_last=cfg.channels_last)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    train_ds, val_ds = _streams(cfg, info, train_src, val_src, train_tf, eval_tf, rank, world)
+    cache = None
+    if cfg.cache_features:
+        cache = features.FeatureCache(Path(cfg.feature_cache_dir or features.default_dir()),
+                                      features.fingerprint(cfg, net, data_cfg, train_tf, eval_tf), rank, world)
+        train_ds.views = cfg.cache_views
+    pin = accelerator.device.type == "cuda"
+    train_loader = stream.make_loader(train_ds, cfg.batch_size, cfg.num_workers, pin, cfg.persistent_workers)
+    val_loader = stream.make_loader(val_ds, cfg.batch_size, cfg.num_workers, pin, cfg.persistent_workers)
+
+    optimizer = create_optimizer_v2(net, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    layer_decay=cfg.layer_decay)  # timm skips frozen parameters
+    # The loaders are not prepared: each process already reads its own shard (see data.process_source). With cached
+    # features each step runs only the classifier, so only the classifier is prepared (DDP, autocast).
+    head = net if cache is None else net.get_classifier()
+    net.to(accelerator.device)
+    stepped, optimizer = accelerator.prepare(head, optimizer)
+
+    run = {"dataset_revision": info.revision, "class_names": info.class_names, "val_source": info.val_source,
+           "num_processes": world, "frozen_parameters": frozen, "model_revision": cfg.model_revision}
+    state = RunState(steps_per_epoch=steps_per_epoch_hint(cfg, info, world))
+    progress = EpochProgress()
+    if resume_from is not None:
+        state, progress = restore(resume_from, accelerator, net, optimizer, cfg, run)
+    validation = count_validation(cfg, info, val_ds, accelerator)
+    # everything is checked: from here on the output directory is written (after every process looked at it)
+    earlier = check_output_dir(cfg, out, resuming=resume_from is not None)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_output_dir(cfg, out, earlier)
+    accelerator.wait_for_everyone()
+    command = report.resume_command()
+    run_info = {**report.run_info(cfg, accelerator, net, frozen, base_model, info, command), "validation": validation}
+    return Job(cfg=cfg, accelerator=accelerator, out=out, info=info, net=net, head=head, stepped=stepped,
+               optimizer=optimizer, scheduler=make_scheduler(optimizer, cfg, state), prepare=prepare,
+               data_cfg=data_cfg, train_ds=train_ds, val_ds=val_ds, train_loader=train_loader, val_loader=val_loader,
+               cache=cache, run=run, run_info=run_info, command=command, state=state, progress=progress,
+               pusher=_background_pusher(cfg) if cfg.push_every_save and accelerator.is_main_process else None)
+
+
+def count_validation(cfg: TrainConfig, info: data.DataInfo, val_ds: stream.ExampleStream,
+                     accelerator: Accelerator) -> dict[str, Any]:
+    """Validation images per class, from a pass over the keys (nothing is decoded), stopped early once every class
+    has MIN_VAL_PER_CLASS of them. Refuses an empty validation split; warns about classes with few images.
+
+    Raises:
+        DataError: no image of the dataset falls into the validation split.
+    """
+    n = len(info.class_names)
+    counts = torch.zeros(n, dtype=torch.int64)
+    labels = val_ds.labels()
+    for label in labels:
+        counts[label] += 1
+        if counts.min() >= MIN_VAL_PER_CLASS:
+            break
+    labels.close()
+    complete = bool(counts.min() < MIN_VAL_PER_CLASS)  # the pass saw every example of this process's shard
+    both = torch.cat([counts, torch.tensor([int(complete)])]).to(accelerator.device)
+    if accelerator.num_processes > 1:
+        both = torch.cat([accelerator.reduce(both[:n], "sum"), accelerator.reduce(both[n:], "min")])
+    counts, complete = both[:n].tolist(), bool(both[n])
+    if sum(counts) == 0:
+        where = (f"--val-fraction {cfg.val_fraction} held out none of its images (each image goes to validation "
+                 f"with that probability, by a hash of its bytes)" if info.val_source.startswith("hash")
+                 else f"its {info.val_source.split(':', 1)[1]!r} split is empty")
+        raise DataError(f"--dataset {cfg.dataset!r} has no validation images: {where}; raise --val-fraction or "
+                        "give a dataset with a validation split")
+    small = [name for name, c in zip(info.class_names, counts) if c < MIN_VAL_PER_CLASS]
+    if small:
+        shown = ", ".join(f"{name!r}: {c}" for name, c in zip(info.class_names, counts) if name in small)
+        logger.warning(f"few validation images for {len(small)} class(es) ({shown}; fewer than {MIN_VAL_PER_CLASS}): "
+                       "their per-class metrics are unreliable; raise --val-fraction or add images")
+    return {"per_class": dict(zip(info.class_names, counts)), "complete": complete,
+            "min_per_class": MIN_VAL_PER_CLASS, "small_classes": small}
+
+
+def check_input_size(cfg: TrainConfig, net: torch.nn.Module, data_cfg: dict[str, Any], device: torch.device) -> None:
+    """Refuse an input size the model cannot take, or whose batches alone would not fit in memory.
+
+    Raises:
+        ConfigError: naming the size, what the model or the machine allows, and what to lower.
+    """
+    size = data_cfg["input_size"][-1]
+    fixed = net.pretrained_cfg.get("fixed_input_size")
+    native = net.pretrained_cfg.get("input_size", (3, size, size))[-1]
+    if cfg.image_size and fixed and cfg.image_size != native:
+        raise ConfigError(f"--image-size {cfg.image_size}: {cfg.model} takes only {native} px inputs "
+                          f"(fixed_input_size in its pretrained_cfg); leave --image-size unset or set it to {native}")
+    # the cheap part of the memory: uint8 batches queued by the loader workers (prefetch 4 each, pinned copies on
+    # CUDA), the float batch on the device and its normalized copy; activations come on top
+    resize = size / float(data_cfg.get("crop_pct") or 1.0)
+    image = 3 * resize * resize
+    queued = image * cfg.batch_size * (4 * max(cfg.num_workers, 1) + 2)
+    on_device = image * cfg.batch_size * 4 * 2
+    available = _available_memory(device)
+    needed = queued + on_device if device.type == "cpu" else on_device
+    if available is not None and needed > available:
+        raise ConfigError(f"--image-size {size} with --batch-size {cfg.batch_size} and --num-workers {cfg.num_workers}"
+                          f" needs about {needed / 2**30:.1f} GiB for the input batches alone; {device.type} has "
+                          f"{available / 2**30:.1f} GiB free; lower --image-size, --batch-size or --num-workers")
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Free bytes on `device` (system RAM for the CPU), when the platform says."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_output_dir(cfg: TrainConfig, out: Path, resuming: bool) -> list[str]:
+    """What an earlier run left in --output-dir that this one replaces (--overwrite-output-dir).
+
+    Raises:
+        OutputDirError: it is a file, or it holds an earlier run (without --resume or --overwrite-output-dir).
+    """
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"--output-dir {str(out)!r} is a file; give a directory (created if missing)")
+    earlier = [] if resuming else [name for name in EARLIER_RUN if (out / name).exists()]
+    if earlier and not cfg.overwrite_output_dir:
+        raise OutputDirError(f"--output-dir {str(out)!r} holds an earlier run ({', '.join(earlier)}); pass --resume "
+                             "latest to continue it, --overwrite-output-dir to replace it, or give another --output-dir")
+    return earlier
+
+
+def write_output_dir(cfg: TrainConfig, out: Path, earlier: list[str]) -> None:
+    """Remove the earlier run's files (`check_output_dir`), then write train_config.yaml (main process).
+
+    Raises:
+        OutputDirError: the directory cannot be created or written.
+    """
+    for name in earlier:  # only the files hubtune writes; anything else in the folder stays
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / TRAIN_CONFIG_FILE)
+    except OSError as err:
+        raise OutputDirError(f"--output-dir {str(out)!r} cannot be written ({err.strerror or err}); give a "
+                             "writable directory") from err
+
+
+def _background_pusher(cfg: TrainConfig) -> hub.BackgroundPusher:
+    return hub.export_pusher(cfg.push_to_hub, private=cfg.private, revision=cfg.revision,
+                             commit_message="hubtune: new best checkpoint", overwrite_card=cfg.overwrite_card)

@@ -1,0 +1,95 @@
+"""Where a model comes from: the one parser of `--model` values and `from_pretrained` sources.
+
+A spec is `local-dir:PATH`, an existing directory (or a path starting with `.`, `/` or `~`), a Hub repo
+(`org/name`, `hf-hub:org/name`, either with `@revision`), or a timm architecture name (`resnet50`,
+`resnet50.a1_in1k`). Light on purpose: the CLI, the card and the classifier parse specs without importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+from hubtune.errors import ModelSourceError
+from hubtune.files import WEIGHTS_FILE
+
+HUB_PREFIX, LOCAL_PREFIX = "hf-hub:", "local-dir:"
+PICKLED_SUFFIXES = (".bin", ".pth", ".pt", ".pth.tar", ".ckpt")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec: exactly one of `path` (local), `repo_id` (Hub) or `name` (timm architecture) is set."""
+
+    kind: Literal["local", "hub", "timm"]
+    spec: str
+    path: Path | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+    name: str | None = None
+
+    @property
+    def timm_name(self) -> str:
+        """The name `timm.create_model` understands."""
+        if self.kind == "local":
+            return f"{LOCAL_PREFIX}{self.path}"
+        if self.kind == "hub":
+            return f"{HUB_PREFIX}{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
+        return str(self.name)
+
+
+def parse_model_spec(spec: str | Path, revision: str | None = None) -> ModelSpec:
+    """Parse a model spec; `revision` is the separately given one (`--model-revision`, `revision=`).
+
+    Raises:
+        ModelSourceError: the spec is empty, names two different revisions, or is not `org/name` shaped.
+    """
+    if isinstance(spec, Path):
+        return ModelSpec("local", str(spec), path=spec.expanduser())
+    text = spec.strip()
+    if not text:
+        raise ModelSourceError("the model spec is empty: give a timm architecture, a Hub id org/name or a directory")
+    if text.startswith(LOCAL_PREFIX):
+        return ModelSpec("local", spec, path=Path(text[len(LOCAL_PREFIX):]).expanduser())
+    path = Path(text).expanduser()
+    if not text.startswith(HUB_PREFIX) and (text.startswith((".", "/", "~", "\\")) or path.is_dir()):
+        return ModelSpec("local", spec, path=path)
+    if not text.startswith(HUB_PREFIX) and "/" not in text:
+        return ModelSpec("timm", spec, name=text)
+    repo_id, _, at_revision = text.removeprefix(HUB_PREFIX).partition("@")
+    if at_revision and revision and at_revision != revision:
+        raise ModelSourceError(f"{spec!r} names revision {at_revision!r} but revision={revision!r} was also given")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ModelSourceError(f"{spec!r} is neither an existing local directory nor a Hub repo id "
+                               "(org/name, hf-hub:org/name[@rev])")
+    return ModelSpec("hub", spec, repo_id=repo_id, revision=at_revision or revision or None)
+
+
+SAFETENSORS_ONLY = ("hubtune trains only from safetensors weights; convert them (timm.models.save_for_hf(model, dir, "
+                    "safe_serialization=True)) or start from a timm architecture with --no-pretrained")
+TRUST_REMEDY = ("hubtune loads only safetensors unless told to trust the source (trust_pickled_weights=True, CLI: "
+                "--trust-pickled-weights)")
+
+
+def check_weight_files(files: Sequence[str], where: str, trust_pickled_weights: bool = False,
+                       remedy: str = TRUST_REMEDY) -> list[str]:
+    """The top-level weight files timm may load from `files`; pickled ones only when trusted.
+
+    timm picks `model.safetensors` before any other file, so its presence makes the load safe whatever else is there.
+
+    Raises:
+        ModelSourceError: there are no weights, or only pickled ones and they are not trusted.
+    """
+    top = [f for f in files if "/" not in f and f.endswith((".safetensors", *PICKLED_SUFFIXES))]
+    if WEIGHTS_FILE in top:
+        return [WEIGHTS_FILE]
+    pickled = sorted(f for f in top if f.endswith(PICKLED_SUFFIXES))
+    if pickled and not trust_pickled_weights:
+        raise ModelSourceError(
+            f"{where} has no {WEIGHTS_FILE}, only pickled weights ({', '.join(pickled)}), which can run code when "
+            f"loaded; {remedy}"
+        )
+    if not top:
+        raise ModelSourceError(f"{where} has no weights: expected {WEIGHTS_FILE} (as written by hubtune and timm)")
+    return sorted(top)
