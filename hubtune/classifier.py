@@ -6,9 +6,7 @@ build its parser for every command, and huggingface_hub reads HF_ENDPOINT once, 
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
@@ -22,7 +20,7 @@ from hubtune.sources import LOCAL_PREFIX, check_weight_files, parse_model_spec
 if TYPE_CHECKING:
     import torch
 
-ImageInput = Union[str, Path, bytes, Image.Image]
+ImageInput = Union[str, Path, bytes, Image.Image, Any]  # also numpy arrays and torch tensors
 
 
 def _hub_snapshot(repo_id: str, revision: str | None, token: str | None, cache_dir: str | Path | None,
@@ -98,7 +96,7 @@ class ImageClassifier:
     """A timm classifier in eval mode with its label names and eval preprocessing."""
 
     def __init__(self, model: torch.nn.Module, source: str = "", revision: str | None = None,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> None:
         """Wrap a timm model; its pretrained_cfg supplies label names and preprocessing.
 
         Args:
@@ -106,9 +104,10 @@ class ImageClassifier:
             source: where it came from (directory or Hub repo id), for messages.
             revision: the Hub commit sha it was loaded at; None for local directories.
             device: where to run; CUDA when available, else CPU, by default.
+            dtype: the model's floating point type (torch.bfloat16, "float16", ...); float32 by default.
 
         Raises:
-            ConfigError: the device is unknown, or the label names do not match the number of classes.
+            ConfigError: the device or dtype is unknown, or the label names do not match the number of classes.
         """
         import torch
         from timm.data import create_transform
@@ -121,7 +120,8 @@ class ImageClassifier:
             self.device = torch.device(device)
         except RuntimeError as err:
             raise ConfigError(f"device must be a torch device like 'cpu', 'cuda' or 'cuda:1', not {device!r}") from err
-        self.model = model.to(self.device).eval()
+        self.dtype = _dtype(dtype)
+        self.model = model.to(self.device, self.dtype).eval()
         self.source, self.revision = source, revision
         num_classes = model.num_classes
         names = model.pretrained_cfg.get("label_names")
@@ -134,14 +134,16 @@ class ImageClassifier:
 
     @classmethod
     def from_pretrained(cls, repo_id_or_path: str | Path, revision: str | None = None, *,
-                        device: str | torch.device | None = None, trust_pickled_weights: bool = False,
-                        token: str | None = None, cache_dir: str | Path | None = None) -> ImageClassifier:
+                        device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                        trust_pickled_weights: bool = False, token: str | None = None,
+                        cache_dir: str | Path | None = None) -> ImageClassifier:
         """Load a classifier from a local directory or a Hub repo (`org/name`, `hf-hub:org/name[@rev]`).
 
         Args:
             repo_id_or_path: an existing directory (or `local-dir:PATH`), else a Hub model repo id.
             revision: Hub branch, tag or commit sha; the default branch when None.
             device: where to run; CUDA when available, else CPU, by default.
+            dtype: the model's floating point type (torch.bfloat16, "float16", ...); float32 by default.
             trust_pickled_weights: allow pickled weights (pytorch_model.bin, *.pth) when there is no model.safetensors.
             token: Hub token for private or gated repos; HF_TOKEN or the stored login when None.
             cache_dir: Hugging Face cache directory for the download; the default cache when None.
@@ -153,13 +155,14 @@ class ImageClassifier:
         if spec.kind == "local":
             if revision is not None:
                 raise ConfigError(f"revision={revision!r} applies to Hub repos only, not the directory {str(spec.path)!r}")
-            return cls(_load_local(spec.path, str(spec.path), trust_pickled_weights), str(spec.path), None, device)
+            return cls(_load_local(spec.path, str(spec.path), trust_pickled_weights), str(spec.path), None, device,
+                       dtype)
         if spec.kind == "timm":
             raise ModelSourceError(f"{repo_id_or_path!r} is neither an existing local directory nor a Hub repo id "
                                    "(org/name, hf-hub:org/name[@rev])")
         repo_id = spec.repo_id
         folder, sha = _hub_snapshot(repo_id, spec.revision, token, cache_dir, trust_pickled_weights)
-        return cls(_load_local(folder, f"{repo_id}@{sha[:12]}", trust_pickled_weights), repo_id, sha, device)
+        return cls(_load_local(folder, f"{repo_id}@{sha[:12]}", trust_pickled_weights), repo_id, sha, device, dtype)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the model in timm's Hub format (config.json + model.safetensors) with its labels and preprocessing."""
@@ -191,18 +194,21 @@ class ImageClassifier:
         return len(self.label_names)
 
     def _image(self, item: ImageInput, name: str) -> Image.Image:
-        """An RGB image from a path, raw bytes or a PIL image."""
+        """An RGB image, as training decodes it (EXIF orientation, transparency on white), from any accepted input."""
         from hubtune.data import decode, to_rgb
 
         if isinstance(item, Image.Image):
             return to_rgb(item)
+        if type(item).__module__.startswith(("numpy", "torch")):
+            return to_rgb(_array_image(item, name))
         if isinstance(item, (str, Path)):
             try:
                 item = Path(item).expanduser().read_bytes()
             except OSError as err:
                 raise ConfigError(f"{name}: cannot read the image file ({err.strerror or err})") from err
         if not isinstance(item, (bytes, bytearray, memoryview)):
-            raise TypeError(f"{name}: images must be file paths, bytes or PIL images, got {type(item).__name__}")
+            raise TypeError(f"{name}: images must be file paths, bytes, PIL images, numpy arrays or tensors, got "
+                            f"{type(item).__name__}")
         img = decode(bytes(item))
         if img is None:
             raise ConfigError(f"{name}: not a readable image")
@@ -213,12 +219,13 @@ class ImageClassifier:
         """Classify images; per image, the `top_k` {"label", "score"} dicts by descending softmax probability.
 
         Args:
-            images: one image or a list of them, each a file path, raw encoded bytes or a PIL image.
+            images: one image or a list of them, each a file path, raw encoded bytes, a PIL image, a numpy array
+                (HxW or HxWxC, uint8 or floats in [0, 1]) or a tensor (HxW or CxHxW, uint8 or floats in [0, 1]).
             top_k: predictions per image, clipped to the number of classes.
             batch_size: images per forward pass.
 
         Raises:
-            ValueError: top_k or batch_size is below 1, or an image cannot be read (named by path or index).
+            ConfigError: top_k or batch_size is below 1, or an image cannot be read (named by path or index).
         """
         import torch
 
@@ -227,18 +234,23 @@ class ImageClassifier:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         items = list(images) if isinstance(images, (list, tuple)) else [images]
-        k = min(top_k, self.num_classes)
         out: list[list[dict[str, Any]]] = []
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
             names = [str(x) if isinstance(x, (str, Path)) else f"image {start + i}" for i, x in enumerate(batch)]
-            x = torch.stack([self.transform(self._image(item, n)) for item, n in zip(batch, names)])
-            with torch.inference_mode():
-                probs = self.model(x.to(self.device)).float().softmax(dim=-1)
-            scores, indices = probs.topk(k, dim=-1)
-            out += [[{"label": self.label_names[i], "score": s} for s, i in zip(row_s, row_i)]
-                    for row_s, row_i in zip(scores.tolist(), indices.tolist())]
+            out += self.classify(torch.stack([self.transform(self._image(item, n)) for item, n in zip(batch, names)]),
+                                 top_k)
         return out
+
+    def classify(self, pixels: torch.Tensor, top_k: int = 1) -> list[list[dict[str, Any]]]:
+        """Top-k predictions for a batch already transformed by `self.transform` (N x C x H x W floats)."""
+        import torch
+
+        with torch.inference_mode():
+            probs = self.model(pixels.to(self.device, self.dtype)).float().softmax(dim=-1)
+        scores, indices = probs.topk(min(top_k, self.num_classes), dim=-1)
+        return [[{"label": self.label_names[i], "score": s} for s, i in zip(row_s, row_i)]
+                for row_s, row_i in zip(scores.tolist(), indices.tolist())]
 
     def __repr__(self) -> str:
         where = f"{self.source}@{self.revision[:12]}" if self.revision else self.source
@@ -246,29 +258,33 @@ class ImageClassifier:
         return f"ImageClassifier({where!r}, {arch}, {self.num_classes} classes, device={self.device})"
 
 
-def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `hubtune predict` arguments."""
-    parser.add_argument("source", help="model directory (config.json + model.safetensors) or Hub repo id org/name")
-    parser.add_argument("images", nargs="+", help="image files to classify")
-    parser.add_argument("--top-k", type=int, default=1, metavar="K", help="predictions to show per image")
-    parser.add_argument("--json", action="store_true", help="print one JSON list instead of text lines")
-    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit sha (default: the main branch)")
-    parser.add_argument("--trust-pickled-weights", action="store_true",
-                        help="allow pickled weights (pytorch_model.bin, *.pth) when there is no model.safetensors; "
-                             "they can run code, so only for sources you trust")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    import torch
+
+    if dtype is None:
+        return torch.float32
+    resolved = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ConfigError(f"dtype must be a floating point torch dtype such as 'float32', 'bfloat16' or 'float16', "
+                          f"not {dtype!r}")
+    return resolved
 
 
-def run_predict(args: argparse.Namespace) -> int:
-    """Classify `args.images` with `args.source` and print the predictions (text or JSON) to stdout."""
-    logging.getLogger("timm").setLevel(logging.WARNING)  # its per-load INFO lines would drown the predictions
-    classifier = ImageClassifier.from_pretrained(args.source, args.revision,
-                                                 trust_pickled_weights=args.trust_pickled_weights)
-    results = classifier.predict(args.images, top_k=args.top_k, batch_size=args.batch_size)
-    if args.json:
-        print(json.dumps([{"image": str(p), "predictions": r} for p, r in zip(args.images, results)], indent=2))
-    else:
-        for path, preds in zip(args.images, results):
-            for p in preds:
-                print(f"{path}: {p['label']} ({p['score']:.4f})")
-    return 0
+def _array_image(item: Any, name: str) -> Image.Image:
+    """A PIL image from a numpy array (HxW, HxWxC) or a tensor (HxW, CxHxW): uint8, or floats in [0, 1]."""
+    import numpy as np
+
+    arr = item.detach().cpu().numpy() if hasattr(item, "detach") else np.asarray(item)
+    if arr.ndim == 3 and type(item).__module__.startswith("torch"):
+        arr = arr.transpose(1, 2, 0)  # tensors are channels-first, as torchvision makes them
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        layout = "HxW or CxHxW" if type(item).__module__.startswith("torch") else "HxW or HxWxC"
+        raise ConfigError(f"{name}: an image array must be {layout} with 1, 3 or 4 channels, got shape "
+                          f"{tuple(item.shape)}")
+    if arr.dtype != np.uint8:
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise ConfigError(f"{name}: image arrays must be uint8 or floats in [0, 1], got {arr.dtype}")
+        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return Image.fromarray(arr)

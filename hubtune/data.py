@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import io
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,35 @@ def open_splits(cfg: Any) -> tuple[datasets.IterableDataset, datasets.IterableDa
         revision=revision,
     )
     return train, val, info
+
+
+EVAL_SPLIT_NAMES = ("test", *VAL_SPLIT_NAMES)
+
+
+def open_eval_split(dataset: str, split: str | None, revision: str | None, image_column: str | None,
+                    label_column: str | None) -> tuple[datasets.IterableDataset, DataInfo]:
+    """One split to evaluate on (default: test, else validation) as a stream of {image: {bytes, path}, label}.
+
+    Raises:
+        DataError: the dataset, the split or a column does not exist.
+    """
+    where = types.SimpleNamespace(dataset=dataset, dataset_revision=revision)
+    dsd, pinned = _load(where)
+    name = split or next((n for n in EVAL_SPLIT_NAMES if n in dsd), None)
+    if name not in dsd:
+        wanted = f"no split {split!r}" if split else "no test or validation split"
+        raise DataError(f"--dataset {dataset!r} has {wanted}; splits: {', '.join(dsd)} (choose one with --split)")
+    stream = dsd[name]
+    if stream.features is None:
+        raise DataError(f"--dataset {dataset!r}: its features are unknown; store it as parquet or imagefolder")
+    image_col = _pick_column(stream.features, image_column, datasets.Image, "--image-column")
+    label_col = _pick_column(stream.features, label_column, datasets.ClassLabel, "--label-column")
+    stream = stream.select_columns([image_col, label_col]).cast_column(image_col, datasets.Image(decode=False))
+    splits = stream.info.splits
+    return stream, DataInfo(image_column=image_col, label_column=label_col,
+                            class_names=list(stream.features[label_col].names), val_source=f"split:{name}",
+                            train_size_hint=splits[name].num_examples if splits and name in splits else None,
+                            revision=pinned)
 
 
 def image_bytes(value: dict[str, Any]) -> bytes:

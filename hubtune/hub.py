@@ -6,14 +6,15 @@ import argparse
 import contextlib
 import fnmatch
 import hashlib
+import json
 import logging
 import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
-from huggingface_hub import CommitOperationAdd, HfApi, snapshot_download
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, snapshot_download
 from huggingface_hub.constants import is_offline_mode
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -25,8 +26,8 @@ from huggingface_hub.errors import (
 from hubtune import __version__
 from hubtune.errors import ConfigError, DataError, ModelSourceError, PushError
 from hubtune.files import CARD_FILE, METRICS_FILE, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE, WEIGHTS_FILE
-from hubtune.hub_calls import causes, attempts_of, install_timeouts, retrying, status_of, transient_reason
-from hubtune.sources import SAFETENSORS_ONLY, ModelSpec, check_weight_files, parse_model_spec
+from hubtune.hub_calls import attempts_of, causes, install_timeouts, retrying, status_of, transient_reason
+from hubtune.sources import SAFETENSORS_ONLY, ModelSpec, check_weight_files, loadable_config, parse_model_spec
 
 logger = logging.getLogger("hubtune")
 
@@ -161,12 +162,34 @@ def push(output_dir: str | Path, repo_id: str, *, private: bool = False, revisio
     for required in (MODEL_CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / required).is_file():
             raise ConfigError(f"{folder} is not a hubtune export: {required} is missing (train first)")
-    hub = api(token, endpoint)
-    files = files_to_push(folder, push_checkpoints)
-    # what is uploaded: the files as they are, except the card, which carries a hash of itself (see card_was_edited)
-    contents: dict[str, bytes | Path] = {name: folder / name for name in files}
+    # what is uploaded: the files as they are, except the card, which carries a hash of itself (see
+    # card_was_edited), and config.json, in the form transformers loads too (exports made before it was fixed)
+    contents: dict[str, bytes | Path] = {name: folder / name for name in files_to_push(folder, push_checkpoints)}
     if CARD_FILE in contents:
         contents[CARD_FILE] = mark_card((folder / CARD_FILE).read_text(encoding="utf-8")).encode()
+    config = json.loads((folder / MODEL_CONFIG_FILE).read_text())
+    if loadable_config(config) != config:
+        contents[MODEL_CONFIG_FILE] = json.dumps(loadable_config(config), indent=2).encode()
+    return push_files(repo_id, contents, private=private, revision=revision,
+                      commit_message=commit_message or f"Upload {folder.name} with hubtune {__version__}",
+                      overwrite_card=overwrite_card, token=token, retries=retries, retry_wait=retry_wait,
+                      endpoint=endpoint, cancel=cancel, folder=folder)
+
+
+def push_files(repo_id: str, contents: dict[str, bytes | Path], *, commit_message: str, deletions: Sequence[str] = (),
+               private: bool = False, revision: str | None = None, overwrite_card: bool = True,
+               token: str | bool | None = None, retries: int = 4, retry_wait: float = 2.0,
+               endpoint: str | None = None, cancel: threading.Event | None = None, folder: Path | None = None) -> str:
+    """One commit that adds `contents` ({path in repo: bytes or local file}) and deletes `deletions`, created
+    (repo and branch) as needed, then verified file by file on the Hub; returns the commit URL.
+
+    With `overwrite_card` False, a README.md edited on the Hub since hubtune wrote it is kept.
+
+    Raises:
+        PushError: the Hub refused or could not be reached, in one line (what, after how many attempts, the fix).
+    """
+    hub = api(token, endpoint)
+    contents = dict(contents)
     step = "create_repo"
 
     def call(what: str, fn: Callable[[], Any]) -> Any:
@@ -184,11 +207,12 @@ def push(output_dir: str | Path, repo_id: str, *, private: bool = False, revisio
                 "reading the card on the Hub", lambda: _remote_card_edited(hub, repo_id, revision)):
             logger.warning(f"{CARD_FILE} on {repo_id} was edited on the Hub; keeping it (pass --overwrite-card)")
             del contents[CARD_FILE]
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data if isinstance(data, bytes) else str(data))
-                      for name, data in contents.items()]
-        info = call("upload", lambda: hub.create_commit(
-            repo_id, operations, revision=revision,
-            commit_message=commit_message or f"Upload {folder.name} with hubtune {__version__}"))
+        operations: list[Any] = [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=data if isinstance(data, bytes) else str(data))
+            for name, data in contents.items()]
+        operations += [CommitOperationDelete(path_in_repo=name) for name in deletions]
+        info = call("upload", lambda: hub.create_commit(repo_id, operations, revision=revision,
+                                                         commit_message=commit_message))
         remote = call("verification", lambda: _remote_entries(hub, repo_id, info.oid, list(contents)))
     except PushError:
         raise

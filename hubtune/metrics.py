@@ -33,12 +33,13 @@ def from_confusion(conf: torch.Tensor, class_names: list[str]) -> dict[str, Any]
 
 @torch.no_grad()
 def evaluate(predict: Callable[[dict], torch.Tensor], loader: Any, accelerator: Any,
-             class_names: list[str]) -> dict[str, Any]:
+             class_names: list[str], targets: torch.Tensor | None = None) -> dict[str, Any]:
     """Loss and metrics over the whole validation stream; every example counted once across processes.
 
     Each process evaluates only its own shard and the sums (confusion matrix, loss, counts) are reduced, which
     is exact without the padding/deduplication that gathering per-example predictions would need. `predict`
-    maps a loader batch to logits (the caller puts the model in eval mode).
+    maps a loader batch to logits (the caller puts the model in eval mode); `targets`, when given, maps the
+    loader's label indices to the model's (datasets whose classes are named or ordered differently).
     """
     n = len(class_names)
     device = accelerator.device
@@ -49,7 +50,8 @@ def evaluate(predict: Callable[[dict], torch.Tensor], loader: Any, accelerator: 
         bad += batch["n_bad"]
         if not len(batch["labels"]):
             continue
-        y = batch["labels"].to(device, non_blocking=True)
+        y = batch["labels"] if targets is None else targets[batch["labels"]]
+        y = y.to(device, non_blocking=True)
         logits = predict(batch).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         conf += torch.bincount(y * n + logits.argmax(1), minlength=n * n).double()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import json
 import re
 import types
 from pathlib import Path
@@ -21,7 +22,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from hubtune.errors import ConfigError, ModelSourceError
 from hubtune.files import MODEL_CONFIG_FILE
-from hubtune.sources import SAFETENSORS_ONLY, check_weight_files, parse_model_spec
+from hubtune.sources import SAFETENSORS_ONLY, check_weight_files, loadable_config, parse_model_spec
 
 HEAD_GROUP = "head"
 FROZEN_BN = (FrozenBatchNorm2d, FrozenBatchNormAct2d)
@@ -283,7 +284,8 @@ def format_table(rows: list[tuple[str, int, int, int]]) -> str:
 
 
 def export(model: torch.nn.Module, out_dir: str | Path, label_names: list[str], data_cfg: dict[str, Any]) -> None:
-    """Write config.json + model.safetensors in timm's Hub format (plain timm.create_model loads it)."""
+    """Write config.json + model.safetensors in timm's Hub format: plain timm.create_model loads it, and so do
+    transformers' AutoModelForImageClassification and pipeline("image-classification") (TimmWrapper)."""
     if any(not t.is_contiguous() for t in model.state_dict().values()):  # --channels-last; safetensors needs
         model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)  # contiguous tensors
     timm.models.save_for_hf(
@@ -291,3 +293,5 @@ def export(model: torch.nn.Module, out_dir: str | Path, label_names: list[str], 
         data_config={k: data_cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
                      if k in data_cfg},
     )
+    path = Path(out_dir) / MODEL_CONFIG_FILE
+    path.write_text(json.dumps(loadable_config(json.loads(path.read_text())), indent=2))

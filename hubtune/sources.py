@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from hubtune.errors import ModelSourceError
 from hubtune.files import WEIGHTS_FILE
@@ -93,3 +93,13 @@ def check_weight_files(files: Sequence[str], where: str, trust_pickled_weights: 
     if not top:
         raise ModelSourceError(f"{where} has no weights: expected {WEIGHTS_FILE} (as written by hubtune and timm)")
     return sorted(top)
+
+
+def loadable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A timm config.json that transformers loads too: timm >= 1.0.31 repeats `num_classes` in `model_args`, and
+    transformers' TimmWrapper, which passes num_classes itself, then fails ("got multiple values for keyword argument
+    'num_classes'"). timm reads the class count from the root `num_classes`, so nothing is lost."""
+    model_args = config.get("model_args")
+    if not isinstance(model_args, dict) or "num_classes" not in model_args:
+        return config
+    return {**config, "model_args": {k: v for k, v in model_args.items() if k != "num_classes"}}

@@ -16,7 +16,8 @@ import torch
 from huggingface_hub import HfApi
 from PIL import Image
 
-from hubtune.classifier import ImageClassifier, add_predict_arguments, run_predict
+from hubtune.classifier import ImageClassifier
+from hubtune.predict import add_predict_arguments, run_predict
 
 LABELS = ["a", "b", "c"]
 TOKEN = "tok-alice-write"  # conftest's write token for alice (module-scoped fixtures cannot use `hub_token`)
@@ -165,7 +166,7 @@ def test_unreadable_images_are_named(classifier, images, tmp_path):
     Image.new("RGB", (8, 8)).save(buf, "PNG")
     with pytest.raises(ValueError, match="^image 2: not a readable image"):
         classifier.predict([buf.getvalue(), images[1], b"garbage"], batch_size=2)
-    with pytest.raises(TypeError, match="file paths, bytes or PIL images, got int"):
+    with pytest.raises(TypeError, match="file paths, bytes, PIL images, numpy arrays or tensors, got int"):
         classifier.predict([3])
 
 

@@ -468,3 +468,38 @@ def test_background_uploads_run_one_at_a_time_and_only_the_newest_waits(tmp_path
     assert pusher.pushed == ["done a"] and pusher.failed == [
         {"item": "boom", "error": "Error while uploading 'model.safetensors' to the Hub."}]
     assert not pusher._thread.is_alive()
+
+
+def test_every_usage_snippet_of_the_card_runs_against_the_hub(hub, finished_run, tmp_path):
+    """timm, hubtune and transformers, as a reader pastes them: an empty cache, no token, the pushed repo."""
+    import random
+    import shutil
+
+    from helpers import make_rgb
+
+    from hubtune.card import write_card
+
+    target, export = unique("usage"), tmp_path / "export"
+    shutil.copytree(finished_run, export, ignore=shutil.ignore_patterns("checkpoints"))
+    write_card(export, repo_id=target)
+    hub_lib.push(export, target, token=TOKEN)
+    card = (export / "README.md").read_text()
+    blocks = _python_blocks(card)
+    assert sorted(blocks) == ["With hubtune:", "With timm:",
+                              "With transformers (its `TimmWrapper` loads timm repos; `pip install transformers`):"]
+    image = tmp_path / "cat.jpg"
+    make_rgb(0, random.Random(8)).save(image)
+    printed = {}
+    for intro, code in blocks.items():
+        code = code.replace('"cat.jpg"', repr(str(image)))
+        if intro == "With hubtune:":  # its last line is an expression, as in a notebook
+            code = code.rstrip().rsplit("\n", 1)[0] + "\nprint(" + code.rstrip().rsplit("\n", 1)[1] + ")"
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env=env_for(hub.url, tmp_path / "home", token=None))
+        assert proc.returncode == 0, (intro, proc.stderr[-3000:])
+        printed[intro.split()[1]] = proc.stdout
+    assert all("cat" in out for out in printed.values()), printed
+    line = next(ln for ln in card.splitlines() if ln.startswith("hubtune predict "))
+    proc = subprocess.run([sys.executable, "-m", "hubtune.cli", *line.split()[1:-1], str(image)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=env_for(hub.url, tmp_path / "home"))
+    assert proc.returncode == 0 and proc.stdout.startswith(f"{image}: "), proc.stderr[-2000:]

@@ -1,0 +1,213 @@
+"""`hubtune evaluate`: a trained classifier on anyone's labelled data, streamed, every example counted once.
+
+The model comes from the Hub (any revision), a local export, or any timm-format repo with label names; the dataset
+is read as training reads it (streamed, the same decoding, broken images skipped and counted). Labels are matched
+to the model's label names by name, never by index (`--label-map` renames classes). Several processes
+(`accelerate launch -m hubtune.cli evaluate ...`) each read their own shard; the sums are reduced. `--push` adds
+the result to the model repo's card as a new model-index entry, keeping what the card already says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from hubtune.errors import ConfigError, DataError, PushError
+from hubtune.files import CARD_FILE
+from hubtune.sources import parse_model_spec
+
+logger = logging.getLogger("hubtune")
+
+RESULTS_FILE = "eval_results.json"
+CONFUSION_PLOT = "eval_confusion_matrix.png"
+TASK = ("image-classification", "Image Classification")
+
+
+def parse_label_map(spec: str | None) -> dict[str, str]:
+    """`--label-map kitty=cat,puppy=dog` as {dataset label: model label}."""
+    mapping: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in (spec or "").split(","))):
+        source, sep, target = item.partition("=")
+        if not sep or not source.strip() or not target.strip():
+            raise ConfigError(f"--label-map: got {item!r}, expected DATASET_LABEL=MODEL_LABEL[,...]")
+        mapping[source.strip()] = target.strip()
+    return mapping
+
+
+def match_labels(dataset_names: list[str], model_names: list[str], label_map: dict[str, str]) -> list[int]:
+    """For each dataset class index, the model's class index with the same name (after `label_map`).
+
+    Raises:
+        DataError: a dataset class (or a --label-map entry) names no class of the model; both lists are shown.
+    """
+    unknown_map = sorted(set(label_map) - set(dataset_names))
+    if unknown_map:
+        raise DataError(f"--label-map renames {unknown_map}, which the dataset does not have; dataset labels: "
+                        f"{dataset_names}")
+    index = {name: i for i, name in enumerate(model_names)}
+    renamed = [label_map.get(name, name) for name in dataset_names]
+    missing = [f"{name!r}" + (f" (mapped to {label_map[name]!r})" if name in label_map else "")
+               for name, target in zip(dataset_names, renamed) if target not in index]
+    if missing:
+        raise DataError(f"dataset labels {', '.join(missing)} are not labels of the model; dataset labels: "
+                        f"{dataset_names}, model labels: {model_names}; rename them with --label-map "
+                        "dataset_label=model_label,...")
+    return [index[name] for name in renamed]
+
+
+def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate args.model on args.dataset; the main process writes eval_results.json and the plot, and pushes."""
+    import torch
+    from accelerate import Accelerator
+
+    from hubtune import data, metrics, plots, stream
+    from hubtune import model as model_lib
+    from hubtune.classifier import ImageClassifier
+    from hubtune.job import _cpu_only_launch
+
+    label_map = parse_label_map(args.label_map)
+    accelerator = Accelerator(cpu=_cpu_only_launch())
+    clf = ImageClassifier.from_pretrained(args.model, args.revision, device=accelerator.device,
+                                          trust_pickled_weights=args.trust_pickled_weights)
+    if args.push and clf.revision is None:
+        raise ConfigError(f"--push adds the result to a Hub model repo's card; {args.model!r} is a local directory")
+    split, info = data.open_eval_split(args.dataset, args.split, args.dataset_revision, args.image_column,
+                                       args.label_column)
+    targets = torch.tensor(match_labels(info.class_names, clf.label_names, label_map))
+    data_cfg = clf.data_config
+    _, eval_tf = model_lib.transforms(data_cfg)
+    prepare = model_lib.Normalize(data_cfg, accelerator.device)
+    source = data.process_source(split, info, rank=accelerator.process_index,
+                                 world_size=accelerator.num_processes, shuffle_seed=None)
+    ds = stream.ExampleStream(source, eval_tf, keep_val=None, val_fraction=0.0, seed=None, shuffle_buffer=256)
+    loader = stream.make_loader(ds, args.batch_size, args.num_workers, accelerator.device.type == "cuda")
+    started = time.time()
+    with torch.inference_mode():
+        result = metrics.evaluate(lambda b: clf.model(prepare(b["pixel_values"])), loader, accelerator,
+                                  clf.label_names, targets=targets)
+    seen = result["examples"] + result["skipped"]
+    if seen and result["skipped"] / seen > args.max_bad_fraction:
+        from hubtune.errors import BadDataError
+
+        raise BadDataError(f"{result['skipped']} of {seen} images could not be decoded, over --max-bad-fraction "
+                           f"{args.max_bad_fraction}; fix the data or raise the limit")
+    if result["examples"] == 0:
+        raise DataError(f"--dataset {args.dataset!r} split {info.val_source!r} has no decodable image to evaluate")
+    record = _record(args, clf, info, label_map, result, accelerator.num_processes, time.time() - started)
+    if accelerator.is_main_process:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RESULTS_FILE).write_text(json.dumps(record, indent=2))
+        plots.confusion_matrix(result["confusion_matrix"], clf.label_names, out / CONFUSION_PLOT)
+        print(format_table(record))
+        print(f"wrote {out / RESULTS_FILE} and {out / CONFUSION_PLOT}")
+        if args.push:
+            spec = parse_model_spec(args.model, args.revision)
+            branch = spec.revision if spec.revision and not re.fullmatch(r"[0-9a-f]{40}", spec.revision) else None
+            print(push_result(record, spec.repo_id, branch))
+    accelerator.wait_for_everyone()
+    return record
+
+
+def _record(args: argparse.Namespace, clf: Any, info: Any, label_map: dict[str, str], result: dict[str, Any],
+            processes: int, seconds: float) -> dict[str, Any]:
+    import accelerate
+    import datasets
+    import huggingface_hub
+    import timm
+    import torch
+
+    from hubtune import __version__
+
+    return {
+        "model": {"source": args.model, "revision": clf.revision, "labels": clf.label_names},
+        "dataset": {"id": args.dataset, "revision": info.revision, "split": info.val_source.split(":", 1)[1],
+                    "labels": info.class_names, "label_map": label_map},
+        "metrics": {"accuracy": result["accuracy"], "f1": result["f1"], "loss": result["loss"]},
+        "per_class": result["per_class"], "confusion_matrix": result["confusion_matrix"],
+        "examples": result["examples"], "skipped_images": result["skipped"], "num_processes": processes,
+        "seconds": round(seconds, 2),
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__,
+                     "datasets": datasets.__version__, "huggingface_hub": huggingface_hub.__version__,
+                     "hubtune": __version__},
+    }
+
+
+def format_table(record: dict[str, Any]) -> str:
+    """The short summary printed after an evaluation."""
+    m, ds = record["metrics"], record["dataset"]
+    lines = [f"{record['model']['source']} on {ds['id']} ({ds['split']}): {record['examples']} images, "
+             f"{record['skipped_images']} skipped",
+             f"accuracy {m['accuracy']:.4f} | macro F1 {m['f1']:.4f} | loss {m['loss']:.4f}",
+             f"{'class':<24}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
+    lines += [f"{name[:23]:<24}{row['precision']:>10.4f}{row['recall']:>10.4f}{row['f1']:>10.4f}{row['support']:>10}"
+              for name, row in record["per_class"].items()]
+    return "\n".join(lines)
+
+
+def push_result(record: dict[str, Any], repo_id: str, revision: str | None) -> str:
+    """Add the result to the card of `repo_id` as a new model-index entry, in one verified commit.
+
+    Raises:
+        PushError: the card cannot be read or written (no write access: 401/403), after retries.
+    """
+    from huggingface_hub import EvalResult, ModelCard
+
+    from hubtune import hub
+
+    client = hub.api()
+    ds = record["dataset"]
+    try:
+        card = ModelCard.load(repo_id, token=client.token) if client.file_exists(repo_id, CARD_FILE) else None
+    except Exception as err:  # classified by push_failure; an unexpected error keeps its traceback
+        message = hub.push_failure(err, repo_id, "reading the card")
+        if message is None:
+            raise
+        raise PushError(message) from err
+    card = card or ModelCard(f"---\nlibrary_name: timm\n---\n# {repo_id}\n")
+    results = list(card.data.eval_results or [])
+    results += [EvalResult(task_type=TASK[0], task_name=TASK[1], dataset_type=ds["id"], dataset_name=ds["id"],
+                           dataset_split=ds["split"], dataset_revision=ds["revision"], metric_type=metric,
+                           metric_name=name, metric_value=round(record["metrics"][metric], 4))
+                for metric, name in (("accuracy", "Accuracy"), ("f1", "F1 (macro)"))]
+    card.data.eval_results = results
+    card.data.model_name = card.data.model_name or repo_id.split("/")[-1]
+    url = hub.push_files(repo_id, {CARD_FILE: str(card).encode()}, revision=revision,
+                         commit_message=f"hubtune evaluate: {ds['id']} ({ds['split']})")
+    return f"added the result to the card of {repo_id}: {url}"
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `hubtune evaluate` arguments."""
+    parser.add_argument("model", help="Hub repo (org/name[@rev]), a local export, or any timm repo with label names")
+    parser.add_argument("--dataset", required=True, help="Hub dataset id, or a local imagefolder or parquet file(s)")
+    parser.add_argument("--split", default=None, help="split to evaluate (default: test, else validation)")
+    parser.add_argument("--dataset-revision", default=None, help="dataset branch, tag or commit")
+    parser.add_argument("--revision", default=None, help="model revision on the Hub (default: main)")
+    parser.add_argument("--image-column", default=None, help="image column (default: the Image feature)")
+    parser.add_argument("--label-column", default=None, help="label column (default: the ClassLabel feature)")
+    parser.add_argument("--label-map", default=None, metavar="DATASET_LABEL=MODEL_LABEL,...",
+                        help="rename dataset classes to the model's label names")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass and process")
+    parser.add_argument("--num-workers", type=int, default=2, help="data loader worker processes per process")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.01,
+                        help="fail if more than this fraction of images cannot be decoded")
+    parser.add_argument("--output-dir", default="evaluation", help="where eval_results.json and the plot go")
+    parser.add_argument("--push", action="store_true",
+                        help="add the result to the model repo's card (model-index), in one verified commit")
+    parser.add_argument("--trust-pickled-weights", action="store_true",
+                        help="allow pickled weights when the repo has no model.safetensors (only for trusted sources)")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    for name in ("batch_size", "num_workers"):
+        if getattr(args, name) < (1 if name == "batch_size" else 0):
+            raise ConfigError(f"--{name.replace('_', '-')}: got {getattr(args, name)}, expected an integer >= "
+                              f"{1 if name == 'batch_size' else 0}")
+    evaluate_model(args)
+    return 0
