@@ -81,11 +81,11 @@ def disk_space(folder: Path, needed: int, what: str, cleanup: Path | None = None
     try:
         yield
     except Exception as err:
+        left = shutil.disk_usage(folder).free  # before the cleanup frees the partial write's space again
         if cleanup is not None:
             shutil.rmtree(cleanup, ignore_errors=True) if cleanup.is_dir() else cleanup.unlink(missing_ok=True)
-        free = shutil.disk_usage(folder).free
-        if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or free < needed:
-            raise DiskFullError(_no_space(what, folder, free, needed)) from err
+        if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or left < needed:
+            raise DiskFullError(_no_space(what, folder, shutil.disk_usage(folder).free, needed)) from err
         raise
 
 

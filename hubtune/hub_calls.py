@@ -112,7 +112,7 @@ def retrying(what: str, fn: Callable[[], Any], retries: int, wait: float,
             if reason is None or attempt == retries or (cancel is not None and cancel.is_set()):
                 raise
             delay = wait * 2**attempt
-            logger.warning(f"{what} failed ({reason}); retrying in {delay:.0f}s ({attempt + 1}/{retries})")
+            logger.warning(f"{what} failed ({reason}); retrying in {delay:.3g}s ({attempt + 1}/{retries})")
             if cancel is not None and cancel.wait(delay):
                 raise
             if cancel is None:

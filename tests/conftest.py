@@ -36,7 +36,8 @@ os.environ.update(
 )
 for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.pop(_var, None)
-assert "huggingface_hub" not in sys.modules, "conftest must run before any Hugging Face import"
+# A tool that runs pytest in a process that already imported the clients (mutmut) gets them as they were; only the
+# tests that talk to the local Hub need HF_ENDPOINT read at import, and the `hub` fixture checks that.
 
 import datasets  # noqa: E402
 import pytest  # noqa: E402
@@ -58,8 +59,11 @@ HUB_TOKENS = {
 @pytest.fixture(scope="session")
 def hub():
     """A local Hub-compatible server on the reserved port, shared by the session."""
+    import huggingface_hub
+
     from hubtune.localhub import LocalHub
 
+    assert huggingface_hub.constants.ENDPOINT == HUB_URL, "huggingface_hub was imported before conftest set HF_ENDPOINT"
     server = LocalHub(_SESSION_HOME / "hub", port=HUB_PORT, tokens=HUB_TOKENS).start()
     yield server
     server.stop()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -351,11 +352,14 @@ def test_manifests_that_list_nothing_or_garbage_mark_the_checkpoint_damaged(refe
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A real 4 MiB tmpfs, unmounted afterwards (mounting needs root, as on the CI machine)."""
+def small_disk(tmp_path, request):
+    """A real tmpfs (4 MiB, or the size given as the test's parameter), unmounted afterwards (mounting needs root,
+    as on the CI machine)."""
     mount = tmp_path / "small"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
+    size = getattr(request, "param", "4m")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=True)
@@ -372,10 +376,28 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_no_partial_checkpoint(small_
                                            r"[\d.]+ MiB free, about 4\.\d MiB needed\)"):
         checkpoint.write(small_disk, 2, {"w": torch.randn(1024, 1024)}, {}, {}, ranks, {"run_state": {}})
     # enough by the estimate, short in fact (the manifest and block rounding come on top): the partial save goes
+    # what write() estimates: the tensors and state.json (under 200 bytes here); a block more is left free
+    estimate = weights["w"].numel() * 4 + torch.get_rng_state().numel() + 200
     free = __import__("shutil").disk_usage(small_disk).free
     filler = small_disk / "filler"
-    filler.write_bytes(b"\0" * (free - (1 << 20) - 4096))
-    with pytest.raises(DiskFullError, match="not enough space"):
+    filler.write_bytes(b"\0" * (free - estimate - 4096))
+    with pytest.raises(DiskFullError, match="not enough space") as err:
         checkpoint.write(small_disk, 3, weights, {}, {}, ranks, {"run_state": {}})
+    assert err.value.__cause__ is not None  # it failed while writing, not in the check before
     assert [p.name for p in (small_disk / "checkpoints").iterdir()] == [first.name]
     checkpoint.verify(first)
+
+
+@pytest.mark.parametrize("small_disk", ["12m"], indirect=True)
+def test_a_run_that_fills_its_disk_stops_with_one_line_and_keeps_its_checkpoints(small_disk, two_class_folder):
+    out = small_disk / "run"
+    proc = finish(flags(two_class_folder, out, "--num-workers", "0", "--save-every", "2", "--keep-last", "5"))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hubtune: error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert re.search(rf"saving checkpoint step-\d+: not enough space in {out}/checkpoints \([\d.]+ MiB free, about "
+                     r"[\d.]+ MiB needed\); free some space", errors[0]), errors[0]
+    kept = checkpoint.listing(out)
+    assert len(kept) >= 1 and not list((out / "checkpoints").glob(".tmp-*"))
+    for path in kept:
+        checkpoint.verify(path)
