@@ -49,9 +49,8 @@ def train_steps(files: list[str], *, image_size: int, batch_size: int, steps: in
     import torch.nn.functional as F
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from torch.optim.lr_scheduler import OneCycleLR
-
     from timm.data import create_transform, resolve_data_config
+    from torch.optim.lr_scheduler import OneCycleLR
 
     AcceleratorState._reset_state(reset_partial_state=True)  # several runs with different precisions, one process
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=True)

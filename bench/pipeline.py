@@ -47,8 +47,17 @@ def hubtune_prepare(cfg: dict) -> Callable:
 
 def example_transforms(cfg: dict) -> tuple[Callable, Callable]:
     """The transformers example's Compose pipelines with the ops and strengths of timm's transforms."""
-    from torchvision.transforms import (CenterCrop, ColorJitter, Compose, InterpolationMode, Normalize,
-                                        RandomHorizontalFlip, RandomResizedCrop, Resize, ToTensor)
+    from torchvision.transforms import (
+        CenterCrop,
+        ColorJitter,
+        Compose,
+        InterpolationMode,
+        Normalize,
+        RandomHorizontalFlip,
+        RandomResizedCrop,
+        Resize,
+        ToTensor,
+    )
 
     size = cfg["input_size"][-1]
     interp = InterpolationMode(cfg["interpolation"])

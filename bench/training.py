@@ -39,6 +39,8 @@ class Variant:
     mixed_precision: str
     channels_last: bool = False  # hubtune only: --channels-last
     compile: bool = False  # hubtune only: --compile
+    report_to: str = "none"  # hubtune only: --report-to (log lines every step here: its worst case)
+    model_ema: bool = False  # hubtune only: --model-ema
 
 
 VARIANTS = [
@@ -87,7 +89,8 @@ def hubtune_steps(root: Path, out: Path, variant: Variant, *, image_size: int, b
                       batch_size=batch_size, epochs=1, max_steps=steps + 1, num_workers=num_workers,
                       freeze=variant.freeze, freeze_bn=bool(variant.freeze), mixed_precision=variant.mixed_precision,
                       channels_last=variant.channels_last, compile=variant.compile, output_dir=str(out), log_every=1,
-                      progress=False, val_fraction=0.05, seed=0)
+                      progress=False, val_fraction=0.05, seed=0, report_to=variant.report_to,
+                      model_ema=variant.model_ema)
     logger = logging.getLogger(LOGGER)
     clock = StepClock(steps)
     old_level, old_propagate = logger.level, logger.propagate

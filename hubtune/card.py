@@ -13,6 +13,7 @@ import logging
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import jinja2
 import yaml
@@ -40,7 +41,8 @@ EVAL_METRICS = (("accuracy", "Accuracy", "val_accuracy"), ("f1", "F1 (macro)", "
 VERSION_KEYS = ("torch", "timm", "accelerate", "datasets", "huggingface_hub", "hubtune")
 # where the run wrote to, how it reported and where it was shared: not what was trained
 HIDDEN_OPTIONS = ("output_dir", "overwrite_output_dir", "resume", "progress", "log_every", "push_to_hub", "private", "revision",
-                  "commit_message", "push_checkpoints", "push_every_save", "overwrite_card", "license")
+                  "commit_message", "push_checkpoints", "push_every_save", "overwrite_card", "license", "report_to",
+                  "hub_checkpoints", "hub_checkpoints_branch", "hub_checkpoints_timeout")
 # absent when unknown (license comes from the metadata, which drops empty fields); defaulted in the template
 OPTIONAL_VARIABLES = frozenset({"repo_id", "license"})
 SMALL_VAL_THRESHOLD = 100
@@ -85,6 +87,7 @@ def load_outputs(output_dir: str | Path) -> dict[str, Any]:
                          f"{' and '.join(missing)}; pass the run's --output-dir after training completed")
     config_path = out / TRAIN_CONFIG_FILE
     return {
+        "runs": sorted(p.relative_to(out).as_posix() for p in (out / "runs").rglob("*tfevents*")),
         "model_config": json.loads((out / MODEL_CONFIG_FILE).read_text()),
         "metrics": json.loads((out / METRICS_FILE).read_text()),
         "train_config": (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {},
@@ -200,7 +203,7 @@ def build(outputs: dict[str, Any], repo_id: str | None = None, license: str | No
     architecture = model_config.get("architecture", "unknown")
     title = repo_id.split("/")[-1] if repo_id else f"{architecture} on {dataset['name']}"
     card_data = ModelCardData(
-        library_name="timm", pipeline_tag=TASK[0], tags=list(TAGS), license=license_id, base_model=base["id"],
+        library_name="timm", pipeline_tag=TASK[0], tags=list(TAGS) + (["tensorboard"] if outputs.get("runs") else []), license=license_id, base_model=base["id"],
         datasets=[dataset["id"]] if dataset["is_hub"] else None, metrics=[m for m, _, _ in EVAL_METRICS[:2]],
         model_name=title, eval_results=_eval_results(best, dataset, val_split),
         **({"base_model_relation": "finetune"} if base["id"] else {}),
@@ -237,11 +240,21 @@ def build(outputs: dict[str, Any], repo_id: str | None = None, license: str | No
         "small_val_threshold": SMALL_VAL_THRESHOLD,
         "validation": run.get("validation") or {"small_classes": [], "min_per_class": None},
         "export_fallback": metrics.get("export_fallback"),
+        "tensorboard": bool(outputs.get("runs")), "weights": best.get("weights", "model"),
+        "ema_decay": cfg.get("model_ema_decay"), "unfreeze_at": cfg.get("unfreeze_at", ""),
         "pushed": bool(cfg.get("push_to_hub")),  # reproducing must not push to this repo again
+        "hub_checkpoints": _hub_checkpoints(metrics.get("hub_checkpoints")),
     }
     if repo_id:
         context["repo_id"] = repo_id
     return card_data, context
+
+
+def _hub_checkpoints(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Where --hub-checkpoints put the run's checkpoints, for the card (None without it)."""
+    if not record:
+        return None
+    return {**record, "url": f"{HUB_URL}/{record['repo']}/tree/{quote(record['branch'], safe='')}/checkpoints"}
 
 
 def render(card_data: ModelCardData, context: dict[str, Any], template: str = TEMPLATE) -> str:

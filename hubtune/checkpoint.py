@@ -30,6 +30,7 @@ logger = logging.getLogger("hubtune")
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 RNG_TENSORS = "rng.safetensors"
 STATE_FILE = "state.json"
+EMA_TENSORS = "ema.safetensors"  # --model-ema: the EMA of every tensor but the frozen parameters
 MANIFEST = "manifest.json"
 NAME = re.compile(r"^step-(\d{6,})$")
 REQUIRED = (MODEL_FILE, OPTIMIZER_TENSORS, RNG_TENSORS, STATE_FILE)
@@ -101,6 +102,7 @@ def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
 def write(
     root: Path, step: int, model_state: dict[str, torch.Tensor], optimizer_meta: dict,
     optimizer_tensors: dict[str, torch.Tensor], ranks: list[tuple[dict, dict[str, torch.Tensor]]], state: dict,
+    ema_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a complete checkpoint atomically: a temporary directory, fsync, then one rename.
 
@@ -114,12 +116,14 @@ def write(
     rank_tensors = {f"rank{r}.{k}": v for r, (_, tensors) in enumerate(ranks) for k, v in tensors.items()}
     full_state = json.dumps({**state, "optimizer": optimizer_meta, "ranks": [meta for meta, _ in ranks]}, indent=1)
     needed = len(full_state) + sum(t.numel() * t.element_size() for group in (
-        model_state, optimizer_tensors, rank_tensors) for t in group.values())
+        model_state, optimizer_tensors, rank_tensors, ema_state or {}) for t in group.values())
     with disk_space(final.parent, needed, f"saving checkpoint {final.name}", cleanup=tmp):
         tmp.mkdir(parents=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
         save_file(optimizer_tensors, str(tmp / OPTIMIZER_TENSORS))
         save_file(rank_tensors, str(tmp / RNG_TENSORS))
+        if ema_state is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema_state.items()}, str(tmp / EMA_TENSORS))
         (tmp / STATE_FILE).write_text(full_state)
         files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
         for name in files:
@@ -173,10 +177,23 @@ def saved_config(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE_FILE).read_text())["config"]
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The model weights of a checkpoint, after checking every file against its manifest."""
+def load_weights(path: Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint (its EMA weights with `ema`), after checking every file against its
+    manifest."""
     verify(path)
-    return load_file(str(path / MODEL_FILE))
+    weights = load_file(str(path / MODEL_FILE))
+    return {**weights, **load_ema(path)} if ema else weights
+
+
+def load_ema(path: Path) -> dict[str, torch.Tensor]:
+    """The EMA tensors a checkpoint of a --model-ema run holds (the frozen parameters are the model's own).
+
+    Raises:
+        CheckpointError: the checkpoint has no EMA weights (saved by a run without --model-ema).
+    """
+    if not (path / EMA_TENSORS).is_file():
+        raise CheckpointError(f"{path}: no {EMA_TENSORS}; it was saved without --model-ema")
+    return load_file(str(path / EMA_TENSORS))
 
 
 def best_intact(root: Path, history: list[dict[str, Any]], metric: str, higher_is_better: bool,

@@ -43,6 +43,16 @@ def _summary(args: argparse.Namespace) -> int:
     with torch.no_grad():
         feats = net.forward_features(torch.zeros(1, *size))
     print(f"\nfeature map for one {tuple(size)} image: {tuple(feats.shape)}")
+    if args.unfreeze_at:
+        from hubtune import unfreeze
+        from hubtune.config import TrainConfig
+
+        cfg = TrainConfig(freeze=args.freeze, freeze_bn=args.freeze_bn, unfreeze_at=args.unfreeze_at)
+        cfg.validate()
+        schedule = unfreeze.resolve_schedule(net, cfg, frozen)
+        epochs = args.epochs or max(epoch for epoch, _, _ in schedule)
+        print("\nschedule (--unfreeze-at):")
+        print("\n".join("  " + line for line in unfreeze.describe(net, schedule, frozen, epochs)))
     return 0
 
 
@@ -51,10 +61,17 @@ def _checkpoints(args: argparse.Namespace) -> int:
 
     from hubtune import checkpoint
 
-    root = Path(args.output_dir)
-    rows = checkpoint.describe(root)
+    root = Path(args.source)
+    if root.is_dir() or "/" not in args.source or args.source.count("/") > 1:
+        rows, where = checkpoint.describe(root), root / checkpoint.CHECKPOINTS
+    else:
+        from hubtune import hub_checkpoints
+
+        repo_id, _, branch = args.source.partition("@")
+        rows = hub_checkpoints.describe_remote(repo_id, branch or args.branch)
+        where = f"{repo_id}@{branch or args.branch}/{hub_checkpoints.REMOTE_DIR}"
     if not rows:
-        print(f"no checkpoints in {root / checkpoint.CHECKPOINTS}")
+        print(f"no checkpoints in {where}")
         return 0
     header = ("checkpoint", "step", "position", "metric", "size", "")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -116,14 +133,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("model", help="timm architecture, Hub id or local-dir:PATH")
     p.add_argument("--freeze", default="", help="freeze spec, as for `hubtune train --freeze`")
     p.add_argument("--freeze-bn", action="store_true", help="also fix BatchNorm statistics in frozen parts")
+    p.add_argument("--unfreeze-at", default="", help="gradual unfreezing schedule, as for `hubtune train --unfreeze-at`")
+    p.add_argument("--epochs", type=int, default=None, help="epochs the schedule covers (default: its last one)")
     p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                    help="load pretrained weights (default: no, the table does not need them)")
     p.set_defaults(func=_summary)
 
-    p = sub.add_parser("checkpoints", help="list the checkpoints of a run: step, epoch, metric, size, best and latest")
-    p.add_argument("output_dir", help="the run's --output-dir")
+    p = sub.add_parser("checkpoints", help="list the checkpoints of a run (its output dir, or its Hub repo's checkpoint "
+                                           "branch): step, epoch, metric, size, best, latest, verified")
+    p.add_argument("source", metavar="OUTPUT_DIR|REPO[@BRANCH]",
+                   help="the run's --output-dir, or the --push-to-hub repo of a --hub-checkpoints run")
+    p.add_argument("--branch", default="checkpoints", help="the checkpoint branch of REPO (default: checkpoints)")
     p.set_defaults(func=_checkpoints)
 
     import importlib

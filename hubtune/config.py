@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from hubtune.errors import ConfigError
+from hubtune.tracking import default_report_to, parse_report_to
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "lamb", "lion", "adan", "rmsprop")
@@ -59,6 +60,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "mixed precision mode", choices=MIXED_PRECISION)
     freeze: str = _f("", "comma list of timm groups (stem, stages.0-2, blocks.1) and module globs (layer1.*) to freeze")
     freeze_bn: bool = _f(False, "also fix BatchNorm statistics in the frozen parts (held in eval mode)")
+    unfreeze_at: str = _f("", "gradual unfreezing: comma list of GROUP_OR_GLOB=EPOCH (1-based, 'all' for everything) from which parts frozen by --freeze train, e.g. stages.3=2,stages.2=3,all=4")
+    unfreeze_lr_scale: float = _f(1.0, "learning-rate scale of the parts --unfreeze-at adds (on top of --layer-decay)")
     augment: bool = _f(True, "random crop, flip and color jitter on training images (off: the eval transform)")
     cache_features: bool = _f(False, "compute backbone features once and train only the classifier on them (linear probe: needs every other parameter frozen and --freeze-bn)")
     cache_views: int = _f(1, "augmented views per training image kept by --cache-features; epoch e trains on view e mod N")
@@ -74,19 +77,26 @@ class TrainConfig:
     metric: str = _f("val_accuracy", "validation metric that picks the best checkpoint", choices=METRICS)
     early_stopping_patience: int | None = _f(None, "stop after this many evaluations without improvement")
     early_stopping_min_delta: float = _f(0.0, "smallest change of --metric that counts as an improvement")
-    resume: str | None = _f(None, "'latest' (newest complete checkpoint in --output-dir) or a checkpoint directory")
+    resume: str | None = _f(None, "'latest' (newest complete checkpoint in --output-dir), a checkpoint directory, 'hub' (the newest on the --hub-checkpoints branch of --push-to-hub) or hf://ORG/NAME[@BRANCH][/checkpoints/step-NNNNNN]")
     push_to_hub: str | None = _f(None, "Hub repo (user/name) to push the best model, card and metrics to at the end")
     private: bool = _f(False, "create the pushed repo as private")
     revision: str | None = _f(None, "branch of the pushed repo (created if missing)")
     commit_message: str | None = _f(None, "commit message of the push")
     push_checkpoints: bool = _f(False, "also push checkpoints/ (optimizer state included)")
     push_every_save: bool = _f(False, "also push each new best model in the background while training")
+    hub_checkpoints: bool = _f(False, "upload every checkpoint in the background to a branch of --push-to-hub, so another machine can --resume hub")
+    hub_checkpoints_branch: str = _f("checkpoints", "branch of --push-to-hub that --hub-checkpoints uploads to and --resume hub reads")
+    hub_checkpoints_timeout: float = _f(120.0, "seconds a run stopped by SIGTERM/Ctrl-C (or ending) waits for its last checkpoint to reach the Hub")
     overwrite_card: bool = _f(False, "replace a README.md that was edited on the Hub")
     license: str | None = _f(None, "license for the card when the base model's card declares none")
     seed: int = _f(42, "random seed")
     num_workers: int = _f(2, "data loader worker processes per training process")
     persistent_workers: bool = _f(True, "keep the data loader workers between epochs instead of starting new ones")
+    model_ema: bool = _f(False, "keep an exponential moving average of the weights (timm ModelEmaV3), evaluated each epoch beside them; --metric picks the best of both")
+    model_ema_decay: float = _f(0.9998, "decay of --model-ema per optimizer step")
+    model_ema_warmup: bool = _f(False, "ramp the --model-ema decay up over the first steps (timm's EMA warmup)")
     log_every: int = _f(20, "optimizer steps between log lines")
+    report_to: str = _f(default_report_to(), "experiment trackers through Accelerate: comma list of tensorboard, trackio, wandb, mlflow, comet_ml, aim, or all / none (the default is tensorboard when it is installed, else none)")
     progress: bool = _f(True, "show a progress bar (main process, terminals only)")
 
     def validate(self) -> None:
@@ -136,11 +146,53 @@ class TrainConfig:
             bad("layer_decay", "a number in (0, 1]")
         if self.clip_grad is not None and self.clip_grad <= 0:
             bad("clip_grad", "a positive number")
+        if not 0.0 < self.model_ema_decay < 1.0:
+            bad("model_ema_decay", "a number strictly between 0 and 1")
+        if not (self.unfreeze_lr_scale > 0 and math.isfinite(self.unfreeze_lr_scale)):
+            bad("unfreeze_lr_scale", "a positive number")
+        try:
+            schedule = self.unfreeze_schedule
+        except ValueError as err:
+            problems.append(str(err))
+            schedule = []
+        if schedule and not self.freeze:
+            bad("unfreeze_at", "parts frozen by --freeze (give --freeze too)")
+        if self.cache_features and (schedule or self.model_ema):
+            problems.append("--cache-features trains a fixed backbone's classifier: it cannot be combined with "
+                            "--unfreeze-at or --model-ema")
+        try:
+            parse_report_to(self.report_to)
+        except ValueError as err:
+            problems.append(str(err))
+        if self.hub_checkpoints and not self.push_to_hub:
+            bad("hub_checkpoints", "--push-to-hub REPO too (the checkpoints go to a branch of that repo)")
+        if self.resume == "hub" and not self.push_to_hub:
+            bad("resume", "'hub' with --push-to-hub REPO (whose checkpoint branch it reads), or hf://ORG/NAME")
+        if self.hub_checkpoints_branch in ("", self.revision or "main"):
+            bad("hub_checkpoints_branch", f"a branch other than the one the model is pushed to ({self.revision or 'main'})")
+        if not self.hub_checkpoints_timeout > 0:
+            bad("hub_checkpoints_timeout", "a positive number of seconds")
         if not self.model.strip():
             bad("model", "a timm model name, Hub id or local-dir:PATH")
         if not self.dataset.strip():
             bad("dataset", "a Hub dataset id or a local path")
         return problems
+
+    @property
+    def unfreeze_schedule(self) -> list[tuple[str, int]]:
+        """--unfreeze-at as [(group or glob, first epoch it trains, 1-based)], in the given order.
+
+        Raises:
+            ValueError: an item is not TOKEN=EPOCH with a positive integer epoch.
+        """
+        out = []
+        for item in filter(None, (part.strip() for part in self.unfreeze_at.split(","))):
+            token, sep, epoch = item.rpartition("=")
+            if not sep or not token.strip() or not epoch.strip().isdigit() or int(epoch) < 1:
+                raise ValueError(f"--unfreeze-at: got {item!r}, expected GROUP_OR_GLOB=EPOCH with an epoch >= 1, "
+                                 "e.g. stages.3=2,all=4")
+            out.append((token.strip(), int(epoch)))
+        return out
 
     @property
     def save_steps(self) -> int | None:

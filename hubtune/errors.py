@@ -72,11 +72,17 @@ class DemoError(HubtuneError, RuntimeError):
 class TrainingInterrupted(HubtuneError):
     """Raised after the checkpoint requested by SIGTERM/SIGINT has been written."""
 
-    def __init__(self, signum: int, checkpoint: Path, command: str) -> None:
+    def __init__(self, signum: int, checkpoint: Path, command: str, hub: str | None = None) -> None:
+        """`hub`: where the checkpoint was uploaded (--hub-checkpoints), or why it could not be."""
         self.signum = signum
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name
-        super().__init__(f"{name} received: saved {checkpoint}; resume with: {command} --resume latest")
+        message = f"{name} received: saved {checkpoint}; resume with: {command} --resume latest"
+        if hub is not None and hub.startswith("uploaded to "):
+            message += f"; {hub}: on another machine, resume with: {command} --resume hub"
+        elif hub is not None:
+            message += f"; {hub}"
+        super().__init__(message)
 
 
 def run_guarded(fn: Callable[[], Any]) -> int:

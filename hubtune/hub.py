@@ -32,7 +32,8 @@ from hubtune.sources import SAFETENSORS_ONLY, ModelSpec, check_weight_files, loa
 logger = logging.getLogger("hubtune")
 
 # What a pushed repo holds: the timm export, the card and its plots, the run's record.
-PUSH_PATTERNS = [MODEL_CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, METRICS_FILE, TRAIN_CONFIG_FILE, "plots/*.png"]
+PUSH_PATTERNS = [MODEL_CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, METRICS_FILE, TRAIN_CONFIG_FILE, "plots/*.png",
+                 "runs/*"]  # TensorBoard event files: the Hub's "Training metrics" tab
 CHECKPOINT_PATTERNS = ["checkpoints/step-*/*"]
 CARD_MARKER = "<!-- hubtune-card sha256:"
 
@@ -218,7 +219,7 @@ def push_files(repo_id: str, contents: dict[str, bytes | Path], *, commit_messag
         if message is None:
             raise
         raise PushError(message) from err
-    _verify(repo_id, info.oid, contents, remote)
+    _verify(repo_id, info.oid, operations, remote)
     logger.info(f"pushed {len(contents)} files to {info.commit_url} (verified size and hash on the Hub)")
     return info.commit_url
 
@@ -238,20 +239,24 @@ def _remote_entries(hub: HfApi, repo_id: str, commit: str, paths: list[str]) -> 
     return {entry.path: entry for entry in hub.get_paths_info(repo_id, paths, revision=commit)}
 
 
-def _verify(repo_id: str, commit: str, contents: dict[str, bytes | Path], remote: dict[str, Any]) -> None:
-    """Every pushed file, as the Hub lists it at the pushed commit, must match the local one in size and hash."""
+def _verify(repo_id: str, commit: str, operations: list[Any], remote: dict[str, Any]) -> None:
+    """Every pushed file, as the Hub lists it at the pushed commit, must match what was uploaded in size and hash
+    (the sha256 huggingface_hub computed of each file to upload it: large files are not read a second time)."""
     rerun = "nothing local was changed; run the same push again"
-    for name, data in contents.items():
-        blob = data if isinstance(data, bytes) else data.read_bytes()
+    for op in operations:
+        if not isinstance(op, CommitOperationAdd):
+            continue
+        name, size = op.path_in_repo, op.upload_info.size
         entry = remote.get(name)
         if entry is None:
             raise PushError(f"verification failed: {name} is not in {repo_id}@{commit[:8]}; {rerun}")
-        if entry.size != len(blob):
+        if entry.size != size:
             raise PushError(f"verification failed: {name} is {entry.size} bytes on {repo_id}@{commit[:8]}, "
-                            f"{len(blob)} here; {rerun}")
+                            f"{size} here; {rerun}")
         if entry.lfs:
-            ok = entry.lfs.sha256 == hashlib.sha256(blob).hexdigest()
-        else:
+            ok = entry.lfs.sha256 == op.upload_info.sha256.hex()
+        else:  # a small file stored in git: its blob id
+            blob = op.path_or_fileobj if isinstance(op.path_or_fileobj, bytes) else Path(op.path_or_fileobj).read_bytes()
             ok = entry.blob_id == hashlib.sha1(f"blob {len(blob)}\0".encode() + blob).hexdigest()
         if not ok:
             raise PushError(f"verification failed: {name} on {repo_id}@{commit[:8]} differs from the local file; "

@@ -22,6 +22,8 @@ from huggingface_hub.utils import _http
 logger = logging.getLogger("hubtune")
 
 TIMEOUT_ENV = "HUBTUNE_HUB_TIMEOUT"
+RETRY_WAIT_ENV = "HUBTUNE_HUB_RETRY_WAIT"
+RETRIES_ENV = "HUBTUNE_HUB_RETRIES"
 DEFAULT_TIMEOUT_S = 300.0  # between two bytes of an answer; large commits on the Hub take a while to answer
 CONNECT_TIMEOUT_S = 10.0
 # the transport errors huggingface_hub's own backoff retries on, plus the OS-level ones under them
@@ -41,6 +43,31 @@ def timeout_s() -> float:
         from hubtune.errors import ConfigError
 
         raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return value
+
+
+def retry_wait_s(default: float = 2.0) -> float:
+    """Seconds before the first retry of a failed checkpoint upload or download (HUBTUNE_HUB_RETRY_WAIT); each next
+    one waits twice as long."""
+    return _env_number(RETRY_WAIT_ENV, default, float, "a number of seconds (0 or more)")
+
+
+def retries_n(default: int = 4) -> int:
+    """How many times a failed checkpoint upload or download is retried (HUBTUNE_HUB_RETRIES), on top of the
+    retries huggingface_hub makes of each file transfer."""
+    return _env_number(RETRIES_ENV, default, int, "a whole number (0 or more)")
+
+
+def _env_number(name: str, default: Any, kind: Callable[[str], Any], expected: str) -> Any:
+    raw = os.environ.get(name)
+    try:
+        value = kind(raw) if raw else default
+    except ValueError:
+        value = -1
+    if not value >= 0:
+        from hubtune.errors import ConfigError
+
+        raise ConfigError(f"{name}={raw!r}: expected {expected}")
     return value
 
 

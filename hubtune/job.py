@@ -18,14 +18,15 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 
-from hubtune import checkpoint, data, features, hub, report, stream
+from hubtune import checkpoint, data, features, hub, hub_checkpoints, report, stream, tracking, unfreeze
 from hubtune import model as model_lib
 from hubtune.config import TrainConfig
-from hubtune.errors import CompileModeError, ConfigError, DataError, OutputDirError
+from hubtune.errors import CompileModeError, ConfigError, DataError, HubtuneError, OutputDirError
 from hubtune.files import (
     CARD_FILE,
     CHECKPOINTS_DIR,
@@ -41,7 +42,8 @@ logger = get_logger("hubtune")
 
 MIN_VAL_PER_CLASS = 10  # fewer validation images than this make a class's metrics a coin toss: warn
 # what a run leaves in --output-dir; an earlier run's copy is refused, or removed with --overwrite-output-dir
-EARLIER_RUN = (CHECKPOINTS_DIR, TRAIN_CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, MODEL_CONFIG_FILE, CARD_FILE, "plots")
+EARLIER_RUN = (CHECKPOINTS_DIR, TRAIN_CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, MODEL_CONFIG_FILE, CARD_FILE, "plots",
+               tracking.RUNS_DIR)
 
 
 @dataclass
@@ -57,7 +59,6 @@ class Job:
     head: torch.nn.Module  # what is evaluated: `net`, or its classifier when features are cached
     stepped: torch.nn.Module
     optimizer: Any
-    scheduler: CosineLRScheduler
     prepare: model_lib.Normalize
     data_cfg: dict[str, Any]
     train_ds: stream.ExampleStream
@@ -66,11 +67,16 @@ class Job:
     val_loader: Any
     cache: features.FeatureCache | None
     run: dict[str, Any]  # what a resumed run must share with its checkpoint (see run_state.resume_differences)
-    run_info: dict[str, Any]  # what the card records
     command: str  # this run's command line, for the resume hint
+    frozen: list[str]  # the parameters frozen now (--freeze, less what --unfreeze-at has started to train)
+    schedule: unfreeze.Schedule  # --unfreeze-at
+    ema: ModelEmaV3 | None  # --model-ema: timm's EMA of the whole model (see save_checkpoint for what is saved)
+    scheduler: CosineLRScheduler | None = None
+    run_info: dict[str, Any] = field(default_factory=dict)  # what the card records
     state: RunState = field(default_factory=RunState)
     progress: EpochProgress = field(default_factory=EpochProgress)
     pusher: hub.BackgroundPusher | None = None
+    uploader: hub_checkpoints.Uploader | None = None  # --hub-checkpoints (main process)
     started: float = field(default_factory=time.time)  # when this process's segment of the run began
 
     def backbone(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -85,9 +91,46 @@ class Job:
         return module(self.cache.features(view, batch, self.backbone, self.accelerator.device))
 
 
+def find_resume(cfg: TrainConfig, out: Path, accelerator: Accelerator) -> Path | None:
+    """The checkpoint --resume names: local (latest, a path) or on the Hub (hub, hf://...), which the main process
+    downloads into OUTPUT_DIR/checkpoints/ while the others wait; None when there is none yet (start fresh)."""
+    if not cfg.resume:
+        return None
+    remote = hub_checkpoints.parse_resume(cfg.resume, cfg.push_to_hub, cfg.hub_checkpoints_branch)
+    if remote is None:
+        found = checkpoint.find_resume(out, cfg.resume)
+        if found is None:
+            logger.info(f"--resume latest: no checkpoint in {out}, starting fresh")
+        return found
+    answer: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            path = hub_checkpoints.fetch(remote, out)
+            answer = [path.name if path else None]
+        except HubtuneError as err:  # every process must raise it, not wait for the main one forever
+            answer = [err]
+    if accelerator.num_processes > 1:
+        answer = broadcast_object_list(answer)
+    if isinstance(answer[0], HubtuneError):
+        raise answer[0]
+    if answer[0] is None:
+        logger.info(f"--resume {cfg.resume}: no checkpoint on {remote} yet, starting fresh")
+        return None
+    return out / checkpoint.CHECKPOINTS / answer[0]
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """Accelerate's Accelerator for the run: precision, compilation, the trackers of --report-to (logging to
+    OUTPUT_DIR/runs/; they start once the output directory is checked, see tracking.start)."""
+    wanted = tracking.parse_report_to(cfg.report_to)
+    out = Path(cfg.output_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=_cpu_only_launch(),
-                              dynamo_backend=cfg.compile_backend if cfg.compile else None)
+                              dynamo_backend=cfg.compile_backend if cfg.compile else None,
+                              log_with=[n for n in wanted if tracking.installed(n)] or None,
+                              project_config=ProjectConfiguration(project_dir=str(out),
+                                                                  logging_dir=str(out / tracking.RUNS_DIR)))
+    if accelerator.is_main_process:
+        tracking.available(wanted)  # a one-line warning for each tracker that is not installed
     if cfg.compile and accelerator.state.dynamo_plugin.backend.value == "NO":
         raise CompileModeError("--compile: Accelerate was already set up in this process without torch.compile; "
                                "run training in a new process (hubtune train, accelerate launch)")
@@ -143,9 +186,7 @@ def build_job(cfg: TrainConfig) -> Job:
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed, device_specific=True)
     out = Path(cfg.output_dir)
-    resume_from = checkpoint.find_resume(out, cfg.resume) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        logger.info(f"--resume latest: no checkpoint in {out}, starting fresh")
+    resume_from = find_resume(cfg, out, accelerator)
     if resume_from is not None:  # the same run: the base model and dataset commits it pinned, unless given here
         pinned = checkpoint.saved_config(resume_from)
         cfg = dataclasses.replace(cfg, model_revision=cfg.model_revision or pinned.get("model_revision"),
@@ -196,12 +237,18 @@ def build_job(cfg: TrainConfig) -> Job:
     net.to(accelerator.device)
     stepped, optimizer = accelerator.prepare(head, optimizer)
 
+    schedule = unfreeze.resolve_schedule(net, cfg, frozen) if cfg.unfreeze_at else []
+    # after prepare: the EMA copy evaluates with the same (autocast) forward as the model
+    ema = ModelEmaV3(net, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None
     run = {"dataset_revision": info.revision, "class_names": info.class_names, "val_source": info.val_source,
            "num_processes": world, "frozen_parameters": frozen, "model_revision": cfg.model_revision}
-    state = RunState(steps_per_epoch=steps_per_epoch_hint(cfg, info, world))
-    progress = EpochProgress()
+    job = Job(cfg=cfg, accelerator=accelerator, out=out, info=info, net=net, head=head, stepped=stepped,
+              optimizer=optimizer, prepare=prepare, data_cfg=data_cfg, train_ds=train_ds, val_ds=val_ds,
+              train_loader=train_loader, val_loader=val_loader, cache=cache, run=run,
+              command=report.resume_command(), frozen=frozen, schedule=schedule, ema=ema,
+              state=RunState(steps_per_epoch=steps_per_epoch_hint(cfg, info, world)))
     if resume_from is not None:
-        state, progress = restore(resume_from, accelerator, net, optimizer, cfg, run)
+        restore(job, resume_from)
     validation = count_validation(cfg, info, val_ds, accelerator)
     # everything is checked: from here on the output directory is written (after every process looked at it)
     earlier = check_output_dir(cfg, out, resuming=resume_from is not None)
@@ -209,13 +256,14 @@ def build_job(cfg: TrainConfig) -> Job:
     if accelerator.is_main_process:
         write_output_dir(cfg, out, earlier)
     accelerator.wait_for_everyone()
-    command = report.resume_command()
-    run_info = {**report.run_info(cfg, accelerator, net, frozen, base_model, info, command), "validation": validation}
-    return Job(cfg=cfg, accelerator=accelerator, out=out, info=info, net=net, head=head, stepped=stepped,
-               optimizer=optimizer, scheduler=make_scheduler(optimizer, cfg, state), prepare=prepare,
-               data_cfg=data_cfg, train_ds=train_ds, val_ds=val_ds, train_loader=train_loader, val_loader=val_loader,
-               cache=cache, run=run, run_info=run_info, command=command, state=state, progress=progress,
-               pusher=_background_pusher(cfg) if cfg.push_every_save and accelerator.is_main_process else None)
+    job.scheduler = make_scheduler(job.optimizer, cfg, job.state)
+    job.run_info = {**report.run_info(cfg, accelerator, net, frozen, base_model, info, job.command),
+                    "validation": validation}
+    job.pusher = _background_pusher(cfg) if cfg.push_every_save and accelerator.is_main_process else None
+    if cfg.hub_checkpoints and accelerator.is_main_process:
+        job.uploader = hub_checkpoints.Uploader(cfg.push_to_hub, cfg.hub_checkpoints_branch, out, cfg.private)
+    tracking.start(accelerator, cfg.to_dict(), resume_step=job.state.global_step if resume_from else 0)
+    return job
 
 
 def count_validation(cfg: TrainConfig, info: data.DataInfo, val_ds: stream.ExampleStream,

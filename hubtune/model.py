@@ -246,6 +246,21 @@ def fix_statistics(bn: torch.nn.Module) -> None:
     bn.eval()
 
 
+def unfix_statistics(bn: torch.nn.Module, training: bool) -> None:
+    """Undo `fix_statistics`: the BatchNorm follows model.train()/eval() again, starting in `training` mode."""
+    if getattr(bn.train, "__func__", None) is _stay_in_eval:
+        del bn.train
+    torch.nn.Module.train(bn, training)
+
+
+def unprepared(net: torch.nn.Module) -> torch.nn.Module:
+    """`net` with the forward it had before Accelerate patched in autocast, so that preparing it again (a new DDP
+    wrapper) does not nest a second autocast."""
+    if "_original_forward" in vars(net):
+        net.forward = vars(net).pop("_original_forward")
+    return net
+
+
 def _stay_in_eval(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
     return torch.nn.Module.train(self, False)
 

@@ -18,7 +18,8 @@ from hubtune.sources import parse_model_spec
 logger = logging.getLogger("hubtune")
 COMPARED = ("val_accuracy", "val_f1", "val_loss", "train_loss")
 # What a reproduction must not do on its own: push somewhere or continue someone else's checkpoints.
-NOT_REPRODUCED = {"push_to_hub": None, "push_every_save": False, "push_checkpoints": False, "resume": None}
+NOT_REPRODUCED = {"push_to_hub": None, "push_every_save": False, "push_checkpoints": False, "resume": None,
+                  "hub_checkpoints": False}
 
 
 def fetch_record(source: str, revision: str | None = None) -> tuple[dict, dict, dict | None]:

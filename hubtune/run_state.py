@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, TypedDict
 
-from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 
@@ -24,7 +23,8 @@ logger = get_logger("hubtune")
 
 # Config fields whose change would make a resumed run a different run.
 RESUME_MUST_MATCH = ("model", "dataset", "image_size", "val_fraction", "freeze", "freeze_bn", "batch_size",
-                     "grad_accum", "seed", "shuffle_buffer", "num_workers", "drop_rate", "drop_path_rate")
+                     "grad_accum", "seed", "shuffle_buffer", "num_workers", "drop_rate", "drop_path_rate",
+                     "unfreeze_at", "unfreeze_lr_scale", "model_ema", "model_ema_decay", "model_ema_warmup")
 
 
 class EpochRow(TypedDict):
@@ -96,15 +96,22 @@ class RunState:
 
 
 def update_best(state: RunState, row: EpochRow, cfg: TrainConfig) -> bool:
-    """Record an evaluation; return True if it is the new best. Sets state.stopped on early stopping."""
-    value = row[cfg.metric]
+    """Record an evaluation; return True if it is the new best. Sets state.stopped on early stopping.
+
+    With --model-ema the row also holds the EMA weights' metrics (row["ema"]); the best of the two counts, and the
+    best record takes that one's metrics and says which weights they are ("weights": "model" or "ema").
+    """
+    candidates = [({**row, "weights": "model"})] + ([{**row, **row["ema"], "weights": "ema"}] if row.get("ema") else [])
+    sign = 1 if cfg.higher_is_better else -1
+    chosen = max(candidates, key=lambda r: sign * r[cfg.metric])  # the first of equals: the raw weights
+    value = chosen[cfg.metric]
     if state.best:
-        gain = value - state.best[cfg.metric] if cfg.higher_is_better else state.best[cfg.metric] - value
+        gain = sign * (value - state.best[cfg.metric])
         improved = gain > cfg.early_stopping_min_delta
     else:
         improved = True
     if improved:
-        state.best = dict(row)
+        state.best = chosen
         state.bad_evals = 0
     else:
         state.bad_evals += 1
@@ -176,31 +183,44 @@ def save_checkpoint(job: Job) -> Path:
                      "segments": state.segments + 1}
         payload = {"run_state": run_state, "config": cfg.to_dict(), "run": job.run, "grad_scaler": scaler}
         weights = job.net.state_dict()
-        checkpoint.write(out, state.global_step, weights, opt_meta, opt_tensors, ranks, payload)
+        frozen = set(job.frozen)  # the EMA of a frozen parameter is the parameter itself: not saved twice
+        ema = {k: v for k, v in job.ema.module.state_dict().items() if k not in frozen} if job.ema else None
+        payload["unfrozen"] = [token for start, token, _ in job.schedule if start <= state.epoch + int(state.in_epoch)]
+        checkpoint.write(out, state.global_step, weights, opt_meta, opt_tensors, ranks, payload, ema)
         keep = {state.best["checkpoint"]} if state.best.get("checkpoint") else set()
         for gone in checkpoint.prune(out, cfg.keep_last, keep):
             logger.info(f"deleted old checkpoint {gone.name}")
         logger.info(f"saved checkpoint {path.name}")
+        if job.uploader is not None:  # the branch keeps what retention kept here
+            job.uploader.submit(path, [p.name for p in checkpoint.listing(out)])
     accelerator.wait_for_everyone()
     return path
 
 
-def restore(path: Path, accelerator: Accelerator, net: Any, optimizer: Any, cfg: TrainConfig,
-            run: dict) -> tuple[RunState, EpochProgress]:
-    """Load a checkpoint into the model, optimizer and RNGs; return its RunState and this process's progress."""
+def restore(job: Job, path: Path) -> None:
+    """Load a checkpoint into the job: model, optimizer (after replaying --unfreeze-at up to the checkpoint's epoch,
+    so the optimizer has the groups it had), EMA weights, RNGs, run state and this process's data position."""
+    from hubtune import unfreeze
+
     saved, model_tensors, opt_tensors, rank_tensors = checkpoint.read(path)
-    diffs = resume_differences(saved, cfg, run)
+    accelerator = job.accelerator
+    diffs = resume_differences(saved, job.cfg, job.run)
     if diffs:
         raise ConfigError(f"cannot resume from {path}: the run would change meaning:\n  " + "\n  ".join(diffs)
-                         + "\n  (start a new --output-dir for a different run)")
-    net.load_state_dict(model_tensors)
-    checkpoint.load_optimizer_state(optimizer.optimizer, saved["optimizer"], opt_tensors)
+                          + "\n  (start a new --output-dir for a different run)")
+    saved_state = RunState.from_dict(saved["run_state"])
+    for epoch in range(1, saved_state.epoch + 1 + int(saved_state.in_epoch)):  # in order, as the run did
+        unfreeze.apply(job, epoch)
+    job.net.load_state_dict(model_tensors)
+    checkpoint.load_optimizer_state(job.optimizer.optimizer, saved["optimizer"], opt_tensors)
+    if job.ema is not None:
+        job.ema.module.load_state_dict({**model_tensors, **checkpoint.load_ema(path)})
     mine = saved["ranks"][accelerator.process_index]
     checkpoint.set_rng_state(mine, checkpoint.rank_tensors(rank_tensors, accelerator.process_index))
     if accelerator.scaler is not None and saved.get("grad_scaler"):
         accelerator.scaler.load_state_dict(saved["grad_scaler"])
-    state = RunState.from_dict(saved["run_state"])
-    if state.stopped and state.stopped["reason"] != "early_stopping":
-        state.stopped = None  # a finished run resumed with more --epochs/--max-steps continues
-    logger.info(f"resumed from {path} at epoch {state.epoch + 1}, step {state.global_step}")
-    return state, EpochProgress.from_dict(mine["progress"])
+    if saved_state.stopped and saved_state.stopped["reason"] != "early_stopping":
+        saved_state.stopped = None  # a finished run resumed with more --epochs/--max-steps continues
+    saved_state.steps_per_epoch = saved_state.steps_per_epoch or job.state.steps_per_epoch
+    job.state, job.progress = saved_state, EpochProgress.from_dict(mine["progress"])
+    logger.info(f"resumed from {path} at epoch {saved_state.epoch + 1}, step {saved_state.global_step}")

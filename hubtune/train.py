@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
-from hubtune import checkpoint, features, hub, hub_calls, metrics, report
+from hubtune import checkpoint, features, hub, hub_calls, metrics, report, unfreeze
 from hubtune.config import TrainConfig, parse
 from hubtune.errors import (
     BadDataError,
@@ -65,7 +65,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg, accelerator, state = job.cfg, job.accelerator, job.state
 
     # --- loop
-    with StopRequest() as stop:
+    with StopRequest() as stop, background_threads_end(job):
         while state.epoch < cfg.epochs and state.stopped is None and not reached_max_steps(cfg, state):
             view = begin_epoch(job)
             bar = _progress_bar(cfg, accelerator, state)
@@ -88,6 +88,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 job.optimizer.zero_grad(set_to_none=True)
                 state.global_step += 1
                 job.scheduler.step_update(num_updates=state.global_step)
+                if job.ema is not None:
+                    job.ema.update(job.net, step=state.global_step)
 
                 waited += batch["waited"]
                 log_step(job, bar, mean_loss, t0, waited)
@@ -97,7 +99,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if requested or (cfg.save_steps and state.global_step % cfg.save_steps == 0 and not done):
                     path = save_checkpoint(job)
                     if requested:
-                        raise TrainingInterrupted(requested, path, job.command)
+                        raise TrainingInterrupted(requested, path, job.command, hub=finish_uploads(job, path))
                 if done:
                     break
             if bar is not None:
@@ -115,7 +117,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         state.stopped = {"reason": reason, "epoch": state.epoch, "step": state.global_step, "detail": detail}
     result = report.final_metrics(state, job.info, accelerator, job.started, job.run_info)
     if accelerator.is_main_process:
-        export_best(job, result)
+        with background_threads_end(job):
+            export_best(job, result)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(output_dir=job.out, history=state.history, best=state.best, metrics=result,
@@ -131,6 +134,8 @@ def begin_epoch(job: Job) -> str | None:
     else:
         job.train_ds.set_epoch(state.epoch)
         job.progress = EpochProgress()
+    if job.schedule:
+        unfreeze.apply(job, state.epoch + 1)
     view = None
     if job.cache:
         view = features.view_for(job.cfg, state.epoch)
@@ -195,7 +200,8 @@ def agree_on_step(accelerator: Accelerator, loss: torch.Tensor, signum: int | No
 
 
 def log_step(job: Job, bar: Any, loss: float, t0: float, waited: float) -> None:
-    """The progress bar, and every --log-every optimizer steps one line: loss, lr, images/s, time waiting for data."""
+    """The progress bar, and every --log-every optimizer steps one line and the trackers: loss, lr, images/s, the
+    share of the time spent waiting for data."""
     state, elapsed = job.state, max(time.time() - t0, 1e-9)
     lr = job.optimizer.param_groups[0]["lr"]
     img_s = job.progress.n * job.accelerator.num_processes / elapsed
@@ -205,6 +211,8 @@ def log_step(job: Job, bar: Any, loss: float, t0: float, waited: float) -> None:
     if state.global_step % job.cfg.log_every == 0:
         logger.info(f"step {state.global_step} | loss {loss:.4f} | lr {lr:.2e} | {img_s:.0f} img/s | "
                     f"data {waited:.3f}s ({waited / elapsed:.0%})")
+        job.accelerator.log({"train/loss": loss, "train/lr": lr, "train/images_per_s": img_s,
+                             "train/data_wait_fraction": waited / elapsed}, step=state.global_step)
 
 
 def end_epoch(job: Job, fetched: EpochProgress, seconds: float) -> None:
@@ -222,6 +230,8 @@ def end_epoch(job: Job, fetched: EpochProgress, seconds: float) -> None:
     job.net.eval()  # `head` is unwrapped: DDP would sync buffers on every forward, and shards end unevenly
     val = metrics.evaluate(lambda b: job.logits(job.head, b, "val"), job.val_loader, accelerator,
                            job.info.class_names)
+    ema = metrics.evaluate(lambda b: job.logits(job.ema.module, b, "val"), job.val_loader, accelerator,
+                           job.info.class_names) if job.ema is not None else None
     job.net.train()
     if job.cache:
         job.cache.end("val", accelerator, whole_pass=True)
@@ -231,13 +241,20 @@ def end_epoch(job: Job, fetched: EpochProgress, seconds: float) -> None:
         "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],
         "train_examples": int(n_total), "val_examples": val["examples"], "per_class": val["per_class"],
         "confusion_matrix": val["confusion_matrix"], "skipped_images": {"train": int(n_bad), "val": val["skipped"]}}
+    if ema is not None:
+        row["ema"] = {"val_loss": ema["loss"], "val_accuracy": ema["accuracy"], "val_f1": ema["f1"],
+                      "per_class": ema["per_class"], "confusion_matrix": ema["confusion_matrix"]}
     state.history.append(row)
+    log_epoch(job, row)
+    if accelerator.num_processes > 1:
+        assert_in_sync(job)
     improved = update_best(state, row, cfg)
     if improved:
         state.best["checkpoint"] = checkpoint.step_dir(job.out, state.global_step).name
+    shown = f" | ema val_acc {row['ema']['val_accuracy']:.4f} val_f1 {row['ema']['val_f1']:.4f}" if ema else ""
     logger.info(f"epoch {row['epoch']}/{cfg.epochs} | step {row['step']} | train_loss {row['train_loss']:.4f} | "
-                f"val_loss {row['val_loss']:.4f} | val_acc {row['val_accuracy']:.4f} | val_f1 {row['val_f1']:.4f} | "
-                f"{row['train_examples']} train / {row['val_examples']} val images | {seconds:.1f}s")
+                f"val_loss {row['val_loss']:.4f} | val_acc {row['val_accuracy']:.4f} | val_f1 {row['val_f1']:.4f}{shown}"
+                f" | {row['train_examples']} train / {row['val_examples']} val images | {seconds:.1f}s")
     state.epoch += 1
     state.in_epoch = False
     if state.stopped:
@@ -250,6 +267,28 @@ def end_epoch(job: Job, fetched: EpochProgress, seconds: float) -> None:
         job.pusher.submit(snap)
 
 
+def log_epoch(job: Job, row: EpochRow) -> None:
+    """An epoch's validation metrics (per-class F1 and skipped images too) to the trackers, at its last step."""
+    values = {"train/epoch_loss": row["train_loss"], "skipped_images/train": row["skipped_images"]["train"],
+              "skipped_images/val": row["skipped_images"]["val"]}
+    for prefix, metrics_row in (("val", row), ("ema_val", row.get("ema"))):
+        if metrics_row is not None:
+            values.update({f"{prefix}/loss": metrics_row["val_loss"], f"{prefix}/accuracy": metrics_row["val_accuracy"],
+                           f"{prefix}/f1": metrics_row["val_f1"]})
+            values.update({f"{prefix}/f1/{name}": c["f1"] for name, c in metrics_row["per_class"].items()})
+    job.accelerator.log(values, step=row["step"])
+
+
+def assert_in_sync(job: Job) -> None:
+    """Every process must hold the same weights after an epoch: DDP keeps them so; if it lost a parameter (a part
+    that started to train outside its gradient synchronisation), the processes would silently train apart."""
+    total = torch.stack([p.detach().double().sum() for p in job.net.parameters()]).sum().reshape(1)
+    sums = job.accelerator.gather(total.to(job.accelerator.device))
+    if not torch.equal(sums, sums[:1].expand_as(sums)):
+        raise RuntimeError(f"the processes hold different weights after epoch {job.state.epoch + 1} ({sums.tolist()}):"
+                           " gradient synchronisation was lost; this is a bug in hubtune, please report it")
+
+
 def export_best(job: Job, result: dict[str, Any]) -> None:
     """Write the best checkpoint's weights as the export in OUTPUT_DIR, then push it (main process).
 
@@ -259,7 +298,7 @@ def export_best(job: Job, result: dict[str, Any]) -> None:
     cfg, best = job.cfg, job.state.best
     path = job.out / checkpoint.CHECKPOINTS / best["checkpoint"]
     try:
-        weights = checkpoint.load_weights(path)
+        weights = checkpoint.load_weights(path, ema=best.get("weights") == "ema")
     except CheckpointError as err:
         found = checkpoint.best_intact(job.out, job.state.history, cfg.metric, cfg.higher_is_better, {path.name})
         if found is None:
@@ -271,12 +310,17 @@ def export_best(job: Job, result: dict[str, Any]) -> None:
         result["best"] = {**row, "checkpoint": path.name}
         result["export_fallback"] = {"wanted": best["checkpoint"], "wanted_epoch": best["epoch"],
                                      "exported": path.name, "reason": str(err)}
-        weights = checkpoint.load_weights(path)
+        weights = checkpoint.load_weights(path, ema=row.get("weights") == "ema")
     job.net.load_state_dict(weights)
     if job.pusher is not None:  # the final push supersedes a waiting snapshot; wait for one in flight (bounded)
         job.pusher.close(timeout=hub_calls.timeout_s() + 30)
         result["background_pushes"] = {"pushed": job.pusher.pushed, "failed": job.pusher.failed}
+    if job.uploader is not None:  # the last checkpoint too, before the run's record is written
+        job.uploader.finish(cfg.hub_checkpoints_timeout)
+        result["hub_checkpoints"] = job.uploader.report()
     report.write_outputs(job.out, job.net, cfg, job.data_cfg, result)
+    job.accelerator.log({f"best/{cfg.metric}": result["best"][cfg.metric], "best/epoch": result["best"]["epoch"]},
+                        step=job.state.global_step)
     shown, what = result["best"], "the best intact checkpoint" if "export_fallback" in result else "the best checkpoint"
     logger.info(f"exported {what} ({shown['checkpoint']}, epoch {shown['epoch']}, {cfg.metric} "
                 f"{shown[cfg.metric]:.4f}) to {job.out}")
@@ -284,6 +328,33 @@ def export_best(job: Job, result: dict[str, Any]) -> None:
         hub.push(job.out, cfg.push_to_hub, private=cfg.private, revision=cfg.revision,
                  commit_message=cfg.commit_message, push_checkpoints=cfg.push_checkpoints,
                  overwrite_card=cfg.overwrite_card)
+
+
+def finish_uploads(job: Job, path: Path) -> str | None:
+    """After the checkpoint saved on SIGTERM/SIGINT: wait (--hub-checkpoints-timeout at most) for it to reach the
+    Hub; say where it went, or why it did not. None without --hub-checkpoints (and on the processes that do not
+    upload)."""
+    if job.uploader is None:
+        return None
+    job.uploader.finish(job.cfg.hub_checkpoints_timeout)
+    report = job.uploader.report()
+    if path.name in report["uploaded"]:
+        return f"uploaded to {report['repo']}@{report['branch']}"
+    failed = next((f["error"] for f in report["failed"] if f["checkpoint"] == path.name), None)
+    why = failed or f"not uploaded within --hub-checkpoints-timeout {job.cfg.hub_checkpoints_timeout:g}s"
+    return f"it did not reach the Hub ({why}): only this machine can resume it"
+
+
+@contextlib.contextmanager
+def background_threads_end(job: Job) -> Iterator[None]:
+    """Whatever ends the loop, the upload threads end too (a run ending normally waits for them in export_best)."""
+    try:
+        yield
+    except BaseException:
+        for pusher in (job.pusher, job.uploader.pusher if job.uploader else None):
+            if pusher is not None:
+                pusher.close(timeout=5.0)
+        raise
 
 
 def sum_over_processes(accelerator: Accelerator, *values: float) -> list[float]:

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHMARKS = {"pipeline", "training", "linear_probe", "resume", "memory", "startup"}
+BENCHMARKS = {"pipeline", "training", "overheads", "hub_checkpoints", "linear_probe", "resume", "memory", "startup"}
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_quick_run_writes_every_result(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run([sys.executable, "bench/run.py", "--quick", "--results-dir", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=230)
+                          capture_output=True, text=True, timeout=290)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert {p.stem for p in out.glob("*.json")} == BENCHMARKS
     for path in out.glob("*.json"):

@@ -27,7 +27,11 @@ def flags(dataset, out, *extra):
             "--epochs", "3", "--batch-size", "8", "--lr", "3e-3", "--max-bad-fraction", "0.05", "--no-progress",
             "--output-dir", str(out), "--save-every", "4", "--log-every", "1", "--shuffle-buffer", "48",
             # dropout draws from the global torch RNG every step: a resume that did not restore it would diverge
-            "--drop-rate", "0.3", *extra]
+            "--drop-rate", "0.3",
+            # the whole run state: EMA weights, and a schedule whose second part starts in epoch 2 (the second kill
+            # resumes after it, the first before), TensorBoard curves
+            "--freeze", "stem,stages", "--unfreeze-at", "stages.3=2,all=3", "--model-ema", "--model-ema-decay", "0.9",
+            "--report-to", "tensorboard", *extra]
 
 
 def start(args) -> subprocess.Popen:
@@ -74,13 +78,27 @@ def reference(two_class_folder, tmp_path_factory):
     return out
 
 
+def tensorboard_scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of a run's TensorBoard files, as TensorBoard shows them ((step, value), orphans purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "runs" / "hubtune")).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def assert_same_run(out: Path, reference: Path) -> None:
-    """Bitwise: the resumed run is the same run, not a close one."""
-    ref, got = latest_weights(reference), latest_weights(out)
-    assert ref.keys() == got.keys()
-    for key in ref:
-        assert torch.equal(ref[key], got[key]), key
+    """Bitwise: the resumed run is the same run, not a close one (its EMA weights and its curves included)."""
+    for name in (checkpoint.MODEL_FILE, checkpoint.EMA_TENSORS):
+        ref = load_file(str(checkpoint.listing(reference)[-1] / name))
+        got = load_file(str(checkpoint.listing(out)[-1] / name))
+        assert ref.keys() == got.keys()
+        for key in ref:
+            assert torch.equal(ref[key], got[key]), (name, key)
     assert history(out) == history(reference)
+    curves, ref_curves = tensorboard_scalars(out), tensorboard_scalars(reference)
+    assert sorted(curves) == sorted(ref_curves)
+    for tag, points in curves.items():  # one point per step, as many as the uninterrupted run logged
+        assert [step for step, _ in points] == [step for step, _ in ref_curves[tag]], tag
 
 
 @pytest.mark.parametrize("kills", [1, 2])
@@ -144,12 +162,38 @@ def test_retention_keeps_last_k_and_best(reference):
 def test_checkpoint_holds_everything_to_continue(reference):
     path = checkpoint.listing(reference)[-1]
     assert {p.name for p in path.iterdir()} == {"model.safetensors", "optimizer.safetensors", "rng.safetensors",
-                                                 "state.json", "manifest.json"}
+                                                 "ema.safetensors", "state.json", "manifest.json"}
     state = json.loads((path / "state.json").read_text())
     assert state["config"]["model"] == "test_resnet" and state["run"]["class_names"] == ["cat", "dog"]
     assert {"epoch", "global_step", "history", "best", "bad_evals"} <= set(state["run_state"])
     assert state["ranks"][0]["progress"]["loader"] is not None
     assert state["optimizer"]["param_groups"]
+    assert state["unfrozen"] == ["stages.3", "all"]  # which parts train, as of this checkpoint
+    # the EMA holds every tensor but the parameters still frozen (none, at the end of this schedule)
+    assert load_file(str(path / "ema.safetensors")).keys() == load_file(str(path / "model.safetensors")).keys()
+
+
+def test_curves_export_and_card_of_a_run_with_ema_and_gradual_unfreezing(reference):
+    import timm
+
+    metrics = json.loads((reference / "metrics.json").read_text())
+    curves = tensorboard_scalars(reference)
+    for row in metrics["history"]:  # TensorBoard holds float32: the same numbers at that precision
+        for tag, key in (("val/accuracy", "val_accuracy"), ("val/loss", "val_loss"), ("val/f1", "val_f1")):
+            assert dict(curves[tag])[row["step"]] == pytest.approx(row[key], rel=1e-6)
+            assert dict(curves[f"ema_{tag}"])[row["step"]] == pytest.approx(row["ema"][key], rel=1e-6)
+        assert dict(curves["val/f1/cat"])[row["step"]] == pytest.approx(row["per_class"]["cat"]["f1"], rel=1e-6)
+    steps = [step for step, _ in curves["train/loss"]]
+    assert steps == list(range(1, metrics["global_step"] + 1))  # --log-every 1
+    assert dict(curves["best/val_accuracy"])[metrics["global_step"]] == pytest.approx(metrics["best"]["val_accuracy"])
+    best = metrics["best"]
+    expected = checkpoint.load_weights(reference / "checkpoints" / best["checkpoint"], ema=best["weights"] == "ema")
+    exported = load_file(str(reference / "model.safetensors"))
+    assert all(torch.equal(exported[k], v) for k, v in expected.items())
+    assert timm.create_model(f"local-dir:{reference}", pretrained=True).num_classes == 2
+    card = (reference / "README.md").read_text()
+    assert "- **Gradual unfreezing:** `--unfreeze-at stages.3=2,all=3`" in card and "[`runs/`](runs/)" in card
+    assert ("**EMA weights:**" in card) == (best["weights"] == "ema")
 
 
 def scripted_cfg(**kw):

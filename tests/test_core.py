@@ -24,7 +24,6 @@ from hubtune.config import UPPER_BOUNDS, TrainConfig
 from hubtune.errors import CheckpointError, ConfigError, PushError
 from hubtune.run_state import EpochProgress, RunState, resume_differences, update_best
 
-
 # ---- checkpoints -------------------------------------------------------------------------------------------------
 
 def save(root: Path, step: int, value: float = 1.0, state: dict | None = None) -> Path:
@@ -144,6 +143,31 @@ def test_resume_discovery_retention_and_the_best_intact_checkpoint(tmp_path, cap
     assert checkpoint.best_intact(tmp_path, history, "val_loss", False, set()) == (paths[0], history[0])
     assert caplog.records[0].getMessage().startswith("checkpoint step-999999 cannot be exported either: ")
     assert checkpoint.best_intact(tmp_path, history[2:], "val_loss", False, set()) is None
+
+
+def test_ema_weights_are_saved_beside_the_model_and_merged_on_load(tmp_path):
+    ranks = [({}, {"torch": torch.tensor([1])})]
+    path = checkpoint.write(tmp_path, 3, {"a": torch.zeros(2), "b": torch.ones(2)}, {}, {}, ranks, {},
+                            ema_state={"b": torch.full((2,), 0.5)})
+    assert checkpoint.load_weights(path).keys() == {"a", "b"} and torch.equal(checkpoint.load_weights(path)["b"],
+                                                                             torch.ones(2))
+    merged = checkpoint.load_weights(path, ema=True)
+    assert torch.equal(merged["a"], torch.zeros(2)) and torch.equal(merged["b"], torch.full((2,), 0.5))
+    plain = save(tmp_path, 4)
+    with pytest.raises(CheckpointError, match="no ema.safetensors; it was saved without --model-ema"):
+        checkpoint.load_weights(plain, ema=True)
+
+
+def test_the_better_of_the_model_and_its_ema_is_the_best():
+    cfg = TrainConfig(metric="val_loss")
+    state = RunState()
+    row = {"epoch": 1, "step": 5, "val_loss": 0.5, "val_f1": 0.4, "ema": {"val_loss": 0.4, "val_f1": 0.6}}
+    assert update_best(state, row, cfg)
+    assert state.best["weights"] == "ema" and state.best["val_loss"] == 0.4 and state.best["val_f1"] == 0.6
+    tie = {"epoch": 2, "step": 10, "val_loss": 0.3, "ema": {"val_loss": 0.3}}
+    assert update_best(state, tie, cfg) and state.best["weights"] == "model"  # equal: the training weights
+    assert not update_best(state, {"epoch": 3, "step": 15, "val_loss": 0.35, "ema": {"val_loss": 0.31}}, cfg)
+    assert state.bad_evals == 1
 
 
 def test_nested_state_round_trips_through_json_and_safetensors():
@@ -349,7 +373,12 @@ def test_verification_compares_size_and_hash_of_every_file(tmp_path):
 
     good = {"a.txt": entry(5, hashlib.sha1(b"blob 5\0hello").hexdigest()),
             "w.bin": entry(100, "x", hashlib.sha256(big).hexdigest())}
-    contents = {"a.txt": blob, "w.bin": tmp_path / "w.bin"}
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    # what was uploaded: the operations of the commit, which hashed each file to upload it
+    contents = [CommitOperationAdd(path_in_repo="a.txt", path_or_fileobj=blob),
+                CommitOperationAdd(path_in_repo="w.bin", path_or_fileobj=str(tmp_path / "w.bin")),
+                CommitOperationDelete(path_in_repo="gone.bin")]
     hub._verify("r/x", "c" * 40, contents, good)
     rerun = "; nothing local was changed; run the same push again"
     for name, bad, why in (("a.txt", None, "is not in r/x@cccccccc"),
@@ -372,13 +401,14 @@ def test_the_card_marker_tells_a_generated_card_from_an_edited_one(tmp_path):
     assert hub.card_was_edited(marked.replace(" -->", "-->"))
     assert hub.card_was_edited("# card\n\n") and hub.mark_card("# cardX\n") != hub.mark_card("# card\n")
     assert hub.mark_card("X# cardX").startswith("X# cardX\n\n")  # only newlines are stripped
-    for name in ("config.json", "model.safetensors", "README.md", "plots/a.png", "checkpoints/step-000001/x",
+    for name in ("config.json", "model.safetensors", "README.md", "plots/a.png", "runs/hubtune/events.out.x",
+                 "checkpoints/step-000001/x",
                  "checkpoints/.tmp-step-1/x", "checkpoints/step-000001/.tmp-y", "notes.txt", "metrics.json"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     assert hub.files_to_push(tmp_path) == ["README.md", "config.json", "metrics.json", "model.safetensors",
-                                           "plots/a.png"]
-    assert hub.files_to_push(tmp_path, push_checkpoints=True)[-1] == "plots/a.png"
+                                           "plots/a.png", "runs/hubtune/events.out.x"]
+    assert hub.files_to_push(tmp_path, push_checkpoints=True)[-1] == "runs/hubtune/events.out.x"
     assert [f for f in hub.files_to_push(tmp_path, push_checkpoints=True) if "checkpoints" in f] == [
         "checkpoints/step-000001/x"]
 

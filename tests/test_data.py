@@ -7,11 +7,10 @@ import sys
 import datasets
 import numpy as np
 import pytest
-import torchvision.transforms as T
-from PIL import Image
-from helpers import BAD_FILES, CLASSES, examples, make_image_dataset
-
 import torch
+import torchvision.transforms as T
+from helpers import BAD_FILES, CLASSES, examples, make_image_dataset
+from PIL import Image
 
 from hubtune import data, stream
 from hubtune.config import TrainConfig

@@ -9,11 +9,11 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from test_train import _launch, tiny_config
 
 from hubtune import data, features
 from hubtune import model as model_lib
 from hubtune.train import train
-from test_train import _launch, tiny_config
 
 
 def probe(dataset, out, backbone, cache_dir=None, **kw):

@@ -108,8 +108,9 @@ def test_acceptance_train_from_hub_push_and_load_in_a_clean_process(hub, publish
     # a second researcher: fresh process, empty cache, hubtune and plain timm agree exactly
     images = []
     for i, label in enumerate(("cat", "dog")):
-        from helpers import make_rgb
         import random
+
+        from helpers import make_rgb
 
         p = tmp_path / f"{label}.png"
         make_rgb(i, random.Random(100 + i)).save(p)
@@ -251,9 +252,11 @@ def test_background_pushes_coalesce_and_failures_never_stop_training(published, 
 
 
 def test_image_classifier_push_to_hub_round_trip(hub, finished_run, tmp_path):
-    from hubtune import ImageClassifier
-    from helpers import make_rgb
     import random
+
+    from helpers import make_rgb
+
+    from hubtune import ImageClassifier
 
     local = ImageClassifier.from_pretrained(finished_run)
     target = unique("from-python")

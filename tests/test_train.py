@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +272,53 @@ def test_pickled_base_models_and_one_class_datasets_are_refused_with_the_fix(two
     with pytest.raises(DataError, match=r"no ClassLabel column found, so the dataset has no class labels .*an "
                                         r"imagefolder needs one subfolder per class, at least two"):
         train(tiny_config(one_class, tmp_path / "b"))
+
+
+def test_gradual_unfreezing_under_two_processes_trains_each_part_from_its_epoch(two_class_folder, backbone, tmp_path):
+    """Two gloo processes: a part that starts to train in epoch 2 must join DDP's gradient synchronisation (the run
+    checks that every process holds the same weights after each epoch) and must not move before its epoch."""
+    out = tmp_path / "ddp"
+    flags = ["--model", f"local-dir:{backbone}", "--dataset", str(two_class_folder), "--image-size", "32",
+             "--epochs", "2", "--batch-size", "8", "--lr", "3e-3", "--num-workers", "0", "--max-bad-fraction", "0.05",
+             "--output-dir", str(out), "--no-progress", "--freeze", "stem,stages", "--freeze-bn",
+             "--unfreeze-at", "stages.3=2", "--report-to", "none"]
+    proc = _launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "hubtune/train.py", *flags])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stages.3 start(s) to train" in proc.stderr
+    start = load_file(str(backbone / "model.safetensors"))
+    first, second = (load_file(str(p / "model.safetensors")) for p in checkpoint.listing(out))
+    layer4 = [k for k in start if k.startswith("layer4.") and k.endswith(".weight")]
+    layer3 = [k for k in start if k.startswith("layer3.") and k.endswith(".weight")]
+    assert layer4 and all(torch.equal(first[k], start[k]) for k in layer4)  # frozen in epoch 1
+    assert all(not torch.equal(second[k], start[k]) for k in layer4 if "bn" not in k)  # trained in epoch 2
+    assert all(torch.equal(second[k], start[k]) for k in layer3)  # never unfrozen
+    bn_means = [k for k in start if k.startswith("layer4.") and k.endswith("running_mean")]
+    assert all(torch.equal(first[k], start[k]) for k in bn_means)  # --freeze-bn: fixed while frozen
+    assert any(not torch.equal(second[k], start[k]) for k in bn_means)  # and updating once the part trains
+
+
+def test_trackers_that_are_missing_or_cannot_start_cost_a_warning_not_the_run(two_class_folder, tmp_path, caplog):
+    import importlib.util
+
+    missing = next(n for n in ("wandb", "aim", "comet_ml", "mlflow", "trackio") if not importlib.util.find_spec(n))
+    result = train(tiny_config(two_class_folder, tmp_path, epochs=1, report_to=f"tensorboard,{missing}"))
+    assert result.metrics["history"] and list((tmp_path / "runs" / "hubtune").glob("events.out.tfevents.*"))
+    assert f"--report-to {missing}: the {missing} package is not installed (pip install {missing}); training goes " \
+           "on without it" in caplog.text
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "runs").write_text("not a folder")  # TensorBoard cannot create its log directory
+    again = train(tiny_config(two_class_folder, tmp_path, epochs=2, report_to="tensorboard", resume="latest"))
+    assert [row["epoch"] for row in again.history] == [1, 2]
+    assert "--report-to tensorboard: could not start (" in caplog.text and "training goes on without it" in caplog.text
+
+
+def test_summary_prints_the_unfreezing_schedule_per_epoch():
+    proc = _launch([sys.executable, "-m", "hubtune.cli", "summary", "test_resnet", "--num-classes", "2", "--freeze",
+                    "stem,stages", "--unfreeze-at", "stages.3=2,all=3"])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split("schedule (--unfreeze-at):\n")[1].splitlines()
+    assert lines[0] == "  epoch 1: 194 of 372,882 parameters train"
+    assert lines[1] == "  epoch 2: 268,034 of 372,882 parameters train; starts to train: stages.3"
+    assert lines[2] == "  epoch 3: 372,882 of 372,882 parameters train; starts to train: all"

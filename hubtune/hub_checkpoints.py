@@ -1,0 +1,289 @@
+"""Checkpoints that live on the Hub, so that a run survives losing its machine (`--hub-checkpoints`, `--resume hub`).
+
+Every checkpoint the run saves is uploaded in the background to a branch of the run's repo (`checkpoints` by
+default), one commit per checkpoint that adds it and deletes what the local retention dropped, so the branch holds
+what OUTPUT_DIR/checkpoints holds. Uploads never hold training up: one runs at a time, a newer checkpoint replaces
+one still waiting, failures are retried and then recorded. `--resume hub` (or `--resume hf://ORG/NAME[@BRANCH][/
+checkpoints/step-NNNNNN]`) downloads the newest checkpoint that verifies against its manifest into
+OUTPUT_DIR/checkpoints/ and resumes from it as from a local one; only the main process talks to the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.constants import is_offline_mode
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+from hubtune import checkpoint, hub, hub_calls
+from hubtune.errors import CheckpointError, ConfigError, PushError
+from hubtune.hub_calls import retrying, status_of
+
+logger = logging.getLogger("hubtune")  # main process only: no need for accelerate's rank filter
+
+REMOTE_DIR = checkpoint.CHECKPOINTS
+HF_URL = re.compile(r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<branch>[^/]+))?(?:/checkpoints/(?P<name>step-\d{6,}))?/?$")
+
+
+@dataclass(frozen=True)
+class HubCheckpoints:
+    """Where a run's checkpoints live on the Hub; `name` picks one (None: the newest that verifies)."""
+
+    repo_id: str
+    branch: str
+    name: str | None = None
+    explicit: bool = False  # hf://...: a repo that must exist (not the run's own, which may not exist yet)
+
+    def __str__(self) -> str:
+        return f"{self.repo_id}@{self.branch}" + (f"/{REMOTE_DIR}/{self.name}" if self.name else "")
+
+
+def parse_resume(spec: str | None, push_to_hub: str | None, branch: str) -> HubCheckpoints | None:
+    """The Hub checkpoints a --resume value names, or None for a local one (latest, a path).
+
+    Raises:
+        ConfigError: `hub` without --push-to-hub, or a malformed hf:// address.
+    """
+    if spec == "hub":
+        if not push_to_hub:
+            raise ConfigError("--resume hub resumes from the checkpoints of --push-to-hub REPO; give --push-to-hub, "
+                              "or --resume hf://ORG/NAME[@BRANCH]")
+        return HubCheckpoints(push_to_hub, branch)
+    if spec and spec.startswith("hf://"):
+        match = HF_URL.match(spec)
+        if not match:
+            raise ConfigError(f"--resume {spec!r}: expected hf://ORG/NAME[@BRANCH][/checkpoints/step-NNNNNN]")
+        return HubCheckpoints(match["repo"], match["branch"] or branch, match["name"], explicit=True)
+    return None
+
+
+def remote_names(where: HubCheckpoints) -> list[str]:
+    """The checkpoint folders on the branch, newest step first; [] when there is no repo, branch or folder yet.
+
+    Raises:
+        ConfigError: an explicit (hf://) repo or branch does not exist, or the token may not read the repo.
+    """
+    api = hub.api()
+    try:
+        entries = retrying("listing the checkpoints on the Hub", lambda: list(
+            api.list_repo_tree(where.repo_id, path_in_repo=REMOTE_DIR, revision=where.branch)),
+            hub_calls.retries_n(), hub_calls.retry_wait_s())
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as err:
+        if where.explicit or status_of(err) in (401, 403):
+            raise ConfigError(f"--resume: no checkpoints at {where} ({type(err).__name__}: the repo or branch does not "
+                              "exist, or your token cannot read it: set HF_TOKEN)") from err
+        return []
+    names = [Path(e.path).name for e in entries if checkpoint.NAME.match(Path(e.path).name)]
+    return sorted(names, key=lambda n: int(checkpoint.NAME.match(n).group(1)), reverse=True)
+
+
+def _download(where: HubCheckpoints, name: str, out: Path) -> Path:
+    """Download checkpoint `name` into OUTPUT_DIR/checkpoints/ (via a temporary folder); verified before it appears.
+
+    With HF_HUB_OFFLINE=1 it is copied from the HF cache instead (a snapshot of the branch downloaded earlier).
+
+    Raises:
+        CheckpointError: the files on the Hub are incomplete or do not match their manifest.
+    """
+    final = checkpoint.step_dir(out, int(checkpoint.NAME.match(name).group(1)))
+    if final.is_dir():
+        try:
+            checkpoint.verify(final)
+            return final  # already here (a resume on the same machine)
+        except CheckpointError:
+            shutil.rmtree(final)
+    staging = final.parent / f".download-{name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        fetched = staging / REMOTE_DIR / name
+        if is_offline_mode():
+            shutil.copytree(_cached_folder(where) / REMOTE_DIR / name, fetched)  # the cache's links, as files
+        else:
+            retrying(f"downloading {name}", lambda: snapshot_download(
+                where.repo_id, revision=where.branch, allow_patterns=[f"{REMOTE_DIR}/{name}/*"], local_dir=staging),
+                hub_calls.retries_n(), hub_calls.retry_wait_s())
+        checkpoint.verify(fetched)
+        os.replace(fetched, final)
+        return final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def fetch(where: HubCheckpoints, out: Path) -> Path | None:
+    """The newest checkpoint at `where` that downloads and verifies, now in OUTPUT_DIR/checkpoints/ (with the best
+    checkpoint it names, which the export needs); None if the branch holds none (the run starts fresh). Main process
+    only.
+
+    Raises:
+        ConfigError: an explicit checkpoint is missing or damaged; offline and not in the cache.
+    """
+    if is_offline_mode():
+        names = _cached_names(where)
+    else:
+        names = [where.name] if where.name else remote_names(where)
+    for name in names:
+        logger.info(f"--resume: downloading {name} from {where.repo_id}@{where.branch}")
+        try:
+            path = _download(where, name, out)
+        except (CheckpointError, OSError, ValueError) as err:
+            if where.name:
+                raise ConfigError(f"--resume {where}: cannot use it ({err})") from err
+            logger.warning(f"--resume: skipping {name} on {where.repo_id}@{where.branch}: {err}; trying the previous "
+                           "one")
+            continue
+        logger.info(f"--resume: downloaded {name} from {where.repo_id}@{where.branch} (verified)")
+        _fetch_best(where, path, out)
+        return path
+    if names:
+        raise ConfigError(f"--resume: no usable checkpoint at {where}: every one is damaged or incomplete")
+    return None
+
+
+def _fetch_best(where: HubCheckpoints, resumed: Path, out: Path) -> None:
+    """Download the best checkpoint the resumed one names, if it is another: the run exports it at the end."""
+    best = json.loads((resumed / checkpoint.STATE_FILE).read_text())["run_state"]["best"].get("checkpoint")
+    if not best or best == resumed.name:
+        return
+    try:
+        _download(where, best, out)
+        logger.info(f"--resume: downloaded the best checkpoint {best} too (verified)")
+    except (CheckpointError, OSError, ValueError) as err:
+        logger.warning(f"--resume: the best checkpoint {best} could not be downloaded ({err}); the export will be "
+                       "the best intact checkpoint this run has")
+
+
+def _cached_folder(where: HubCheckpoints) -> Path:
+    """With HF_HUB_OFFLINE=1: the snapshot of the branch in the HF cache (`hf download REPO --revision BRANCH`, or an
+    earlier download into the same cache)."""
+    try:
+        return Path(snapshot_download(where.repo_id, revision=where.branch, allow_patterns=[f"{REMOTE_DIR}/*"],
+                                      local_files_only=True))
+    except Exception as err:  # noqa: BLE001 - the client raises several kinds for "not cached"
+        raise ConfigError(f"--resume {where}: HF_HUB_OFFLINE is set and these checkpoints are not in the local HF "
+                          f"cache; run without HF_HUB_OFFLINE, or first `hf download {where.repo_id} --revision "
+                          f"{where.branch}` on a machine online with the same HF_HOME") from err
+
+
+def _cached_names(where: HubCheckpoints) -> list[str]:
+    """With HF_HUB_OFFLINE=1: the checkpoints of `where` in the HF cache, newest first."""
+    folder = _cached_folder(where) / REMOTE_DIR
+    found = [p.name for p in folder.iterdir() if checkpoint.NAME.match(p.name)] if folder.is_dir() else []
+    if where.name:
+        if where.name not in found:
+            raise ConfigError(f"--resume {where}: HF_HUB_OFFLINE is set and this checkpoint is not in the local HF "
+                              f"cache (cached: {', '.join(sorted(found)) or 'none'})")
+        return [where.name]
+    return sorted(found, key=lambda n: int(checkpoint.NAME.match(n).group(1)), reverse=True)
+
+
+class Uploader:
+    """Uploads each saved checkpoint to the branch in the background (see the module docstring)."""
+
+    def __init__(self, repo_id: str, branch: str, out: Path, private: bool) -> None:
+        self.where = HubCheckpoints(repo_id, branch)
+        self.out, self.private = out, private
+        # a bad HUBTUNE_HUB_RETRIES / _RETRY_WAIT fails here, before training
+        self.retries, self.retry_wait = hub_calls.retries_n(), hub_calls.retry_wait_s()
+        self.keep: dict[str, list[str]] = {}  # snapshot name -> the checkpoint names retained when it was saved
+        self.superseded: list[str] = []
+        self.pusher = hub.BackgroundPusher(self._upload, name="hubtune-checkpoints", discard=self._discard)
+
+    def submit(self, path: Path, retained: list[str]) -> None:
+        """Upload checkpoint `path`, leaving on the branch only `retained` (the local checkpoints) and it."""
+        snapshot = path.parent / f".upload-{path.name}"
+        shutil.rmtree(snapshot, ignore_errors=True)
+        snapshot.mkdir()
+        for f in path.iterdir():  # hard links: retention may delete the checkpoint while it uploads
+            try:
+                os.link(f, snapshot / f.name)
+            except OSError:
+                shutil.copy2(f, snapshot / f.name)
+        self.keep[snapshot.name] = retained
+        self.pusher.submit(snapshot)
+
+    def _upload(self, snapshot: Path, cancel: Any) -> str:
+        name = snapshot.name.removeprefix(".upload-")
+        keep = set(self.keep.get(snapshot.name, ())) | {name}
+        gone = [f"{REMOTE_DIR}/{n}/" for n in remote_names(self.where) if n not in keep]
+        hub.push_files(self.where.repo_id, {f"{REMOTE_DIR}/{name}/{f.name}": f for f in sorted(snapshot.iterdir())},
+                       deletions=gone, revision=self.where.branch, private=self.private, retries=self.retries,
+                       retry_wait=self.retry_wait, commit_message=f"hubtune checkpoint {name}", cancel=cancel)
+        logger.info(f"uploaded checkpoint {name} to {self.where.repo_id}@{self.where.branch}"
+                    + (f" (removed {len(gone)} older)" if gone else ""))
+        return name
+
+    def _discard(self, snapshot: Path) -> None:
+        name = snapshot.name.removeprefix(".upload-")
+        if name not in self.pusher.pushed and not any(f["item"] == snapshot.name for f in self.pusher.failed):
+            self.superseded.append(name)
+        self.keep.pop(snapshot.name, None)
+        shutil.rmtree(snapshot, ignore_errors=True)
+
+    def finish(self, timeout: float) -> bool:
+        """Upload what is waiting, for at most `timeout` seconds; True if everything submitted reached the Hub."""
+        done = self.pusher.close(timeout, drain=True)
+        return done and not self.pusher.failed and not self.superseded
+
+    def report(self) -> dict[str, Any]:
+        """What metrics.json records: which checkpoints reached the Hub and which did not, and why."""
+        return {"repo": self.where.repo_id, "branch": self.where.branch, "uploaded": list(self.pusher.pushed),
+                "failed": [{"checkpoint": f["item"].removeprefix(".upload-"), "error": f["error"]}
+                           for f in self.pusher.failed],
+                "superseded": list(self.superseded)}
+
+
+def describe_remote(repo_id: str, branch: str) -> list[tuple[str, ...]]:
+    """`hubtune checkpoints REPO[@BRANCH]`: one row per checkpoint on the branch (as `checkpoint.describe` does for a
+    local run) and whether its files on the Hub match its manifest (sizes and sha256, without downloading them).
+
+    Raises:
+        ConfigError: the repo or branch does not exist or cannot be read.
+        PushError: the Hub could not be reached.
+    """
+    where = HubCheckpoints(repo_id, branch, explicit=True)
+    api = hub.api()
+    rows, names = [], remote_names(where)
+    for name in names:
+        try:
+            files = {e.path.rsplit("/", 1)[1]: e for e in retrying("listing a checkpoint", lambda: list(
+                api.list_repo_tree(repo_id, path_in_repo=f"{REMOTE_DIR}/{name}", revision=branch, expand=False)),
+                hub_calls.retries_n(), hub_calls.retry_wait_s())}
+            small = {f: Path(api.hf_hub_download(repo_id, f"{REMOTE_DIR}/{name}/{f}", revision=branch))
+                     for f in (checkpoint.MANIFEST, checkpoint.STATE_FILE)}
+            listed = json.loads(small[checkpoint.MANIFEST].read_text())["files"]
+            mismatched = [f for f, meta in listed.items() if f not in files or files[f].size != meta["size"]
+                          or (files[f].lfs.sha256 if files[f].lfs else hub_sha256(small.get(f))) != meta["sha256"]]
+            state = json.loads(small[checkpoint.STATE_FILE].read_text())
+            run_state, metric = state["run_state"], state["config"]["metric"]
+            last = run_state["history"][-1] if run_state["history"] else {}
+            shown = f"{metric} {last[metric]:.4f}" if last and not run_state["in_epoch"] else "-"
+            where_in = "in epoch" if run_state["in_epoch"] else "end of epoch"
+            marks = [m for m, on in (("best", run_state["best"].get("checkpoint") == name), ("latest", name == names[0]),
+                                     ("verified", not mismatched)) if on]
+            if mismatched:
+                marks.append(f"DAMAGED: {', '.join(mismatched)} differ from the manifest")
+            rows.append((name, str(run_state["global_step"]), f"{where_in} {run_state['epoch'] + int(run_state['in_epoch'])}",
+                         shown, f"{sum(e.size for e in files.values()) / 2**20:.1f} MiB", ",".join(marks)))
+        except (EntryNotFoundError, KeyError, ValueError) as err:
+            rows.append((name, "-", "-", "-", "-", f"DAMAGED: {type(err).__name__}: {err}"))
+        except Exception as err:  # classified as a push would be: a Hub that cannot be reached
+            message = hub.push_failure(err, repo_id, f"reading {name}")
+            if message is None:
+                raise
+            raise PushError(message) from err
+    return rows
+
+
+def hub_sha256(path: Path | None) -> str | None:
+    """sha256 of a small file already downloaded (regular files are listed with a git blob id, not a sha256)."""
+    from hubtune.files import sha256_file
+
+    return sha256_file(path) if path is not None else None

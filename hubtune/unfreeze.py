@@ -1,0 +1,117 @@
+"""Gradual unfreezing (`--unfreeze-at stages.3=2,all=4`): parts frozen by --freeze start to train at given epochs.
+
+When a part starts to train, its parameters require gradients, its BatchNorms follow --freeze-bn's rule again
+(they update their statistics), the optimizer gains parameter groups for it as timm builds them (weight decay and
+--layer-decay scales, times --unfreeze-lr-scale) with fresh state, and under several processes the model is wrapped
+again for DDP, whose gradient synchronisation covers only the parameters that required gradients when it was built.
+A resumed run replays the schedule epoch by epoch, so its optimizer's groups are in the order of the original run.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from accelerate.logging import get_logger
+from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
+
+from hubtune import model as model_lib
+from hubtune.config import TrainConfig
+from hubtune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hubtune.job import Job
+
+logger = get_logger("hubtune")
+
+Schedule = list[tuple[int, str, list[str]]]  # (first epoch it trains, token, parameter names)
+
+
+def resolve_schedule(net: torch.nn.Module, cfg: TrainConfig, frozen: list[str]) -> Schedule:
+    """The --unfreeze-at schedule as parameter names, checked against what --freeze froze.
+
+    Raises:
+        ConfigError: a token matches no parameter that --freeze froze.
+    """
+    schedule, problems = [], []
+    for token, epoch in cfg.unfreeze_schedule:
+        try:
+            names = list(frozen) if token == "all" else model_lib.resolve_freeze(net, token)
+        except ValueError as err:
+            problems.append(f"--unfreeze-at {token}={epoch}: {str(err).removeprefix(f'--freeze {token!r} ')}")
+            continue
+        names = [n for n in names if n in set(frozen)]
+        if not names:
+            problems.append(f"--unfreeze-at {token}={epoch}: {token!r} is not frozen by --freeze {cfg.freeze!r}")
+        schedule.append((epoch, token, names))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return schedule
+
+
+def frozen_in(schedule: Schedule, frozen: list[str], epoch: int) -> list[str]:
+    """The parameters still frozen in `epoch` (1-based)."""
+    thawed = {n for start, _, names in schedule if start <= epoch for n in names}
+    return [n for n in frozen if n not in thawed]
+
+
+def describe(net: torch.nn.Module, schedule: Schedule, frozen: list[str], epochs: int) -> list[str]:
+    """One line per epoch: what starts to train, and how many parameters train then (`hubtune summary`)."""
+    sizes = dict((n, p.numel()) for n, p in net.named_parameters())
+    total = sum(sizes.values())
+    lines = []
+    for epoch in range(1, epochs + 1):
+        still = frozen_in(schedule, frozen, epoch)
+        starting = [token for start, token, _ in schedule if start == epoch]
+        trainable = total - sum(sizes[n] for n in still)
+        lines.append(f"epoch {epoch}: {trainable:,} of {total:,} parameters train"
+                     + (f"; starts to train: {', '.join(starting)}" if starting else ""))
+    return lines
+
+
+def _new_groups(net: torch.nn.Module, cfg: TrainConfig, names: set[str]) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for `names`, as timm's create_optimizer_v2 would build them for the whole model."""
+    no_decay = getattr(net, "no_weight_decay", lambda: set())()
+    if cfg.layer_decay is not None:
+        groups = param_groups_layer_decay(net, cfg.weight_decay, no_weight_decay_list=no_decay,
+                                          layer_decay=cfg.layer_decay)
+    else:
+        groups = param_groups_weight_decay(net, cfg.weight_decay, no_weight_decay_list=no_decay)
+    wanted = {id(p) for n, p in net.named_parameters() if n in names}
+    out = []
+    for group in groups:
+        params = [p for p in group["params"] if id(p) in wanted]
+        if params:
+            out.append({**group, "params": params,
+                        "lr_scale": group.get("lr_scale", 1.0) * cfg.unfreeze_lr_scale})
+    return out
+
+
+def apply(job: Job, epoch: int) -> list[str]:
+    """Make the parts scheduled to train by `epoch` (1-based) trainable; return the parameter names that started."""
+    still = frozen_in(job.schedule, job.frozen, epoch)
+    starting = [n for n in job.frozen if n not in set(still)]
+    if not starting:
+        return []
+    net, cfg = job.net, job.cfg
+    params = dict(net.named_parameters())
+    for name in starting:
+        params[name].requires_grad_(True)
+    if cfg.freeze_bn:
+        for module in net.modules():
+            if model_lib.has_fixed_statistics(module) and all(p.requires_grad for p in module.parameters()):
+                model_lib.unfix_statistics(module, training=net.training)
+    for group in _new_groups(net, cfg, set(starting)):
+        job.optimizer.optimizer.add_param_group(group)
+    job.frozen = still
+    if job.accelerator.num_processes > 1:  # DDP synchronises only what required gradients when it was built
+        old, accelerator = job.stepped, job.accelerator
+        accelerator._models = [m for m in accelerator._models if m is not old]  # its reducer's hooks go with it
+        job.stepped = accelerator.prepare_model(model_lib.unprepared(net))
+        del old
+    from hubtune.job import make_scheduler
+
+    job.scheduler = make_scheduler(job.optimizer, cfg, job.state)  # a scheduler covers the groups it was built with
+    tokens = [token for start, token, _ in job.schedule if start == epoch]
+    logger.info(f"epoch {epoch}: {', '.join(tokens)} start(s) to train ({len(starting)} parameter tensors)")
+    return starting
