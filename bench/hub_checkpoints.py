@@ -115,6 +115,7 @@ def run(ctx: Context) -> dict:
         # 2. throughput with uploads running
         steps_model, steps_size, steps_batch, every, warm, measure = ctx.pick(
             ("test_resnet", 32, 8, 2, 2, 4), ("resnet18", 128, 32, 8, 3, 16))
+        steps_root = bench_data.dataset(*ctx.pick((64, 2), (1280, 4)))  # the window fits in the first epoch
 
         def rate_with(uploads: bool) -> float:
             i = next(counter)
@@ -122,7 +123,7 @@ def run(ctx: Context) -> dict:
             extra_flags = ["--push-to-hub", f"bench/steps-{uuid.uuid4().hex[:8]}", "--hub-checkpoints"] \
                 if uploads else []
             try:
-                times = timed_train(common_flags(root, out, steps_model, steps_size, steps_batch)
+                times = timed_train(common_flags(steps_root, out, steps_model, steps_size, steps_batch)
                                     + ["--epochs", "1", "--max-steps", str(warm + measure + 1), "--save-every", str(every),
                                        *extra_flags], env_for(server.url, home), until_step=warm + measure)
             finally:

@@ -67,7 +67,7 @@ class TrainConfig:
     cache_views: int = _f(1, "augmented views per training image kept by --cache-features; epoch e trains on view e mod N")
     feature_cache_dir: str | None = _f(None, "where --cache-features keeps features (default: $HF_HOME/hubtune/features)")
     jpeg_draft: bool = _f(False, "decode validation JPEGs at a reduced scale (libjpeg DCT scaling) when they are 2x+ the eval size: faster on large photos, pixels differ slightly")
-    channels_last: bool = _f(False, "run the model in channels_last memory format (faster convolutions on recent GPUs)")
+    channels_last: bool | None = _f(None, "run the model in channels_last memory format; unset: on when training on CUDA (faster convolutions on recent GPUs), off elsewhere; --no-channels-last turns it off")
     compile: bool = _f(False, "compile the model with torch.compile (through Accelerate)")
     compile_backend: str = _f("inductor", "torch.compile backend for --compile", choices=COMPILE_BACKENDS)
     output_dir: str = _f("outputs", "where the checkpoints, metrics and Hub-ready export are written")

@@ -184,6 +184,8 @@ def build_job(cfg: TrainConfig) -> Job:
     """Check and assemble the run described by `cfg`; resume it when --resume finds a checkpoint."""
     cfg.validate()
     accelerator = make_accelerator(cfg)
+    if cfg.channels_last is None:  # resolved here, so train_config.yaml and the feature cache key record it
+        cfg = dataclasses.replace(cfg, channels_last=model_lib.default_channels_last(accelerator.device))
     set_seed(cfg.seed, device_specific=True)
     out = Path(cfg.output_dir)
     resume_from = find_resume(cfg, out, accelerator)

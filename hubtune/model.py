@@ -106,6 +106,12 @@ def resize_size(tf: Callable) -> int | None:
     return None
 
 
+def default_channels_last(device: torch.device) -> bool:
+    """--channels-last when it is not given: on for CUDA, where convolutions in channels_last run faster (1.8x
+    measured for resnet50 bf16 on an H200), off on the CPU and elsewhere."""
+    return device.type == "cuda"
+
+
 class Normalize:
     """uint8 batches to normalized float on the device: timm PrefetchLoader's step, for hubtune's dict batches.
 

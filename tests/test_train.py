@@ -41,6 +41,21 @@ def test_tiny_model_learns_the_two_class_task(frozen_run):
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
 
 
+def test_channels_last_defaults_to_cuda_only_and_the_resolved_choice_is_recorded(frozen_run):
+    import yaml
+
+    from hubtune.config import parse
+
+    result, cfg = frozen_run
+    assert cfg.channels_last is None  # not given
+    assert yaml.safe_load((result.output_dir / "train_config.yaml").read_text())["channels_last"] is False  # CPU
+    assert model_lib.default_channels_last(torch.device("cuda")) is True
+    assert model_lib.default_channels_last(torch.device("cpu")) is False
+    assert parse(["--model", "m", "--dataset", "d", "--no-channels-last"]).channels_last is False
+    assert parse(["--model", "m", "--dataset", "d", "--channels-last"]).channels_last is True
+    assert parse(["--model", "m", "--dataset", "d"]).channels_last is None
+
+
 def test_frozen_parameters_and_bn_statistics_are_bit_identical(frozen_run, backbone):
     result, _ = frozen_run
     before = load_file(str(backbone / "model.safetensors"))
@@ -281,12 +296,16 @@ def test_gradual_unfreezing_under_two_processes_trains_each_part_from_its_epoch(
     flags = ["--model", f"local-dir:{backbone}", "--dataset", str(two_class_folder), "--image-size", "32",
              "--epochs", "2", "--batch-size", "8", "--lr", "3e-3", "--num-workers", "0", "--max-bad-fraction", "0.05",
              "--output-dir", str(out), "--no-progress", "--freeze", "stem,stages", "--freeze-bn",
-             "--unfreeze-at", "stages.3=2", "--report-to", "none"]
+             "--unfreeze-at", "stages.3=2", "--model-ema", "--model-ema-decay", "0.9", "--report-to", "tensorboard"]
     proc = _launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                     "hubtune/train.py", *flags])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stages.3 start(s) to train" in proc.stderr
+    # EMA evaluated over both processes' examples, and one set of TensorBoard files (the main process's)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert all(0.0 <= row["ema"]["val_accuracy"] <= 1.0 for row in history) and len(history) == 2
+    assert len(list((out / "runs" / "hubtune").glob("events.out.tfevents.*"))) == 1
     start = load_file(str(backbone / "model.safetensors"))
     first, second = (load_file(str(p / "model.safetensors")) for p in checkpoint.listing(out))
     layer4 = [k for k in start if k.startswith("layer4.") and k.endswith(".weight")]
