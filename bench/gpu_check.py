@@ -213,10 +213,10 @@ def hubtune_run(args: argparse.Namespace, data_dir: Path, out_dir: Path, **overr
         from torch._dynamo.utils import counters
 
         counters.clear()
-    cfg = TrainConfig(model=args.model, pretrained=False, dataset=str(data_dir), image_size=args.image_size,
-                      batch_size=args.batch_size, epochs=1, max_steps=args.steps, num_workers=args.workers,
-                      val_fraction=args.val_fraction, output_dir=str(out_dir), progress=False, seed=0,
-                      log_every=1, **overrides)
+    cfg = TrainConfig(**{**dict(model=args.model, pretrained=False, dataset=str(data_dir), image_size=args.image_size,
+                                batch_size=args.batch_size, epochs=1, max_steps=args.steps, num_workers=args.workers,
+                                val_fraction=args.val_fraction, output_dir=str(out_dir), progress=False, seed=0,
+                                log_every=1), **overrides})
     rec_steps = StepLog(args.batch_size)
     res: dict[str, Any] = {"config": {k: overrides.get(k) for k in overrides}}
     start = time.perf_counter()
@@ -600,6 +600,11 @@ def main(argv: list[str] | None = None) -> int:
         hub("hubtune fp32 (no)", mixed_precision="no", channels_last=False),
         hub("hubtune fp16", mixed_precision="fp16", channels_last=False),
         hub("hubtune bf16 + channels_last", mixed_precision="bf16", channels_last=True),
+        # --decode-device cuda (never run on a GPU yet): the workers only read bytes and plan
+        hub("hubtune bf16 + channels_last, --decode-device cuda", mixed_precision="bf16", channels_last=True,
+            decode_device="cuda"),
+        hub("hubtune bf16 + channels_last, --decode-device cuda, 4 workers", mixed_precision="bf16",
+            channels_last=True, decode_device="cuda", num_workers=4),
         hub("hubtune frozen backbone (stem,stages + freeze_bn), bf16", mixed_precision="bf16",
             freeze="stem,stages", freeze_bn=True, channels_last=False),
         acc("accelerate loop bf16 (timm aug, ToTensor+Normalize per image)", "timm"),
@@ -608,7 +613,9 @@ def main(argv: list[str] | None = None) -> int:
         ("linear probe resnet18, uncached vs --cache-features", lambda: probe_runs(args, data_dir, scratch), 60.0),
     ]
     if not cuda:  # fp16 autocast and inductor are GPU checks; the smoke test skips them
-        skip = ("hubtune fp16", "hubtune bf16 + channels_last + compile")
+        skip = ("hubtune fp16", "hubtune bf16 + channels_last + compile",
+                "hubtune bf16 + channels_last, --decode-device cuda",
+                "hubtune bf16 + channels_last, --decode-device cuda, 4 workers")
         stages = [st for st in stages if st[0] not in skip]
         results["skipped_on_cpu"] = list(skip)
     only = {s.strip() for s in args.only.split(";")} if args.only else None

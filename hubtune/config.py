@@ -19,6 +19,7 @@ from hubtune.tracking import default_report_to, parse_report_to
 MIXED_PRECISION = ("no", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "lamb", "lion", "adan", "rmsprop")
 COMPILE_BACKENDS = ("inductor", "cudagraphs", "aot_eager", "eager")
+DECODE_DEVICES = ("auto", "cpu", "cuda")
 METRICS = ("val_accuracy", "val_loss", "val_f1")
 # sane ranges of the integer settings: beyond them a run only exhausts the machine (a 100000 px image is 30 GB)
 UPPER_BOUNDS = {"image_size": 4096, "batch_size": 65536, "epochs": 100_000, "max_steps": 10**9, "grad_accum": 4096,
@@ -67,6 +68,7 @@ class TrainConfig:
     cache_views: int = _f(1, "augmented views per training image kept by --cache-features; epoch e trains on view e mod N")
     feature_cache_dir: str | None = _f(None, "where --cache-features keeps features (default: $HF_HOME/hubtune/features)")
     jpeg_draft: bool = _f(False, "decode validation JPEGs at a reduced scale (libjpeg DCT scaling) when they are 2x+ the eval size: faster on large photos, pixels differ slightly")
+    decode_device: str = _f("auto", "where JPEGs are decoded and augmented: cpu (PIL in the loader workers), cuda (the workers only read bytes; decode and augment run per batch on the GPU, other images fall back to the CPU) or auto (cpu for now: cuda has not yet been measured on a GPU)", choices=DECODE_DEVICES)
     channels_last: bool | None = _f(None, "run the model in channels_last memory format; unset: on when training on CUDA (faster convolutions on recent GPUs), off elsewhere; --no-channels-last turns it off")
     compile: bool = _f(False, "compile the model with torch.compile (through Accelerate)")
     compile_backend: str = _f("inductor", "torch.compile backend for --compile", choices=COMPILE_BACKENDS)

@@ -84,6 +84,7 @@ def fingerprint(cfg: Any, net: torch.nn.Module, data_cfg: dict, train_tf: Callab
         "seed": cfg.seed if cfg.augment else None,  # augmentation draws from it; the eval transform does not
         "dataset": cfg.dataset, "dataset_revision": cfg.dataset_revision, "image_column": cfg.image_column,
         "mixed_precision": cfg.mixed_precision, "channels_last": cfg.channels_last, "jpeg_draft": cfg.jpeg_draft,
+        "decode_device": cfg.decode_device,
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
     }
 

@@ -23,7 +23,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
-from hubtune import checkpoint, data, features, hub, hub_checkpoints, report, stream, tracking, unfreeze
+from hubtune import checkpoint, data, device_decode, features, hub, hub_checkpoints, report, stream, tracking, unfreeze
 from hubtune import model as model_lib
 from hubtune.config import TrainConfig
 from hubtune.errors import CompileModeError, ConfigError, DataError, HubtuneError, OutputDirError
@@ -180,12 +180,27 @@ def _streams(cfg: TrainConfig, info: data.DataInfo, train_src: Any, val_src: Any
     return train_ds, val_ds
 
 
+def resolve_device_settings(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """--channels-last and --decode-device as this device resolves them, so train_config.yaml and the feature cache
+    key record what was used.
+
+    Raises:
+        ConfigError: --decode-device cuda without a CUDA device.
+    """
+    if cfg.decode_device == "cuda" and device.type != "cuda":
+        raise ConfigError(f"--decode-device cuda: this run trains on {device.type}, not CUDA; use --decode-device cpu "
+                          "(or auto)")
+    return dataclasses.replace(
+        cfg, channels_last=model_lib.default_channels_last(device) if cfg.channels_last is None else cfg.channels_last,
+        # auto stays on the CPU decoder until the cuda path has been run and measured on a GPU (bench/gpu_check.py)
+        decode_device="cpu" if cfg.decode_device == "auto" else cfg.decode_device)
+
+
 def build_job(cfg: TrainConfig) -> Job:
     """Check and assemble the run described by `cfg`; resume it when --resume finds a checkpoint."""
     cfg.validate()
     accelerator = make_accelerator(cfg)
-    if cfg.channels_last is None:  # resolved here, so train_config.yaml and the feature cache key record it
-        cfg = dataclasses.replace(cfg, channels_last=model_lib.default_channels_last(accelerator.device))
+    cfg = resolve_device_settings(cfg, accelerator.device)
     set_seed(cfg.seed, device_specific=True)
     out = Path(cfg.output_dir)
     resume_from = find_resume(cfg, out, accelerator)
@@ -230,6 +245,10 @@ def build_job(cfg: TrainConfig) -> Job:
     pin = accelerator.device.type == "cuda"
     train_loader = stream.make_loader(train_ds, cfg.batch_size, cfg.num_workers, pin, cfg.persistent_workers)
     val_loader = stream.make_loader(val_ds, cfg.batch_size, cfg.num_workers, pin, cfg.persistent_workers)
+    if cfg.decode_device == "cuda":
+        for ds, loader, tf in ((train_ds, train_loader, train_tf), (val_ds, val_loader, eval_tf)):
+            device_decode.check(tf)
+            ds.planned, loader.decode = True, device_decode.BatchDecoder(accelerator.device)
 
     optimizer = create_optimizer_v2(net, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     layer_decay=cfg.layer_decay)  # timm skips frozen parameters

@@ -28,6 +28,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from hubtune import device_decode
 from hubtune.data import decode
 
 # torchdata 0.11 calls a deprecated torch API on every iterator; nothing for users to act on
@@ -93,6 +94,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
         self.known_keys: frozenset[int] = frozenset()
         self.views: int | None = None
         self.draft: int | None = None  # JPEG draft decoding down to this size (hubtune.data.decode)
+        self.planned = False  # --decode-device cuda: JPEGs leave the workers as bytes and a plan (device_decode)
         self._resume: dict | None = None
         self._position: dict | None = None
 
@@ -109,7 +111,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
 
         The epoch is not among them: it lives in shared memory.
         """
-        return self.images, self.known_keys, self.views, self.draft
+        return self.images, self.known_keys, self.views, self.draft, self.planned
 
     def labels(self) -> Iterator[int]:
         """The labels of this process's examples in stream order, read without decoding (a pass over the keys)."""
@@ -136,14 +138,22 @@ class ExampleStream(torch.utils.data.IterableDataset):
             return None
         if not self.images:
             return {"pixel_values": None, "label": example["label"], "key": key, "ok": key in self.known_keys}
+        seed = None if self.seed is None else hash((self.seed, view, key)) % 2**63
+        if self.planned:
+            planned = device_decode.plan(data, self.transform, seed)
+            if planned is not None:
+                return {"pixel_values": planned, "label": example["label"], "key": key, "ok": True}
         img = decode(data, self.draft)
         if img is None:
             pixels = None
-        elif self.seed is None:
+        elif seed is None:
             pixels = self.transform(img)
         else:
-            pixels = _seeded(self.transform, img, hash((self.seed, view, key)) % 2**63)
-        return {"pixel_values": pixels, "label": example["label"], "key": key, "ok": pixels is not None}
+            pixels = _seeded(self.transform, img, seed)
+        out = {"pixel_values": pixels, "label": example["label"], "key": key, "ok": pixels is not None}
+        if self.planned:
+            out["fallback"] = True  # decoded here although the device was asked to
+        return out
 
     def __iter__(self) -> Iterator[dict]:
         # Eager, not a generator: a (persistent) worker reports its state as soon as the pass begins, before it
@@ -192,12 +202,17 @@ def collate(batch: list[dict]) -> dict[str, Any]:
     """
     good = [ex for ex in batch if ex["ok"]]
     pixels = [ex["pixel_values"] for ex in good if ex["pixel_values"] is not None]
-    return {
-        "pixel_values": torch.stack(pixels) if pixels else None,
+    out = {
         "labels": torch.tensor([ex["label"] for ex in good], dtype=torch.long),
         "keys": [ex["key"] for ex in good],
         "n_bad": len(batch) - len(good),
     }
+    if any("fallback" in ex or isinstance(ex["pixel_values"], dict) for ex in batch):
+        # --decode-device: plans and CPU-decoded images in order; device_decode.BatchDecoder makes the pixels
+        out.update(pixel_values=None, parts=pixels, n_fallback=sum(ex.get("fallback", False) for ex in good))
+    else:
+        out["pixel_values"] = torch.stack(pixels) if pixels else None
+    return out
 
 
 def make_loader(stream: ExampleStream, batch_size: int, num_workers: int, pin_memory: bool,
@@ -246,13 +261,16 @@ class _Loader(StatefulDataLoader):
         atexit.register(_stop_workers_at_exit)
         return it
 
+    decode: Callable[[dict], dict] | None = None  # --decode-device: device_decode.BatchDecoder
+
     def __iter__(self) -> Iterator:
         # (an iterator that state_dict() has just started may hold a loaded position: it is kept)
         if (self.persistent_workers and self._iterator is not None and not self._initial_iter_for_state_dict
                 and self.dataset.pass_settings() != self._workers_settings):
             self._iterator._shutdown_workers()
             self._iterator = None
-        return super().__iter__()
+        it = super().__iter__()
+        return it if self.decode is None else map(self.decode, it)
 
 
 _OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
-from hubtune import checkpoint, features, hub, hub_calls, metrics, report, unfreeze
+from hubtune import checkpoint, device_decode, features, hub, hub_calls, metrics, report, unfreeze
 from hubtune.config import TrainConfig, parse
 from hubtune.errors import (
     BadDataError,
@@ -255,6 +255,8 @@ def end_epoch(job: Job, fetched: EpochProgress, seconds: float) -> None:
     logger.info(f"epoch {row['epoch']}/{cfg.epochs} | step {row['step']} | train_loss {row['train_loss']:.4f} | "
                 f"val_loss {row['val_loss']:.4f} | val_acc {row['val_accuracy']:.4f} | val_f1 {row['val_f1']:.4f}{shown}"
                 f" | {row['train_examples']} train / {row['val_examples']} val images | {seconds:.1f}s")
+    if job.train_loader.decode is not None:
+        logger.info(device_decode.describe_counts([job.train_loader.decode, job.val_loader.decode]))
     state.epoch += 1
     state.in_epoch = False
     if state.stopped:

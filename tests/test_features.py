@@ -90,7 +90,7 @@ def _digest(spec) -> str:
 @pytest.mark.parametrize("change", [dict(image_size=48), dict(model_revision="0123abc"),
                                     dict(dataset_revision="feedbeef"), dict(dataset="other/dataset"),
                                     dict(mixed_precision="bf16"), dict(seed=7), dict(channels_last=True),
-                                    dict(jpeg_draft=True)])
+                                    dict(jpeg_draft=True), dict(decode_device="cuda")])
 def test_cache_is_keyed_by_everything_that_changes_features(backbone, change):
     assert _digest(_spec(backbone, **change)[0]) != _digest(_spec(backbone)[0])
 
