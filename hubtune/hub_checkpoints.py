@@ -26,6 +26,7 @@ from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, 
 from hubtune import checkpoint, hub, hub_calls
 from hubtune.errors import CheckpointError, ConfigError, PushError
 from hubtune.hub_calls import retrying, status_of
+from hubtune.tracking import RUNS_DIR
 
 logger = logging.getLogger("hubtune")  # main process only: no need for accelerate's rank filter
 
@@ -141,6 +142,7 @@ def fetch(where: HubCheckpoints, out: Path) -> Path | None:
             continue
         logger.info(f"--resume: downloaded {name} from {where.repo_id}@{where.branch} (verified)")
         _fetch_best(where, path, out)
+        _fetch_runs(where, out)
         return path
     if names:
         raise ConfigError(f"--resume: no usable checkpoint at {where}: every one is damaged or incomplete")
@@ -158,6 +160,32 @@ def _fetch_best(where: HubCheckpoints, resumed: Path, out: Path) -> None:
     except (CheckpointError, OSError, ValueError) as err:
         logger.warning(f"--resume: the best checkpoint {best} could not be downloaded ({err}); the export will be "
                        "the best intact checkpoint this run has")
+
+
+def _fetch_runs(where: HubCheckpoints, out: Path) -> None:
+    """The run's TensorBoard files as uploaded with its checkpoints, into OUTPUT_DIR/runs/ when this machine has
+    none: the resumed run appends to them, so its curves start at step 1 (what the lost machine logged after the
+    checkpoint is hidden, as on a local resume)."""
+    if (out / RUNS_DIR).exists():
+        return
+    staging = out / checkpoint.CHECKPOINTS / ".download-runs"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        if is_offline_mode():
+            source = _cached_folder(where) / RUNS_DIR
+        else:
+            retrying("downloading the TensorBoard files", lambda: snapshot_download(
+                where.repo_id, revision=where.branch, allow_patterns=[f"{RUNS_DIR}/*"], local_dir=staging),
+                hub_calls.retries_n(), hub_calls.retry_wait_s())
+            source = staging / RUNS_DIR
+        if source.is_dir():
+            shutil.copytree(source, out / RUNS_DIR)
+            logger.info(f"--resume: downloaded the run's TensorBoard files into {out / RUNS_DIR}")
+    except (ConfigError, OSError, ValueError) as err:  # the curves are not worth stopping the resume for
+        logger.warning(f"--resume: the TensorBoard files on {where.repo_id}@{where.branch} could not be "
+                       f"downloaded ({err}); the curves here start at the resumed step")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _cached_folder(where: HubCheckpoints) -> Path:
@@ -206,6 +234,9 @@ class Uploader:
                 os.link(f, snapshot / f.name)
             except OSError:
                 shutil.copy2(f, snapshot / f.name)
+        runs = self.out / RUNS_DIR
+        if runs.is_dir():  # the curves so far, copied: the trackers go on appending to these files
+            shutil.copytree(runs, snapshot / RUNS_DIR, ignore_dangling_symlinks=True)
         self.keep[snapshot.name] = retained
         self.pusher.submit(snapshot)
 
@@ -213,7 +244,10 @@ class Uploader:
         name = snapshot.name.removeprefix(".upload-")
         keep = set(self.keep.get(snapshot.name, ())) | {name}
         gone = [f"{REMOTE_DIR}/{n}/" for n in remote_names(self.where) if n not in keep]
-        hub.push_files(self.where.repo_id, {f"{REMOTE_DIR}/{name}/{f.name}": f for f in sorted(snapshot.iterdir())},
+        contents = {f"{REMOTE_DIR}/{name}/{f.name}": f for f in sorted(snapshot.iterdir()) if f.is_file()}
+        contents.update({f.relative_to(snapshot).as_posix(): f for f in sorted((snapshot / RUNS_DIR).rglob("*"))
+                         if f.is_file()})
+        hub.push_files(self.where.repo_id, contents,
                        deletions=gone, revision=self.where.branch, private=self.private, retries=self.retries,
                        retry_wait=self.retry_wait, commit_message=f"hubtune checkpoint {name}", cancel=cancel)
         logger.info(f"uploaded checkpoint {name} to {self.where.repo_id}@{self.where.branch}"
