@@ -24,6 +24,7 @@ from huggingface_hub.errors import (
 )
 
 from hubtune import __version__
+from hubtune.background import BackgroundPusher
 from hubtune.errors import ConfigError, DataError, ModelSourceError, PushError
 from hubtune.files import CARD_FILE, METRICS_FILE, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE, WEIGHTS_FILE
 from hubtune.hub_calls import attempts_of, causes, install_timeouts, retrying, status_of, transient_reason
@@ -282,83 +283,6 @@ def push_failure(err: BaseException, repo_id: str, step: str, folder: Path | Non
     answer = next((c for c in causes(err) if isinstance(c, HfHubHTTPError)), err)
     detail = reason or f"HTTP {status}: {str(answer).splitlines()[0]}"
     return f"push to {repo_id} failed at {step} {tries} ({detail}); {rerun}"
-
-
-class BackgroundPusher:
-    """Runs uploads in one thread while training goes on: one at a time, only the newest one waiting (a newer
-    submission replaces a waiting older one, which `discard` receives).
-
-    `work(item, cancel)` does one upload and returns where it went; whatever it raises is logged and recorded in
-    `failed`, never raised: it does not stop training, and it does not end the thread.
-    """
-
-    def __init__(self, work: Callable[[Path, threading.Event], str], name: str = "hubtune-push",
-                 discard: Callable[[Path], None] = lambda item: None) -> None:
-        self.work, self.discard = work, discard
-        self.cancel = threading.Event()  # set by close(): the upload in flight stops at its next Hub call
-        self.pushed: list[str] = []
-        self.failed: list[dict[str, str]] = []
-        self._cond = threading.Condition()
-        self._waiting: Path | None = None
-        self._busy = False
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, item: Path) -> None:
-        """Queue `item` (owned by the pusher from now on), replacing a waiting older one."""
-        with self._cond:
-            older, self._waiting = self._waiting, item
-            self._cond.notify_all()
-        if older is not None:
-            self.discard(older)
-
-    def close(self, timeout: float, drain: bool = False) -> bool:
-        """Stop the thread: with `drain`, after the waiting item too; else drop it and cancel the one in flight.
-
-        Waits at most `timeout` seconds; returns False (and logs why) if an upload was still running then.
-        """
-        with self._cond:
-            self._closed = True
-            dropped = None if drain else self._waiting
-            if not drain:
-                self._waiting = None
-            self._cond.notify_all()
-        if dropped is not None:
-            self.discard(dropped)
-        if not drain:
-            self.cancel.set()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            self.cancel.set()
-            logger.warning(f"{self._thread.name}: an upload was still running after {timeout:.0f}s; left behind")
-            return False
-        return True
-
-    def idle(self) -> bool:
-        """Nothing waiting and nothing in flight."""
-        with self._cond:
-            return self._waiting is None and not self._busy
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._waiting is None and not self._closed:
-                    self._cond.wait()
-                item, self._waiting = self._waiting, None
-                if item is None:
-                    return
-                self._busy = True
-            try:
-                self.pushed.append(self.work(item, self.cancel))
-            except Exception as err:  # noqa: BLE001 - recorded and logged; the thread must live on
-                self.failed.append({"item": item.name, "error": str(err).splitlines()[0] if str(err) else repr(err)})
-                logger.warning(f"background upload of {item.name} failed: {self.failed[-1]['error']}")
-            finally:
-                self.discard(item)
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
 
 
 def export_pusher(repo_id: str, **push_kwargs: Any) -> BackgroundPusher:

@@ -24,6 +24,7 @@ from huggingface_hub.constants import is_offline_mode
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
 from hubtune import checkpoint, hub, hub_calls
+from hubtune.background import BackgroundPusher
 from hubtune.errors import CheckpointError, ConfigError, PushError
 from hubtune.hub_calls import retrying, status_of
 from hubtune.tracking import RUNS_DIR
@@ -222,7 +223,7 @@ class Uploader:
         self.retries, self.retry_wait = hub_calls.retries_n(), hub_calls.retry_wait_s()
         self.keep: dict[str, list[str]] = {}  # snapshot name -> the checkpoint names retained when it was saved
         self.superseded: list[str] = []
-        self.pusher = hub.BackgroundPusher(self._upload, name="hubtune-checkpoints", discard=self._discard)
+        self.pusher = BackgroundPusher(self._upload, name="hubtune-checkpoints", discard=self._discard)
 
     def submit(self, path: Path, retained: list[str]) -> None:
         """Upload checkpoint `path`, leaving on the branch only `retained` (the local checkpoints) and it."""

@@ -25,6 +25,7 @@ from timm.utils import ModelEmaV3
 
 from hubtune import checkpoint, data, device_decode, features, hub, hub_checkpoints, report, stream, tracking, unfreeze
 from hubtune import model as model_lib
+from hubtune.background import BackgroundPusher
 from hubtune.config import TrainConfig
 from hubtune.errors import CompileModeError, ConfigError, DataError, HubtuneError, OutputDirError
 from hubtune.files import (
@@ -75,7 +76,7 @@ class Job:
     run_info: dict[str, Any] = field(default_factory=dict)  # what the card records
     state: RunState = field(default_factory=RunState)
     progress: EpochProgress = field(default_factory=EpochProgress)
-    pusher: hub.BackgroundPusher | None = None
+    pusher: BackgroundPusher | None = None
     uploader: hub_checkpoints.Uploader | None = None  # --hub-checkpoints (main process)
     started: float = field(default_factory=time.time)  # when this process's segment of the run began
 
@@ -392,6 +393,6 @@ def write_output_dir(cfg: TrainConfig, out: Path, earlier: list[str]) -> None:
                              "writable directory") from err
 
 
-def _background_pusher(cfg: TrainConfig) -> hub.BackgroundPusher:
+def _background_pusher(cfg: TrainConfig) -> BackgroundPusher:
     return hub.export_pusher(cfg.push_to_hub, private=cfg.private, revision=cfg.revision,
                              commit_message="hubtune: new best checkpoint", overwrite_card=cfg.overwrite_card)

@@ -16,6 +16,7 @@ from helpers import make_image_dataset
 from huggingface_hub import HfApi
 
 from hubtune import hub as hub_lib
+from hubtune.background import BackgroundPusher
 from hubtune.localhub import LocalHub
 
 REPO = Path(__file__).resolve().parents[1]
@@ -460,7 +461,7 @@ def test_background_uploads_run_one_at_a_time_and_only_the_newest_waits(tmp_path
             raise RuntimeError("Error while uploading 'model.safetensors' to the Hub.")
         return f"done {item.name}"
 
-    pusher = hub_lib.BackgroundPusher(work, discard=lambda item: discarded.append(item.name))
+    pusher = BackgroundPusher(work, discard=lambda item: discarded.append(item.name))
     pusher.submit(tmp_path / "a")
     assert started.wait(30)  # "a" is in flight
     for name in ("b", "c", "boom"):
