@@ -14,7 +14,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -38,6 +38,17 @@ REQUIRED = (MODEL_FILE, OPTIMIZER_TENSORS, RNG_TENSORS, STATE_FILE)
 
 def step_dir(root: Path, step: int) -> Path:
     return root / CHECKPOINTS / f"step-{step:06d}"
+
+
+def step_of(name: str) -> int | None:
+    """The optimizer step of a checkpoint folder name (step-NNNNNN); None for any other name."""
+    match = NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def newest_first(names: Iterable[str]) -> list[str]:
+    """The checkpoint folder names among `names`, highest step first."""
+    return sorted((n for n in names if step_of(n) is not None), key=step_of, reverse=True)
 
 
 def split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -205,7 +216,7 @@ def best_intact(root: Path, history: list[dict[str, Any]], metric: str, higher_i
     by_step = {row["step"]: row for row in history}
     ranked = []
     for path in listing(root):
-        row = by_step.get(int(NAME.match(path.name).group(1)))
+        row = by_step.get(step_of(path.name))
         if row is not None and path.name not in skip:
             ranked.append((row[metric] if higher_is_better else -row[metric], row["epoch"], path, row))
     for *_, path, row in sorted(ranked, key=lambda r: (r[0], -r[1]), reverse=True):
@@ -227,8 +238,7 @@ def listing(root: Path) -> list[Path]:
     base = Path(root) / CHECKPOINTS
     if not base.is_dir():
         return []
-    found = [p for p in base.iterdir() if p.is_dir() and NAME.match(p.name)]
-    return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)))
+    return [base / n for n in reversed(newest_first(p.name for p in base.iterdir() if p.is_dir()))]
 
 
 def find_resume(root: Path, spec: str) -> Path | None:
@@ -272,6 +282,16 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def state_columns(state: dict[str, Any]) -> tuple[str, str, str]:
+    """The step, position and metric columns of `hubtune checkpoints` for a checkpoint's state.json."""
+    run_state, metric = state["run_state"], state["config"]["metric"]
+    where = "in epoch" if run_state["in_epoch"] else "end of epoch"
+    epoch = run_state["epoch"] + (1 if run_state["in_epoch"] else 0)
+    last = run_state["history"][-1] if run_state["history"] else {}
+    shown = f"{metric} {last[metric]:.4f}" if last and not run_state["in_epoch"] else "-"
+    return str(run_state["global_step"]), f"{where} {epoch}", shown
+
+
 def describe(root: Path) -> list[tuple[str, ...]]:
     """One row per checkpoint of a run (name, step, position, metric, size, marks), for `hubtune checkpoints`."""
     found = listing(root)
@@ -282,14 +302,9 @@ def describe(root: Path) -> list[tuple[str, ...]]:
         try:
             verify(path)
             state = json.loads((path / STATE_FILE).read_text())
-            run_state, metric = state["run_state"], state["config"]["metric"]
-            where = "in epoch" if run_state["in_epoch"] else "end of epoch"
-            epoch = run_state["epoch"] + (1 if run_state["in_epoch"] else 0)
-            last = run_state["history"][-1] if run_state["history"] else {}
-            shown = f"{metric} {last[metric]:.4f}" if last and not run_state["in_epoch"] else "-"
-            marks = [m for m, on in (("best", run_state["best"].get("checkpoint") == path.name),
+            marks = [m for m, on in (("best", state["run_state"]["best"].get("checkpoint") == path.name),
                                      ("latest", path == latest)) if on]
-            rows.append((path.name, str(run_state["global_step"]), f"{where} {epoch}", shown, size, ",".join(marks)))
+            rows.append((path.name, *state_columns(state), size, ",".join(marks)))
         except (CheckpointError, KeyError, ValueError) as err:  # ValueError: state.json is not JSON
             rows.append((path.name, "-", "-", "-", size, f"DAMAGED: {err}"))
     return rows

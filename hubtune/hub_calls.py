@@ -34,16 +34,7 @@ _done = False
 
 def timeout_s() -> float:
     """Seconds a Hub request may wait for the server (HUBTUNE_HUB_TIMEOUT, default 300)."""
-    raw = os.environ.get(TIMEOUT_ENV)
-    try:
-        value = float(raw) if raw else DEFAULT_TIMEOUT_S
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        from hubtune.errors import ConfigError
-
-        raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
-    return value
+    return _env_number(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, float, "a positive number of seconds", positive=True)
 
 
 def retry_wait_s(default: float = 2.0) -> float:
@@ -58,13 +49,15 @@ def retries_n(default: int = 4) -> int:
     return _env_number(RETRIES_ENV, default, int, "a whole number (0 or more)")
 
 
-def _env_number(name: str, default: Any, kind: Callable[[str], Any], expected: str) -> Any:
+def _env_number(name: str, default: Any, kind: Callable[[str], Any], expected: str, positive: bool = False) -> Any:
+    """The number in environment variable `name` (`default` when unset); ConfigError when it is not one, or is
+    negative (zero too with `positive`)."""
     raw = os.environ.get(name)
     try:
         value = kind(raw) if raw else default
     except ValueError:
         value = -1
-    if not value >= 0:
+    if not (value > 0 if positive else value >= 0):
         from hubtune.errors import ConfigError
 
         raise ConfigError(f"{name}={raw!r}: expected {expected}")

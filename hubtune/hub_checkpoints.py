@@ -26,6 +26,7 @@ from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, 
 from hubtune import checkpoint, hub, hub_calls
 from hubtune.background import BackgroundPusher
 from hubtune.errors import CheckpointError, ConfigError, PushError
+from hubtune.files import sha256_file
 from hubtune.hub_calls import retrying, status_of
 from hubtune.tracking import RUNS_DIR
 
@@ -83,8 +84,7 @@ def remote_names(where: HubCheckpoints) -> list[str]:
             raise ConfigError(f"--resume: no checkpoints at {where} ({type(err).__name__}: the repo or branch does not "
                               "exist, or your token cannot read it: set HF_TOKEN)") from err
         return []
-    names = [Path(e.path).name for e in entries if checkpoint.NAME.match(Path(e.path).name)]
-    return sorted(names, key=lambda n: int(checkpoint.NAME.match(n).group(1)), reverse=True)
+    return checkpoint.newest_first(Path(e.path).name for e in entries)
 
 
 def _download(where: HubCheckpoints, name: str, out: Path) -> Path:
@@ -95,7 +95,7 @@ def _download(where: HubCheckpoints, name: str, out: Path) -> Path:
     Raises:
         CheckpointError: the files on the Hub are incomplete or do not match their manifest.
     """
-    final = checkpoint.step_dir(out, int(checkpoint.NAME.match(name).group(1)))
+    final = checkpoint.step_dir(out, checkpoint.step_of(name))
     if final.is_dir():
         try:
             checkpoint.verify(final)
@@ -204,13 +204,13 @@ def _cached_folder(where: HubCheckpoints) -> Path:
 def _cached_names(where: HubCheckpoints) -> list[str]:
     """With HF_HUB_OFFLINE=1: the checkpoints of `where` in the HF cache, newest first."""
     folder = _cached_folder(where) / REMOTE_DIR
-    found = [p.name for p in folder.iterdir() if checkpoint.NAME.match(p.name)] if folder.is_dir() else []
+    found = checkpoint.newest_first(p.name for p in folder.iterdir()) if folder.is_dir() else []
     if where.name:
         if where.name not in found:
             raise ConfigError(f"--resume {where}: HF_HUB_OFFLINE is set and this checkpoint is not in the local HF "
                               f"cache (cached: {', '.join(sorted(found)) or 'none'})")
         return [where.name]
-    return sorted(found, key=lambda n: int(checkpoint.NAME.match(n).group(1)), reverse=True)
+    return found
 
 
 class Uploader:
@@ -262,10 +262,9 @@ class Uploader:
         self.keep.pop(snapshot.name, None)
         shutil.rmtree(snapshot, ignore_errors=True)
 
-    def finish(self, timeout: float) -> bool:
-        """Upload what is waiting, for at most `timeout` seconds; True if everything submitted reached the Hub."""
-        done = self.pusher.close(timeout, drain=True)
-        return done and not self.pusher.failed and not self.superseded
+    def finish(self, timeout: float) -> None:
+        """Upload what is waiting, for at most `timeout` seconds (`report` says what reached the Hub)."""
+        self.pusher.close(timeout, drain=True)
 
     def report(self) -> dict[str, Any]:
         """What metrics.json records: which checkpoints reached the Hub and which did not, and why."""
@@ -295,18 +294,14 @@ def describe_remote(repo_id: str, branch: str) -> list[tuple[str, ...]]:
                      for f in (checkpoint.MANIFEST, checkpoint.STATE_FILE)}
             listed = json.loads(small[checkpoint.MANIFEST].read_text())["files"]
             mismatched = [f for f, meta in listed.items() if f not in files or files[f].size != meta["size"]
-                          or (files[f].lfs.sha256 if files[f].lfs else hub_sha256(small.get(f))) != meta["sha256"]]
+                          or (files[f].lfs.sha256 if files[f].lfs else _sha256(small.get(f))) != meta["sha256"]]
             state = json.loads(small[checkpoint.STATE_FILE].read_text())
-            run_state, metric = state["run_state"], state["config"]["metric"]
-            last = run_state["history"][-1] if run_state["history"] else {}
-            shown = f"{metric} {last[metric]:.4f}" if last and not run_state["in_epoch"] else "-"
-            where_in = "in epoch" if run_state["in_epoch"] else "end of epoch"
-            marks = [m for m, on in (("best", run_state["best"].get("checkpoint") == name), ("latest", name == names[0]),
-                                     ("verified", not mismatched)) if on]
+            marks = [m for m, on in (("best", state["run_state"]["best"].get("checkpoint") == name),
+                                     ("latest", name == names[0]), ("verified", not mismatched)) if on]
             if mismatched:
                 marks.append(f"DAMAGED: {', '.join(mismatched)} differ from the manifest")
-            rows.append((name, str(run_state["global_step"]), f"{where_in} {run_state['epoch'] + int(run_state['in_epoch'])}",
-                         shown, f"{sum(e.size for e in files.values()) / 2**20:.1f} MiB", ",".join(marks)))
+            rows.append((name, *checkpoint.state_columns(state),
+                         f"{sum(e.size for e in files.values()) / 2**20:.1f} MiB", ",".join(marks)))
         except (EntryNotFoundError, KeyError, ValueError) as err:
             rows.append((name, "-", "-", "-", "-", f"DAMAGED: {type(err).__name__}: {err}"))
         except Exception as err:  # classified as a push would be: a Hub that cannot be reached
@@ -317,8 +312,6 @@ def describe_remote(repo_id: str, branch: str) -> list[tuple[str, ...]]:
     return rows
 
 
-def hub_sha256(path: Path | None) -> str | None:
-    """sha256 of a small file already downloaded (regular files are listed with a git blob id, not a sha256)."""
-    from hubtune.files import sha256_file
-
+def _sha256(path: Path | None) -> str | None:
+    """sha256 of a small file already downloaded (the Hub lists regular files with a git blob id, not a sha256)."""
     return sha256_file(path) if path is not None else None

@@ -33,14 +33,14 @@ def resolve_schedule(net: torch.nn.Module, cfg: TrainConfig, frozen: list[str]) 
     Raises:
         ConfigError: a token matches no parameter that --freeze froze.
     """
-    schedule, problems = [], []
+    schedule, problems, was_frozen = [], [], set(frozen)
     for token, epoch in cfg.unfreeze_schedule:
         try:
             names = list(frozen) if token == "all" else model_lib.resolve_freeze(net, token)
         except ValueError as err:
             problems.append(f"--unfreeze-at {token}={epoch}: {str(err).removeprefix(f'--freeze {token!r} ')}")
             continue
-        names = [n for n in names if n in set(frozen)]
+        names = [n for n in names if n in was_frozen]
         if not names:
             problems.append(f"--unfreeze-at {token}={epoch}: {token!r} is not frozen by --freeze {cfg.freeze!r}")
         schedule.append((epoch, token, names))
@@ -87,12 +87,13 @@ def _new_groups(net: torch.nn.Module, cfg: TrainConfig, names: set[str]) -> list
     return out
 
 
-def apply(job: Job, epoch: int) -> list[str]:
-    """Make the parts scheduled to train by `epoch` (1-based) trainable; return the parameter names that started."""
+def apply(job: Job, epoch: int) -> None:
+    """Make the parts scheduled to train by `epoch` (1-based) trainable."""
     still = frozen_in(job.schedule, job.frozen, epoch)
-    starting = [n for n in job.frozen if n not in set(still)]
+    staying = set(still)
+    starting = [n for n in job.frozen if n not in staying]
     if not starting:
-        return []
+        return
     net, cfg = job.net, job.cfg
     params = dict(net.named_parameters())
     for name in starting:
@@ -114,4 +115,3 @@ def apply(job: Job, epoch: int) -> list[str]:
     job.scheduler = make_scheduler(job.optimizer, cfg, job.state)  # a scheduler covers the groups it was built with
     tokens = [token for start, token, _ in job.schedule if start == epoch]
     logger.info(f"epoch {epoch}: {', '.join(tokens)} start(s) to train ({len(starting)} parameter tensors)")
-    return starting
