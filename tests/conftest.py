@@ -7,20 +7,15 @@ port and points the environment at it before anything imports huggingface_hub, d
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
 
-
-def _reserve_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import examples, free_port, make_image_dataset  # noqa: E402 (imports no Hugging Face client)
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="hubtune-tests-"))
-HUB_PORT = _reserve_port()
+HUB_PORT = free_port()
 HUB_URL = f"http://127.0.0.1:{HUB_PORT}"
 os.environ.update(
     {
@@ -46,8 +41,6 @@ import pytest  # noqa: E402
 # read tiny files many times, for which half a second is plenty
 datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.5
 
-sys.path.insert(0, str(Path(__file__).parent))
-from helpers import examples, make_image_dataset  # noqa: E402
 
 HUB_TOKENS = {
     "tok-alice-write": ("alice", "write"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import random
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,13 @@ from PIL import Image
 CLASSES = ("cat", "dog")
 # (name, label) of the files that cannot be decoded; tests count these exactly.
 BAD_FILES = (("zero_bytes.jpg", 0), ("truncated.jpg", 1), ("not_an_image.png", 0))
+
+
+def free_port() -> int:
+    """A loopback port no one listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_rgb(label: int, rng: random.Random, size: int = 40) -> Image.Image:

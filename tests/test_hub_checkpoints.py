@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 from huggingface_hub import HfApi, snapshot_download
 from test_checkpoint import assert_same_run, flags
 
@@ -128,7 +129,7 @@ def test_a_run_killed_on_one_machine_resumes_exactly_on_another(sig, hub, two_cl
 
 def test_uploads_fail_while_the_server_is_down_and_resume_after_it_returns(two_class_folder, tmp_path):
     """A requeued job runs the same command from its first attempt on: `--resume hub` with no repo yet starts fresh."""
-    port = hub_free_port()
+    port = free_port()
     server = LocalHub(tmp_path / "store", port=port, tokens={TOKEN: ("alice", "write")}).start()
     repo = unique("outage")
     out = tmp_path / "out"
@@ -163,14 +164,6 @@ def test_uploads_fail_while_the_server_is_down_and_resume_after_it_returns(two_c
     after = [name for name in record["uploaded"] if name > max(failed)]
     assert after and record["uploaded"][-1] == checkpoint.listing(out)[-1].name  # uploads resumed with the server
     assert restarted is not None
-
-
-def hub_free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
