@@ -7,8 +7,10 @@ from urllib.parse import unquote
 import yaml
 
 from hubtune.localhub.auth import check_repo, identify, owns, require_writer
+from hubtune.localhub.body import field
 from hubtune.localhub.errors import HubError
 from hubtune.localhub.formats import CARD_RE
+from hubtune.localhub.refnames import check_revision
 from hubtune.localhub.request import Request, repo_prefix, split_rev
 from hubtune.localhub.store import DEFAULT_BRANCH
 
@@ -31,15 +33,17 @@ def agent_harnesses(req: Request) -> None:
 
 def create_repo(req: Request) -> None:
     """``POST /api/repos/create``; 409 with ``url`` when it exists (the client reads it under exist_ok)."""
-    user, body = require_writer(req), req.json_body()
-    repo_type, ns, name = body.get("type") or "model", body.get("organization") or user, body.get("name")
-    if not isinstance(name, str):
-        raise HubError("repos/create needs a JSON body with a string 'name'")
+    what = "repos/create body"
+    user, body = require_writer(req), req.json_body(what)
+    name, repo_type = field(body, "name", str, what), field(body, "type", str, what, "model")
+    ns = field(body, "organization", str, what, user)
     if not owns(req.hub, user, ns):
         raise HubError(f"user {user!r} cannot create repos in namespace {ns!r}: it is neither the user nor one "
                        f"of their orgs ({sorted(req.hub.orgs.get(user, ()))})", status=403)
     repo_id = f"{ns}/{name}"
-    private = bool(body["private"]) if body.get("private") is not None else body.get("visibility") == "private"
+    private = field(body, "private", bool, what, None)
+    if private is None:
+        private = field(body, "visibility", str, what, "public") == "private"
     url = f"{req.base()}/{repo_prefix(repo_type)}{repo_id}"
     if not req.store.create_repo(repo_type, repo_id, private, user):
         raise HubError(f"You already created this {repo_type} repo: {repo_id}", status=409, extra={"url": url})
@@ -49,7 +53,7 @@ def create_repo(req: Request) -> None:
 def settings(req: Request, repo_type: str, repo_id: str, segs: list[str]) -> None:
     """``PUT /api/{t}s/{repo}/settings``: change visibility (gating is not supported)."""
     check_repo(req, repo_type, repo_id, write=True)
-    body = req.json_body()
+    body = req.json_body("settings body")
     if body.get("gated") not in (None, False):
         raise HubError("gated repos are not supported by the local hub; leave `gated` unset or False")
     private = body.get("private") if body.get("private") is not None else body.get("visibility")
@@ -62,7 +66,10 @@ def branch(req: Request, repo_type: str, repo_id: str, segs: list[str]) -> None:
     """``POST|DELETE /api/{t}s/{repo}/branch/{name}``; a starting point must be a revision of this repo."""
     check_repo(req, repo_type, repo_id, write=True)
     name = "/".join(unquote(s) for s in segs)
-    start = (req.json_body().get("startingPoint") or DEFAULT_BRANCH) if req.method == "POST" else None
+    start = None
+    if req.method == "POST":
+        start = field(req.json_body("branch body"), "startingPoint", str, "branch body", DEFAULT_BRANCH)
+        check_revision(start)
     req.store.set_ref(repo_type, repo_id, "branches", name, start)
     req.json({})
 
@@ -73,16 +80,14 @@ def tag(req: Request, repo_type: str, repo_id: str, segs: list[str]) -> None:
     if req.method == "DELETE":
         req.store.set_ref(repo_type, repo_id, "tags", "/".join(unquote(s) for s in segs), None)
     else:
-        name = req.json_body().get("tag")
-        if not isinstance(name, str):
-            raise HubError("tag creation needs a JSON body with a string 'tag'")
+        name = field(req.json_body("tag body"), "tag", str, "tag body")
         req.store.set_ref(repo_type, repo_id, "tags", name, split_rev(segs)[0])
     req.json({})
 
 
 def validate_yaml(req: Request) -> None:
     """``POST /api/validate-yaml``: always JSON, 400 with ``errors`` for bad README metadata."""
-    content = req.json_body().get("content") or ""
+    content = field(req.json_body("validate-yaml body"), "content", str, "validate-yaml body", "")
     match = CARD_RE.search(content)
     try:
         data = yaml.safe_load(match.group(2)) if match else None

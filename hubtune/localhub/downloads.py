@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import mimetypes
 import re
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from hubtune.localhub.auth import check_repo
-from hubtune.localhub.errors import EntryNotFound
+from hubtune.localhub.body import field
+from hubtune.localhub.errors import EntryNotFound, HubError
 from hubtune.localhub.formats import card_data, list_tree, tree_entry
 from hubtune.localhub.request import Request, split_rev
 
@@ -88,7 +88,7 @@ def info(req: Request, repo_type: str, repo_id: str, segs: list[str]) -> None:
 
 
 def _page(req: Request, items: list[Any], page_size: int, params: str) -> None:
-    start = int(req.arg("cursor", "0") or 0)
+    start = req.int_arg("cursor", 0)
     headers = {}
     if start + page_size < len(items):
         headers["Link"] = f'<{req.base()}{req.path}?{params}cursor={start + page_size}>; rel="next"'
@@ -122,7 +122,7 @@ def tree(req: Request, repo_type: str, repo_id: str, segs: list[str]) -> None:
     recursive, expand = req.arg("recursive") == "true", req.arg("expand") == "true"
     items = list_tree(commit["tree"], "/".join(unquote(s) for s in rest).strip("/"), recursive)
     page_size = min(req.hub.page_size, 50) if expand else req.hub.page_size
-    start = int(req.arg("cursor", "0") or 0)
+    start = req.int_arg("cursor", 0)
     if expand:
         _expand(req, repo_type, repo_id, commit, items[start:start + page_size])
     _page(req, items, page_size, f"recursive={str(recursive).lower()}&expand={str(expand).lower()}&")
@@ -132,15 +132,20 @@ def paths_info(req: Request, repo_type: str, repo_id: str, segs: list[str]) -> N
     """``POST /api/{t}s/{repo}/paths-info/{rev}``: tree entries of the listed paths that exist."""
     check_repo(req, repo_type, repo_id)
     commit = commit_at(req, repo_type, repo_id, split_rev(segs)[0])
-    raw = req.body()
     if "json" in req.headers.get("Content-Type", ""):
-        form = json.loads(raw or b"{}")
-        paths, expand = form.get("paths", []), str(form.get("expand", "")).lower() == "true"
+        form = req.json_body("paths-info body")
+        paths = field(form, "paths", (list, str), "paths-info body", [])
+        paths, expand = [paths] if isinstance(paths, str) else paths, str(form.get("expand", "")).lower() == "true"
+        if not all(isinstance(p, str) for p in paths):
+            raise HubError("paths-info body: 'paths' must be a list of strings")
     else:
-        form = parse_qs(raw.decode(), keep_blank_values=True)
+        try:
+            form = parse_qs(req.body().decode(), keep_blank_values=True, strict_parsing=False)
+        except UnicodeDecodeError:
+            raise HubError("paths-info body is not valid UTF-8 form data (paths=...&expand=...)") from None
         paths, expand = form.get("paths", []), form.get("expand", ["false"])[0] == "true"
     files, items = commit["tree"], []
-    for path in dict.fromkeys(p.strip("/") for p in ([paths] if isinstance(paths, str) else paths)):
+    for path in dict.fromkeys(p.strip("/") for p in paths):
         if path in files:
             items.append(tree_entry(path, files[path]))
         elif any(p.startswith(path + "/") for p in files):

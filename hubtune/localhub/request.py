@@ -10,27 +10,30 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
+from hubtune.localhub.body import BodyReader, as_object, declared_length, parse_json
 from hubtune.localhub.errors import HubError
+from hubtune.localhub.refnames import check_revision
 from hubtune.localhub.store import DEFAULT_BRANCH
 
 if TYPE_CHECKING:
     from hubtune.localhub.server import LocalHub
 
-_CHUNK = 1 << 20
-
 
 def split_rev(segs: list[str], default: str = DEFAULT_BRANCH) -> tuple[str, list[str]]:
-    """Split a revision (one encoded segment, or literal ``refs/pr/N``-style) off the path segments."""
+    """Split a revision (one encoded segment, or literal ``refs/pr/N``-style) off the path segments.
+
+    Raises:
+        HubError: 400 for a revision git could not name (see ``refnames.check_revision``).
+    """
     if not segs or not segs[0]:
         return default, segs[1:]
     if unquote(segs[0]) == "refs" and len(segs) >= 3 and segs[1] in ("pr", "convert", "heads", "tags"):
-        return f"refs/{segs[1]}/{unquote(segs[2])}", segs[3:]
-    return unquote(segs[0]), segs[1:]
+        return check_revision(f"refs/{segs[1]}/{unquote(segs[2])}"), segs[3:]
+    return check_revision(unquote(segs[0])), segs[1:]
 
 
 def repo_prefix(repo_type: str) -> str:
@@ -47,8 +50,8 @@ class Request:
         self.path, _, query = handler.path.partition("?")
         self.query = parse_qs(query, keep_blank_values=True)
         self.rid = self.headers.get("X-Request-Id") or self.headers.get("X-Amzn-Trace-Id") or uuid.uuid4().hex
-        self.status, self.sent, self.recorded, self.body_done = 0, False, False, False
-        self._read: Callable[[int], bytes] | None = None
+        self.status, self.sent, self.recorded = 0, False, False
+        self._body: BodyReader | None = None
 
     def arg(self, name: str, default: str = "") -> str:
         """The first value of query parameter ``name``."""
@@ -58,60 +61,44 @@ class Request:
         """The server's URL as the client addressed it (URLs we return must use the client's host)."""
         return f"http://{self.headers.get('Host') or self.hub.url.split('://', 1)[1]}"
 
+    def int_arg(self, name: str, default: int) -> int:
+        """Query parameter ``name`` as a non-negative integer; HubError 400 when it is not one."""
+        value = self.arg(name, "") or str(default)
+        if not value.isdigit() or not value.isascii():
+            raise HubError(f"query parameter {name!r} must be a non-negative integer, got {value[:40]!r}")
+        return int(value)
+
     # ---- body ----------------------------------------------------------------------------------------------------
-    def reader(self) -> Callable[[int], bytes]:
-        """A ``read(n)`` over the request body (Content-Length or chunked); b"" at its end."""
-        if self._read is None:
-            self._read = self._make_reader()
-        return self._read
+    def open_body(self, limit: int, what: str = "request body", hint: str = "") -> None:
+        """Allow reading a body of up to ``limit`` bytes; HubError 400 for bad framing, 413 when it declares more.
 
-    def _make_reader(self) -> Callable[[int], bytes]:
-        rfile = self.handler.rfile
-        if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
-            remaining = int(self.headers.get("Content-Length") or 0)
+        ``routes.dispatch`` calls this, after checking the token, for routes that declare a body limit; a route may
+        narrow the limit again before reading, as the LFS upload does to the size its URL was signed for.
+        """
+        if self._body is not None and self._body.received:
+            raise RuntimeError("open_body after part of the body was read")
+        self._body = BodyReader(self.handler.rfile, declared_length(self.headers), limit, what, hint)
 
-            def read(n: int) -> bytes:
-                nonlocal remaining
-                data = rfile.read(min(n, remaining)) if remaining > 0 else b""
-                remaining -= len(data)
-                self.body_done = remaining <= 0 or not data
-                return data
-
-            return read
-        buf, done = bytearray(), False
-
-        def read_chunked(n: int) -> bytes:
-            nonlocal done
-            while len(buf) < n and not done:
-                size = int(rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    done = self.body_done = True
-                else:
-                    buf.extend(rfile.read(size))
-                    rfile.readline()
-            data = bytes(buf[:n])
-            del buf[:n]
-            return data
-
-        return read_chunked
+    def reader(self) -> BodyReader:
+        """The body, read in chunks (Content-Length or chunked), bounded by the limit ``open_body`` set."""
+        if self._body is None:  # a route that reads a body must declare its limit in routes.py
+            raise RuntimeError(f"{self.method} {self.path} reads a body but its route declares no size limit")
+        return self._body
 
     def body(self) -> bytes:
-        """The whole request body."""
-        read, chunks = self.reader(), []
-        while chunk := read(_CHUNK):
-            chunks.append(chunk)
-        self.body_done = True
-        return b"".join(chunks)
+        """The whole (small, bounded) request body."""
+        return self.reader().read_all()
 
-    def json_body(self) -> Any:
-        """The request body parsed as JSON (``{}`` when empty); HubError 400 when malformed."""
+    def json_body(self, what: str = "request body") -> dict[str, Any]:
+        """The request body as a JSON object (``{}`` when empty); HubError 400 when it is not one."""
         raw = self.body()
-        try:
-            return json.loads(raw or b"{}")
-        except json.JSONDecodeError as err:
-            raise HubError(f"request body is not valid JSON: {err}") from None
+        return as_object(parse_json(raw, what), what) if raw.strip() else {}
+
+    def body_unread(self) -> bool:
+        """Whether body bytes the client sent (or announced) were left unread, so the connection cannot be reused."""
+        if self._body is not None:
+            return not self._body.done
+        return self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers
 
     # ---- answering -----------------------------------------------------------------------------------------------
     def record(self) -> None:
@@ -129,9 +116,9 @@ class Request:
         for key, value in headers.items():
             handler.send_header(key, value)
         handler.send_header("X-Request-Id", self.rid)
-        has_body = self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers
-        if has_body and not self.body_done:
-            handler.close_connection = True  # unread request body: the connection cannot be reused
+        if self.body_unread():  # the next request would start somewhere in this body: close after answering
+            handler.close_connection = True
+            handler.linger = True  # type: ignore[attr-defined]  # server._Handler.finish drains before closing
             handler.send_header("Connection", "close")
         handler.end_headers()
 

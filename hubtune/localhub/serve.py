@@ -9,16 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import secrets
 import signal
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from hubtune.errors import ConfigError
+from hubtune.localhub.body import BodyLimits
 from hubtune.localhub.server import LocalHub
 
 DEFAULT_PORT = 8765
 DEFAULT_USER = "user"
+_SIZE = re.compile(r"\s*(\d+)\s*(?:([KMGT])(?:i?B)?|B)?\s*", re.IGNORECASE)
 DESCRIPTION = "Serve a Hub-compatible API from a directory (for offline use and tests) until Ctrl-C."
 
 
@@ -87,7 +91,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--org", action="append", default=[], metavar="USER=ORG[,ORG...]",
                         help="let USER write to the ORG namespaces; repeatable")
     parser.add_argument("--page-size", type=int, default=1000, help="entries per page of tree listings")
+    parser.add_argument("--max-upload-size", default=None, metavar="SIZE",
+                        help=f"largest LFS file accepted, in bytes or with a unit: 500M, 2G, 1T "
+                             f"(default {BodyLimits().upload >> 30}G)")
     parser.add_argument("--log-requests", action="store_true", help="log one line per request to stderr")
+
+
+def parse_size(text: str, option: str) -> int:
+    """A byte count written as digits with an optional binary unit (``K``, ``M``, ``G``, ``T``; ``KiB``...).
+
+    Raises:
+        ConfigError: ``text`` is not such a count, or is zero.
+    """
+    match = _SIZE.fullmatch(text)
+    size = int(match[1]) << (10 * " KMGT".index((match[2] or " ").upper())) if match else 0
+    if size < 1:
+        raise ConfigError(f"{option} must be a positive number of bytes, optionally with a unit (500M, 2G), "
+                          f"got {text!r}")
+    return size
 
 
 def _parse_orgs(specs: list[str]) -> dict[str, list[str]]:
@@ -112,7 +133,8 @@ def run_serve(args: argparse.Namespace) -> int:
     """Serve in the foreground until SIGINT/SIGTERM, after printing the client environment; return 0.
 
     Raises:
-        ConfigError: bad --token/--tokens-file/--org/--user values, or the address cannot be bound.
+        ConfigError: bad --token/--tokens-file/--org/--user/--max-upload-size values, or the address cannot be
+            bound.
     """
     if args.page_size < 1:
         raise ConfigError(f"--page-size must be at least 1, got {args.page_size}")
@@ -133,8 +155,11 @@ def run_serve(args: argparse.Namespace) -> int:
         shown, note = None, "# tokens are not printed; add --print-token to include HF_TOKEN (first write token)"
     if args.log_requests:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    limits = BodyLimits()
+    if args.max_upload_size is not None:
+        limits = replace(limits, upload=parse_size(args.max_upload_size, "--max-upload-size"))
     hub = LocalHub(args.root, args.host, args.port, tokens, quiet=not args.log_requests, orgs=orgs,
-                   page_size=args.page_size).start()
+                   page_size=args.page_size, limits=limits).start()
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

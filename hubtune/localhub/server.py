@@ -21,6 +21,7 @@ from typing import IO, Any, NamedTuple
 from urllib.parse import unquote
 
 from hubtune.errors import ConfigError
+from hubtune.localhub.body import BodyLimits
 from hubtune.localhub.errors import HubError
 from hubtune.localhub.request import Request
 from hubtune.localhub.routes import dispatch
@@ -30,6 +31,7 @@ from hubtune.localhub.uploads import UploadNonces
 logger = logging.getLogger(__name__)
 
 REQUEST_LOG_SIZE = 5000
+LINGER_S = 2.0
 SERVING_LOCK = ".serving.lock"
 
 
@@ -44,6 +46,11 @@ class RequestRecord(NamedTuple):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # The listen backlog: connections the kernel completes while the accept loop is busy. With the default of 5,
+    # a burst of clients overflows it and their SYNs are dropped or reset (retried after 1, 3, 7... s). Linux caps
+    # it at net.core.somaxconn (4096 since 5.4). Each accepted connection gets its own thread, so there is no
+    # worker pool to size: idle keep-alive connections (the HF clients pool theirs) never starve new ones.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], hub: LocalHub) -> None:
         self.hub = hub
@@ -76,6 +83,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "hubtune-localhub"
     timeout = 120  # a silent client is dropped after this; objects.STALE_UPLOAD_S relies on it
     disable_nagle_algorithm = True  # headers and body go out in separate writes; Nagle would delay each by ~40 ms
+    linger = False  # set by Request.start when the answer goes out before the request body was read
     server: _Server
 
     def do_GET(self) -> None:
@@ -113,6 +121,11 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             req.record()  # no-op when the answer was sent (it was recorded then)
 
+    def finish(self) -> None:
+        super().finish()
+        if self.linger:
+            _linger(self.connection)
+
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         if not self.server.hub.quiet:  # path only: the query can hold an upload signature, headers hold tokens
             logger.info("%s %s %s -> %s", self.address_string(), self.command, self.path.split("?")[0], code)
@@ -122,13 +135,31 @@ class _Handler(BaseHTTPRequestHandler):
             logger.info("%s %s", self.address_string(), re.sub(r"\?\S*", "?...", format % args))
 
 
+def _linger(conn: socket.socket) -> None:
+    """Half-close, then discard what the client still sends, for at most LINGER_S.
+
+    Closing a socket with unread input makes the kernel answer with a reset, which can destroy the answer (a 401
+    or 413 sent before the body was read) before the client has read it. A client that is still sending its body
+    reads the answer once it has sent it, or once the close below cuts it off.
+    """
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER_S
+        while (left := deadline - time.monotonic()) > 0:
+            conn.settimeout(left)
+            if not conn.recv(1 << 16):
+                break
+    except OSError:  # the client closed first, or timed out: either way there is nothing left to protect
+        pass
+
+
 class LocalHub:
     """A Hub-compatible server over a storage root, served from a daemon thread; use as a context manager."""
 
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0,
                  tokens: dict[str, tuple[str, str]] | None = None, quiet: bool = True,
                  orgs: dict[str, list[str]] | None = None, page_size: int = 1000,
-                 request_log_size: int = REQUEST_LOG_SIZE) -> None:
+                 request_log_size: int = REQUEST_LOG_SIZE, limits: BodyLimits | None = None) -> None:
         """Configure the server; nothing listens until ``start()``.
 
         Args:
@@ -140,6 +171,7 @@ class LocalHub:
             orgs: user name -> org namespaces that user may write to.
             page_size: entries per page of tree and commit listings (the Hub uses 1000).
             request_log_size: how many recent requests ``requests`` keeps.
+            limits: the largest request body each kind of endpoint reads (``BodyLimits()`` by default).
         """
         for user, role in (tokens or {}).values():
             if role not in ("read", "write") or not user:
@@ -151,6 +183,7 @@ class LocalHub:
         self.tokens = dict(tokens or {})
         self.orgs = {user: list(names) for user, names in (orgs or {}).items()}
         self.quiet, self.page_size = quiet, page_size
+        self.limits = limits or BodyLimits()
         self.url = ""
         # The last request_log_size requests, each recorded before its answer is sent. Read a window of it with
         # requests_since(mark), which notices entries that already fell out; a slice of the deque would not.

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from hubtune.files import atomic_write
 from hubtune.localhub.errors import Conflict, EntryNotFound, HubError, RepoNotFound, RevisionNotFound
 from hubtune.localhub.objects import ObjectStore, git_blob_sha1, lfs_pointer
+from hubtune.localhub.refnames import check_ref_name
 
 REPO_TYPES = ("model", "dataset", "space")
 DEFAULT_BRANCH = "main"
@@ -280,10 +281,8 @@ class HubStore:
                 del state[kind][name]
                 sha = None
             else:
+                check_ref_name(name, what)
                 sha = self.resolve(repo_type, repo_id, start)
-                bad = not name or name.startswith(("/", "refs/")) or name.endswith("/") or ".." in name
-                if bad or _HEX40.fullmatch(name) or any(c in name for c in " ~^:?*[\\\0"):
-                    raise HubError(f"invalid {what} name {name!r}: use letters, digits, '-', '_', '.' and '/'")
                 if name in state[kind] and not exist_ok:
                     raise Conflict(f"{what} {name!r} already exists in {repo_id}; pick another name or delete it")
                 state[kind][name] = sha

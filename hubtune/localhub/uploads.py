@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import re
 import threading
 import time
@@ -19,6 +18,7 @@ from typing import Any
 from urllib.parse import quote
 
 from hubtune.localhub.auth import check_repo, may_use_object, require_writer
+from hubtune.localhub.body import LIMIT_HINTS, as_object, field, human_size, ndjson_objects
 from hubtune.localhub.downloads import commit_at
 from hubtune.localhub.errors import HubError
 from hubtune.localhub.formats import upload_mode
@@ -27,6 +27,7 @@ from hubtune.localhub.store import Op
 
 UPLOAD_TTL_S = 3600
 LFS_JSON = "application/vnd.git-lfs+json"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class UploadNonces:
@@ -61,9 +62,11 @@ def preupload(req: Request, repo_type: str, repo_id: str, segs: list[str]) -> No
     check_repo(req, repo_type, repo_id, write=True)
     tree = commit_at(req, repo_type, repo_id, split_rev(segs)[0])["tree"]
     out = []
-    for item in req.json_body().get("files", []):
-        path, size = item["path"], int(item.get("size", 0))
-        mode = upload_mode(path, size, base64.b64decode(item.get("sample", "") or ""))
+    for n, item in enumerate(field(req.json_body("preupload body"), "files", list, "preupload body", [])):
+        what = f"preupload files[{n}]"
+        item = as_object(item, what)
+        path, size = field(item, "path", str, what), field(item, "size", int, what, 0)
+        mode = upload_mode(path, size, _base64(field(item, "sample", str, what, ""), f"{what} 'sample'"))
         result = {"path": path, "uploadMode": mode, "shouldIgnore": False}
         current = tree.get(path)
         if current is not None and current["lfs"] == (mode == "lfs"):
@@ -73,34 +76,43 @@ def preupload(req: Request, repo_type: str, repo_id: str, segs: list[str]) -> No
 
 
 def commit(req: Request, repo_type: str, repo_id: str, segs: list[str]) -> None:
-    """``POST /api/{t}s/{repo}/commit/{rev}``: apply an NDJSON list of operations."""
+    """``POST /api/{t}s/{repo}/commit/{rev}``: apply an NDJSON list of operations, read one line at a time."""
     user = require_writer(req)
     check_repo(req, repo_type, repo_id, write=True)
-    try:
-        lines = [json.loads(line) for line in req.body().splitlines() if line.strip()]
-        header = lines[0]["value"] if lines and lines[0].get("key") == "header" else None
-        ops = [_commit_op(req, user, repo_type, repo_id, line["key"], line["value"]) for line in lines[1:]]
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise HubError(f"malformed commit body ({err!r}): expected NDJSON with a header line first") from None
-    if header is None:
-        raise HubError("malformed commit body: the first NDJSON line must be {'key': 'header', ...}")
+    rev = split_rev(segs)[0]
+    lines = ndjson_objects(req.reader(), req.hub.limits.commit_line, "commit body")
+    _, first = next(lines, (1, {}))
+    if first.get("key") != "header":
+        raise HubError("malformed commit body: the first NDJSON line must be {\"key\": \"header\", \"value\": {...}}")
+    header = as_object(first.get("value"), "the commit header's 'value'")
+    summary, description = (field(header, key, str, "commit header", "") for key in ("summary", "description"))
+    parent = field(header, "parentCommit", str, "commit header", None)
+    ops = [_commit_op(req, user, repo_type, repo_id, number, line) for number, line in lines]
     create_pr = req.arg("create_pr") in ("1", "true")
-    sha, pr = req.store.commit(repo_type, repo_id, split_rev(segs)[0], ops, header.get("summary") or "",
-                               header.get("description") or "", user, header.get("parentCommit"), create_pr)
+    sha, pr = req.store.commit(repo_type, repo_id, rev, ops, summary, description, user, parent, create_pr)
     repo_url = f"{req.base()}/{repo_prefix(repo_type)}{repo_id}"
     req.json({"commitOid": sha, "commitUrl": f"{repo_url}/commit/{sha}", "success": True,
               "pullRequestUrl": f"{repo_url}/discussions/{pr}" if pr else None})
 
 
-def _commit_op(req: Request, user: str, repo_type: str, repo_id: str, key: str, value: dict[str, Any]) -> Op:
-    path = value["path"]
+def _base64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:  # binascii.Error
+        raise HubError(f"{what} is not valid base64") from None
+
+
+def _commit_op(req: Request, user: str, repo_type: str, repo_id: str, number: int, line: dict[str, Any]) -> Op:
+    what = f"commit body line {number}"
+    key, value = field(line, "key", str, what), as_object(line.get("value"), f"{what} 'value'")
+    path = field(value, "path", str, what)
     if key == "file":
-        content = value["content"]
-        data = base64.b64decode(content) if value.get("encoding") == "base64" else content.encode()
+        content, encoding = field(value, "content", str, what), field(value, "encoding", str, what, "")
+        data = _base64(content, f"{what} 'content'") if encoding == "base64" else content.encode()
         return Op("add", path, req.store.put_bytes(data))
     if key == "lfsFile":
         # Also the form of server-side copies (CommitOperationCopy), which send no size.
-        oid, size = value["oid"], value.get("size")
+        oid, size = field(value, "oid", str, what), field(value, "size", int, what, None)
         # One message for "absent" and "not yours": a different one would tell who stores what.
         if not (req.store.has_object(oid, size) and may_use_object(req.hub, user, repo_type, repo_id, oid)):
             raise HubError(f"LFS object {oid} for {path!r} was not uploaded (or has another size); upload it "
@@ -108,7 +120,8 @@ def _commit_op(req: Request, user: str, repo_type: str, repo_id: str, key: str, 
         return Op("add", path, oid, lfs=True)
     if key in ("deletedFile", "deletedFolder"):
         return Op("delete_file" if key == "deletedFile" else "delete_folder", path)
-    raise HubError(f"unsupported commit operation {key!r}: use file, lfsFile, deletedFile or deletedFolder")
+    raise HubError(f"unsupported commit operation {key[:40]!r} on {what}: use file, lfsFile, deletedFile or "
+                   "deletedFolder")
 
 
 def _signature(req: Request, repo_type: str, repo_id: str, oid: str, size: int, expires: int, nonce: str) -> str:
@@ -117,20 +130,24 @@ def _signature(req: Request, repo_type: str, repo_id: str, oid: str, size: int, 
     return hmac.new(req.hub._secret, message, hashlib.sha256).hexdigest()
 
 
-def lfs_batch(req: Request, repo_type: str, repo_id: str) -> None:
+def lfs_batch(req: Request, repo_type: str, repo_id: str, segs: list[str]) -> None:
     """``POST {P}{repo}.git/info/lfs/objects/batch``: which objects to upload, with signed upload URLs."""
     user = require_writer(req)
     check_repo(req, repo_type, repo_id, write=True)
-    body = req.json_body()
+    body = req.json_body("LFS batch body")
     if body.get("operation") != "upload":
-        raise HubError(f"LFS batch operation {body.get('operation')!r} is not supported; only 'upload' is")
+        raise HubError(f"LFS batch operation {str(body.get('operation'))[:40]!r} is not supported; only 'upload' is")
     repo_url = f"{req.base()}/{repo_prefix(repo_type)}{quote(repo_id)}.git/info/lfs/objects"
-    objects = []
-    for obj in body.get("objects", []):
-        oid, size = obj.get("oid"), obj.get("size")
-        if not (isinstance(oid, str) and re.fullmatch(r"[0-9a-f]{64}", oid) and isinstance(size, int)):
-            objects.append({"oid": str(oid), "size": int(size or 0),
-                            "error": {"code": 422, "message": "oid must be a sha256 hex digest, size an int"}})
+    limit, objects = req.hub.limits.upload, []
+    for obj in field(body, "objects", list, "LFS batch body", []):
+        oid, size = (obj.get("oid"), obj.get("size")) if isinstance(obj, dict) else (None, None)
+        if not (isinstance(oid, str) and _SHA256.fullmatch(oid) and type(size) is int and size >= 0):
+            objects.append({"oid": str(oid)[:64], "size": size if type(size) is int else 0, "error": {
+                "code": 422, "message": "each object needs 'oid', a sha256 hex digest, and 'size', an integer >= 0"}})
+        elif size > limit:
+            message = f"{size} bytes is over the upload limit of {limit} bytes ({human_size(limit)})"
+            objects.append({"oid": oid, "size": size,
+                            "error": {"code": 413, "message": message + LIMIT_HINTS["upload"]}})
         elif req.store.has_object(oid, size) and may_use_object(req.hub, user, repo_type, repo_id, oid):
             objects.append({"oid": oid, "size": size})  # no actions: the client skips the upload
         else:
@@ -143,30 +160,38 @@ def lfs_batch(req: Request, repo_type: str, repo_id: str) -> None:
     req.json({"transfer": "basic", "objects": objects}, content_type=LFS_JSON)
 
 
-def lfs_put(req: Request, repo_type: str, repo_id: str, oid: str) -> None:
-    """``PUT`` to a signed upload URL (no auth header): store the bytes and let this repo hold them."""
-    size, expires, nonce = int(req.arg("size", "-1")), int(req.arg("expires", "0")), req.arg("nonce")
-    if not hmac.compare_digest(req.arg("sig"), _signature(req, repo_type, repo_id, oid, size, expires, nonce)):
+def lfs_put(req: Request, repo_type: str, repo_id: str, segs: list[str]) -> None:
+    """``PUT`` to a signed upload URL (no auth header): stream the bytes to disk and let this repo hold them.
+
+    The signature is checked before a byte of the body is read, and the body may be no longer than the size the
+    URL was signed for (413 otherwise, unread).
+    """
+    oid = segs[0]
+    size, expires = req.int_arg("size", 0), req.int_arg("expires", 0)
+    nonce, sig = req.arg("nonce"), req.arg("sig")
+    if not hmac.compare_digest(sig, _signature(req, repo_type, repo_id, oid, size, expires, nonce)):
         raise HubError("upload URL signature is invalid; request a new one from the LFS batch endpoint", status=403)
+    req.open_body(size, f"the upload of {oid}", ", the size its upload URL was signed for")
     if expires < time.time() or not req.hub.upload_nonces.claim(nonce):
         raise HubError("upload URL expired or already used; request a new one from the LFS batch endpoint",
                        status=403)
     done = False
     try:
-        req.store.put_stream(req.reader(), size, oid)
+        body = req.reader()
+        req.store.put_stream(body.read, size, oid)
+        body.read_all()  # the end of the body: b"", or 413 for bytes past the signed size
         req.store.add_holder(repo_type, repo_id, [oid])
-        req.body()  # drain anything past the declared size
         done = True
     finally:
         req.hub.upload_nonces.finish(nonce, done)
     req.send(200)
 
 
-def lfs_verify(req: Request, repo_type: str, repo_id: str) -> None:
+def lfs_verify(req: Request, repo_type: str, repo_id: str, segs: list[str]) -> None:
     """``POST {P}{repo}.git/info/lfs/objects/verify``: confirm the repo has the object it uploaded."""
     check_repo(req, repo_type, repo_id, write=True)
-    body = req.json_body()
-    oid, size = str(body.get("oid")), body.get("size")
+    body = req.json_body("LFS verify body")
+    oid, size = field(body, "oid", str, "LFS verify body"), field(body, "size", int, "LFS verify body", None)
     if not (req.store.has_object(oid, size) and req.store.holds(repo_type, repo_id, oid)):
         raise HubError(f"LFS object {oid} of size {size} is not stored; upload it again", status=404)
     req.json({"message": "verified"})
