@@ -43,8 +43,10 @@ VERSION_KEYS = ("torch", "timm", "accelerate", "datasets", "huggingface_hub", "h
 HIDDEN_OPTIONS = ("output_dir", "overwrite_output_dir", "resume", "progress", "log_every", "push_to_hub", "private", "revision",
                   "commit_message", "push_checkpoints", "push_every_save", "overwrite_card", "license", "report_to",
                   "hub_checkpoints", "hub_checkpoints_branch", "hub_checkpoints_timeout")
-# absent when unknown (license comes from the metadata, which drops empty fields); defaulted in the template
-OPTIONAL_VARIABLES = frozenset({"repo_id", "license"})
+# absent when unknown (license comes from the metadata, which drops empty fields), or only given by `hubtune export`
+# (onnx); defaulted in the template
+OPTIONAL_VARIABLES = frozenset({"repo_id", "license", "onnx"})
+ONNX_BLOCK = "onnx_usage"  # the ONNX section, also rendered alone for `hubtune export --push`
 SMALL_VAL_THRESHOLD = 100
 MAX_LISTED_LABELS = 30
 TOP_K = 2
@@ -265,6 +267,19 @@ def render(card_data: ModelCardData, context: dict[str, Any], template: str = TE
     """
     variables = {**card_data.to_dict(), **context}
     return environment().get_template(template).render(card_data=card_data.to_yaml(), **variables)
+
+
+def render_onnx_usage(repo_id: str, onnx: dict[str, Any], top_k: int) -> str:
+    """The card's ONNX section alone, for a card already on the Hub (`hubtune export --push` puts it in).
+
+    Args:
+        repo_id: the model repo the snippet downloads from.
+        onnx: what was exported: file, preprocessing and int8 paths in the repo, opset, parity, source revision.
+        top_k: predictions the snippet prints.
+    """
+    template = environment().get_template(TEMPLATE)
+    context = template.new_context({"repo_id": repo_id, "onnx": onnx, "top_k": top_k})
+    return "".join(template.blocks[ONNX_BLOCK](context))
 
 
 def render_card(output_dir: str | Path, repo_id: str | None = None, license: str | None = None) -> ModelCard:
