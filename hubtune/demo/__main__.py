@@ -2,6 +2,6 @@
 
 import sys
 
-from hubtune.demo import main
+from hubtune.demo.run import main
 
 sys.exit(main())

@@ -1,23 +1,25 @@
 """The steps of `hubtune demo` that talk to the Hub, run in a child process (`python -m hubtune.demo.child ...`).
 
 The Hugging Face clients read HF_ENDPOINT when they are imported, so these run in a process whose environment
-points at the demo's local Hub; the last line a step prints is `RESULT {json}`.
+points at the demo's local Hub; the last line a step prints is `RESULT {json}`. Nothing in the package imports this
+module, so `python -m` runs it once (imported first, runpy would warn and run a second copy of it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import io
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from hubtune.demo.data import BACKBONE_PX, CLASSES, DATASET_PX, TEXTURES, animals, pretrain_backbone
-
-RESULT_PREFIX = "RESULT "
+from hubtune.demo.narration import RESULT_PREFIX
+from hubtune.demo.snippets import load_snippets
 
 BACKBONE_CARD = """---
 license: apache-2.0
@@ -100,27 +102,27 @@ def publish(workdir: Path, backbone_repo: str, dataset_repo: str, n_images: int,
                         "classes": list(CLASSES), "seed": seed}}
 
 
-def predict(repo_id: str, paths: list[str]) -> dict[str, Any]:
-    """Load `repo_id` with hubtune's ImageClassifier and with plain timm; classify `paths` with both."""
-    import timm
-    import torch
-    from timm.data import create_transform, resolve_data_config
+def load(repo_id: str, images: Path) -> dict[str, Any]:
+    """Run the load snippets the demo prints at the end (hubtune, timm, transformers) on the JPEGs in `images`.
 
-    from hubtune import ImageClassifier
-
-    classifier = ImageClassifier.from_pretrained(repo_id)
-    _log(f"ImageClassifier.from_pretrained({repo_id!r}) -> {classifier!r}")
-    ours = [p[0] for p in classifier.predict(paths, top_k=1)]
-    net = timm.create_model(f"hf-hub:{repo_id}", pretrained=True).eval()
-    _log(f"timm.create_model('hf-hub:{repo_id}', pretrained=True) -> {net.pretrained_cfg['architecture']}, "
-         f"label_names {net.pretrained_cfg['label_names']}")
-    transform = create_transform(**resolve_data_config({}, model=net))
-    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
-    with torch.inference_mode():
-        probs = net(x).softmax(-1)
-    names = net.pretrained_cfg["label_names"]
-    theirs = [{"label": names[int(p.argmax())], "score": float(p.max())} for p in probs]
-    return {"revision": classifier.revision, "hubtune": ours, "timm": theirs}
+    transformers is a dev extra: without it, its snippet is skipped and its predictions are None.
+    """
+    predictions: dict[str, list[dict[str, Any]] | None] = {}
+    revision = None
+    for library, code in load_snippets(repo_id, images).items():
+        if importlib.util.find_spec(library) is None:
+            _log(f"{library} snippet: skipped, {library} is not installed (pip install {library})")
+            predictions[library] = None
+            continue
+        namespace: dict[str, Any] = {}
+        t0 = time.time()
+        with contextlib.redirect_stdout(io.StringIO()):  # the snippet prints its predictions; the demo makes a table
+            exec(compile(code, f"<{library} snippet>", "exec"), namespace)  # noqa: S102 - our own snippet text
+        predictions[library] = namespace["predictions"]
+        if library == "hubtune":
+            revision = namespace["classifier"].revision
+        _log(f"{library} snippet: {len(namespace['images'])} images classified in {time.time() - t0:.1f}s")
+    return {"revision": revision, "images": sorted(str(p) for p in images.glob("*.jpg")), "predictions": predictions}
 
 
 def _log(message: str) -> None:
@@ -128,7 +130,7 @@ def _log(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m hubtune.demo.child publish|predict ...`: the demo's Hub-side steps, run in a child process."""
+    """`python -m hubtune.demo.child publish|load ...`: the demo's Hub-side steps, run in a child process."""
     parser = argparse.ArgumentParser(prog="python -m hubtune.demo.child", description=main.__doc__)
     sub = parser.add_subparsers(dest="step", required=True)
     pub = sub.add_parser("publish", help="pre-train and upload the backbone, push the dataset")
@@ -138,15 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--images", type=int, required=True)
     pub.add_argument("--pretrain-steps", type=int, required=True)
     pub.add_argument("--seed", type=int, default=0)
-    pred = sub.add_parser("predict", help="load a pushed model with hubtune and timm and classify images")
+    pred = sub.add_parser("load", help="run the printed load snippets (hubtune, timm, transformers) on images")
     pred.add_argument("repo_id")
-    pred.add_argument("images", nargs="+")
+    pred.add_argument("images", type=Path, help="a folder of JPEGs")
     args = parser.parse_args(argv)
     if args.step == "publish":
         result = publish(args.workdir, args.backbone_repo, args.dataset_repo, args.images, args.pretrain_steps,
                          args.seed)
     else:
-        result = predict(args.repo_id, args.images)
+        result = load(args.repo_id, args.images)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     return 0
 

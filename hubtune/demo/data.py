@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import io
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -115,6 +116,19 @@ def textures(n: int, seed: int, size: int = BACKBONE_PX) -> tuple[np.ndarray, np
 
 def pretrain_backbone(steps: int, seed: int, log: Callable[[str], None]) -> tuple[Any, float]:
     """Train timm's tiny `test_resnet` on the texture task; return (model, held-out accuracy)."""
+    import torch
+
+    # one thread, as `accelerate launch` gives train.py: these convolutions are too small to split, and on 2 shared
+    # cores two threads waiting on each other made 250 steps take 143 s instead of 10 s
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _pretrain(steps, seed, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(steps: int, seed: int, log: Callable[[str], None]) -> tuple[Any, float]:
     import timm
     import torch
     import torch.nn.functional as F

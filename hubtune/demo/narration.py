@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from hubtune.demo.child import RESULT_PREFIX
-
+STEPS = 7
+RESULT_PREFIX = "RESULT "  # the last line a `hubtune.demo.child` step prints: RESULT {json}
 HIDDEN_LINES = re.compile(rf"^(HTTP Request: |Setting num_proc from |{RESULT_PREFIX})")
 
 
@@ -14,4 +14,4 @@ def say(message: str = "") -> None:
 
 
 def step(number: int, title: str) -> None:
-    say(f"\n[{number}/6] {title}")
+    say(f"\n[{number}/{STEPS}] {title}")

@@ -12,14 +12,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import hubtune
-from hubtune.demo.child import RESULT_PREFIX
-from hubtune.demo.children import DEMO_USER, Children, child_pids, signal_group
-from hubtune.demo.narration import say, step
+from hubtune.demo.children import DEMO_USER, Children, ExitWatch, child_pids, signal_group
+from hubtune.demo.narration import RESULT_PREFIX, say, step
 from hubtune.errors import DemoError
 
 BACKBONE_REPO = f"{DEMO_USER}/tiny-texture-resnet"
@@ -31,8 +31,10 @@ MARKER = ".hubtune-demo"  # marks a workdir the demo created and may clean
 SUMMARY_FILE = "demo_summary.json"
 # what the demo writes in its workdir; a rerun deletes exactly these
 ENTRIES = ("hub", "backbone", "run", "heldout", "hf_home", SUMMARY_FILE)
-REAL_HUB_COMMAND = "accelerate launch hubtune/train.py --config examples/cats_vs_dogs.yaml --push-to-hub you/name"
+REAL_HUB_COMMAND = "accelerate launch -q hubtune/train.py --config examples/cats_vs_dogs.yaml --push-to-hub you/name"
+LIBRARIES = ("hubtune", "timm", "transformers")  # the load snippets, in order (snippets.py)
 SIGTERM_GRACE_S = 120  # a run that has not saved and exited by then is killed
+LAUNCHER_KILL_S = 5  # accelerate launch 1.16+ SIGKILLs train.py this long after forwarding a SIGTERM to it
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,15 @@ class DemoSize:
     heldout: int  # images generated with another seed for the final predictions
 
 
-FULL = DemoSize(images=800, pretrain_steps=800, epochs=3, heldout=12)
+FULL = DemoSize(images=800, pretrain_steps=400, epochs=3, heldout=12)
 QUICK = DemoSize(images=400, pretrain_steps=250, epochs=2, heldout=8)
 
+
+def default_workdir() -> Path:
+    """$HF_HOME/hubtune/demo (~/.cache/huggingface/hubtune/demo): beside hubtune's feature cache, not in a checkout."""
+    from huggingface_hub.constants import HF_HOME
+
+    return Path(HF_HOME) / "hubtune" / "demo"
 
 
 def prepare_workdir(workdir: Path) -> Path:
@@ -97,7 +105,8 @@ def _result(code: int, lines: list[str], what: str) -> dict[str, Any]:
 
 def train_command(workdir: Path, size: DemoSize) -> list[str]:
     """The fine-tuning command: the real entry point, streaming from the local Hub, part of the backbone frozen."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+    # -q: on failure, train.py's one-line error without the launcher's traceback around it
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_processes", "1", "--num_machines", "1",
               "--mixed_precision", "bf16", "--dynamo_backend", "no", str(Path(hubtune.__file__).parent / "train.py")]
     return launch + [
         "--model", BACKBONE_REPO, "--dataset", DATASET_REPO, "--image-size", "48", "--epochs", str(size.epochs),
@@ -110,22 +119,25 @@ def train_command(workdir: Path, size: DemoSize) -> list[str]:
 def train_and_interrupt(children: Children, cmd: list[str], home: Path) -> dict[str, Any]:
     """Run `cmd`; after its first checkpoint, SIGTERM the job's process group; return what the run reported.
 
-    `accelerate launch` does not forward signals to train.py, so the whole process group is signalled, as a
-    scheduler does on preemption: the launcher exits at once, train.py saves a checkpoint and exits with 143.
+    The whole group is signalled, as a scheduler does on preemption: train.py saves a checkpoint at the next step
+    boundary and exits with 143. Older `accelerate launch` dies at once (the demo then adopts train.py and reads its
+    exit code); 1.16+ forwards the signal, reaps train.py and exits with 143 itself, whatever train.py did, so the
+    evidence is train.py's own message and that it ended before the launcher would have killed it.
 
     Raises:
         DemoError: the run failed, finished before the signal, or did not report the checkpoint it saved.
     """
-    state: dict[str, Any] = {"first_checkpoint": None, "train_pid": None, "timer": None}
+    state: dict[str, Any] = {"first_checkpoint": None, "trainer": None, "timer": None}
 
     def on_line(line: str, proc: subprocess.Popen) -> None:
         m = re.match(r"saved checkpoint (step-\d+)", line)
         if m and state["first_checkpoint"] is None:
             state["first_checkpoint"] = m.group(1)
             kids = child_pids(proc.pid)
-            state["train_pid"] = kids[0] if len(kids) == 1 else None
-            say(f">>> demo: first checkpoint {m.group(1)} is on disk: sending SIGTERM to the training job, as a "
-                 "cluster scheduler does on preemption. train.py saves at the next step boundary and exits.")
+            say(f">>> demo: first checkpoint {m.group(1)} is on disk: sending SIGTERM to the training job's process "
+                 "group, as a cluster scheduler does on preemption. train.py saves at the next step boundary and "
+                 "exits.")
+            state["trainer"] = ExitWatch(kids[0]) if len(kids) == 1 else None
             signal_group(proc.pid, signal.SIGTERM)
             state["timer"] = threading.Timer(SIGTERM_GRACE_S, signal_group, (proc.pid, signal.SIGKILL))
             state["timer"].daemon = True
@@ -134,19 +146,36 @@ def train_and_interrupt(children: Children, cmd: list[str], home: Path) -> dict[
     code, lines = children.run(cmd, home, on_line)
     if state["timer"] is not None:
         state["timer"].cancel()
-    train_code = None
-    if state["train_pid"] is not None:
-        try:  # train.py was adopted by this process when its launcher exited (see _become_subreaper)
-            train_code = os.waitstatus_to_exitcode(os.waitpid(state["train_pid"], 0)[1])
-        except ChildProcessError:
-            pass
+    trainer = state["trainer"]
+    if trainer is not None:
+        trainer.join(timeout=10)
     message = next((ln for ln in lines if "SIGTERM received: saved" in ln), None)
     m = re.search(r"saved (\S+); resume with: (.*)$", message or "")
     if state["first_checkpoint"] is None or m is None:
         raise _failure("the first training run did not stop on SIGTERM with a checkpoint", code, lines)
+    train_code, ended_s = (trainer.code, trainer.ended_after_s) if trainer is not None else (None, None)
+    if train_code is not None:
+        on_its_own = train_code == 143
+    else:
+        on_its_own = code == 143 and ended_s is not None and ended_s < LAUNCHER_KILL_S
     return {"signal": "SIGTERM", "after_checkpoint": state["first_checkpoint"], "saved": Path(m.group(1)).name,
-            "resume_command": m.group(2), "train_exit_code": train_code, "launcher_exit_code": code,
-            "message": message.removeprefix("hubtune: ")}
+            "resume_command": m.group(2), "message": message.removeprefix("hubtune: "),
+            "train_exit_code": train_code, "launcher_exit_code": code, "train_ended_after_s": ended_s,
+            "reaped_by": "hubtune demo" if train_code is not None else "accelerate launch",
+            "ended_on_its_own": on_its_own}
+
+
+def describe_stop(stop: dict[str, Any]) -> str:
+    """How train.py ended, in words, claiming no more than was observed."""
+    if stop["train_exit_code"] is not None:
+        return f"exited with code {stop['train_exit_code']}"
+    ended = stop["train_ended_after_s"]
+    if ended is None:
+        return f"exited (its launcher with code {stop['launcher_exit_code']})"
+    how = (f"on its own, before accelerate launch's {LAUNCHER_KILL_S} s kill" if stop["ended_on_its_own"]
+           else "possibly killed by accelerate launch")
+    return (f"ended {ended:.1f}s after the signal, {how}; the launcher reaped it and exited with code "
+            f"{stop['launcher_exit_code']}")
 
 
 def train_resumed(children: Children, cmd: list[str], home: Path) -> dict[str, Any]:
@@ -168,20 +197,28 @@ def publish(children: Children, workdir: Path, size: DemoSize) -> dict[str, Any]
     return _result(*children.run(cmd, workdir / "hf_home" / "publish"), "publishing the backbone and dataset")
 
 
-def predict_fresh(children: Children, workdir: Path, size: DemoSize) -> list[dict[str, Any]]:
-    """Write held-out images (another seed) and classify them in a child with an empty cache and no token."""
+def load_fresh(children: Children, workdir: Path, size: DemoSize) -> list[dict[str, Any]]:
+    """Write held-out images (another seed); run the load snippets on them in a child with an empty cache, no token."""
     from hubtune.demo.data import CLASSES, animals
 
-    (workdir / "heldout").mkdir()
-    paths, truths = [], []
+    heldout = workdir / "heldout"
+    heldout.mkdir()
+    truths = {}
     for i, (data, label) in enumerate(animals(size.heldout, seed=SEED + 1000)):
-        paths.append(workdir / "heldout" / f"{i:02d}_{CLASSES[label]}.jpg")
-        paths[-1].write_bytes(data)
-        truths.append(CLASSES[label])
-    cmd = [sys.executable, "-m", "hubtune.demo.child", "predict", MODEL_REPO, *map(str, paths)]
+        path = heldout / f"{i:02d}_{CLASSES[label]}.jpg"
+        path.write_bytes(data)
+        truths[str(path)] = CLASSES[label]
+    cmd = [sys.executable, "-m", "hubtune.demo.child", "load", MODEL_REPO, str(heldout)]
     loaded = _result(*children.run(cmd, workdir / "hf_home" / "fresh", token=None), "loading the pushed model")
-    return [{"image": str(p), "truth": t, "hubtune": ours, "timm": theirs, "revision": loaded["revision"]}
-            for p, t, ours, theirs in zip(paths, truths, loaded["hubtune"], loaded["timm"])]
+    return [{"image": image, "truth": truths[image], "revision": loaded["revision"],
+             **{library: preds[i] if preds is not None else None for library, preds in loaded["predictions"].items()}}
+            for i, image in enumerate(loaded["images"])]
+
+
+def agree(predictions: list[dict[str, Any]], libraries: list[str]) -> bool:
+    """Whether every library that ran gave hubtune's label and score (to 1e-5) for every image."""
+    return all(p[lib]["label"] == p["hubtune"]["label"] and abs(p[lib]["score"] - p["hubtune"]["score"]) <= 1e-5
+               for p in predictions for lib in libraries)
 
 
 def run_steps(workdir: Path, size: DemoSize, children: Children, timings: dict[str, float]) -> dict[str, Any]:
@@ -202,13 +239,11 @@ def run_steps(workdir: Path, size: DemoSize, children: Children, timings: dict[s
     step(3, "Fine-tuning through the real entry point, interrupted once on purpose")
     cmd, home = train_command(workdir, size), workdir / "hf_home" / "train"
     say(f"Streams {DATASET_REPO} from the Hub, freezes the stem and stages.0 (BatchNorm included), bf16 autocast, "
-         f"a checkpoint every epoch. This is `accelerate launch hubtune/train.py ...` with this Python:\n"
+         f"a checkpoint every epoch. This is `accelerate launch -q hubtune/train.py ...` with this Python:\n"
          f"$ {shlex.join(cmd)}")
     interrupt = timed("train_interrupted", train_and_interrupt, children, cmd, home)
-    code = interrupt["train_exit_code"]
-    exited = f"exited with code {code}" if code is not None else "exited"
-    say(f">>> demo: train.py saved {interrupt['saved']}, {exited} and printed how to resume. Rerunning the same "
-         f"command with --resume latest, and --push-to-hub to publish at the end:\n"
+    say(f">>> demo: train.py saved {interrupt['saved']}, printed how to resume and {describe_stop(interrupt)}. "
+         f"Rerunning the same command with --resume latest, and --push-to-hub to publish at the end:\n"
          f"$ {shlex.join(cmd)} --resume latest --push-to-hub {MODEL_REPO}")
     resumed = timed("train_resumed", train_resumed, children, cmd, home)
 
@@ -227,21 +262,22 @@ def run_steps(workdir: Path, size: DemoSize, children: Children, timings: dict[s
          f"  metrics      {out / 'metrics.json'}\n  Hub storage  {workdir / 'hub'}")
 
     step(5, "Loading the pushed model in a clean process (empty HF cache, no token)")
-    say(f"hubtune.ImageClassifier.from_pretrained({MODEL_REPO!r}) and plain timm.create_model('hf-hub:{MODEL_REPO}', "
-         f"pretrained=True), on {size.heldout} held-out images generated with another seed:")
-    predictions = timed("predict", predict_fresh, children, workdir, size)
-    say(f"  {'image':<12} {'truth':<6} {'hubtune':<15} {'plain timm':<15}")
+    say(f"The three load snippets printed at the end, run as they are: hubtune's ImageClassifier.from_pretrained, "
+         f"timm.create_model('hf-hub:{MODEL_REPO}') and transformers' pipeline('image-classification'), on "
+         f"{size.heldout} held-out images generated with another seed:")
+    predictions = timed("load", load_fresh, children, workdir, size)
+    libraries = [lib for lib in LIBRARIES if predictions[0][lib] is not None]
+    say(f"  {'image':<12} {'truth':<6} " + " ".join(f"{lib:<19}" for lib in libraries).rstrip())
     for p in predictions:
-        ours, theirs = p["hubtune"], p["timm"]
-        say(f"  {Path(p['image']).name:<12} {p['truth']:<6} {ours['label']} {ours['score']:<10.6f} {theirs['label']} "
-             f"{theirs['score']:<10.6f} {'ok' if ours['label'] == p['truth'] else 'WRONG'}")
+        cells = " ".join(f"{p[lib]['label']} {p[lib]['score']:<15.6f}" for lib in libraries)
+        mark = "ok" if p["hubtune"]["label"] == p["truth"] else "WRONG"
+        say(f"  {Path(p['image']).name:<12} {p['truth']:<6} {cells} {mark}")
     return {
         "val_accuracy": best["val_accuracy"], "min_accuracy": MIN_ACCURACY, "epochs": len(metrics["history"]),
         "best": {k: best.get(k) for k in ("epoch", "step", "checkpoint", "val_accuracy", "val_loss", "val_f1")},
         **resumed, "interrupt": interrupt, "repo_id": MODEL_REPO, "revision": predictions[0]["revision"],
         "backbone": published["backbone"], "dataset": published["dataset"], "predictions": predictions,
-        "loaders_agree": all(p["hubtune"]["label"] == p["timm"]["label"]
-                             and abs(p["hubtune"]["score"] - p["timm"]["score"]) <= 1e-5 for p in predictions),
+        "libraries": libraries, "loaders_agree": agree(predictions, libraries),
         "heldout_correct": sum(p["hubtune"]["label"] == p["truth"] for p in predictions),
         "heldout_total": len(predictions),
         "paths": {"output_dir": str(out), "model_card": str(out / "README.md"), "plots": plots,
