@@ -11,19 +11,20 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from hubtune.errors import CheckpointError
 from hubtune.files import CHECKPOINTS_DIR as CHECKPOINTS
 from hubtune.files import WEIGHTS_FILE as MODEL_FILE
-from hubtune.files import disk_space, fsync_path, sha256_file
+from hubtune.files import STEP_NAME as NAME  # noqa: F401 (re-exported: checkpoint.NAME)
+from hubtune.files import disk_space, fsync_path, newest_first, sha256_file, step_of
 
 logger = logging.getLogger("hubtune")
 
@@ -32,23 +33,11 @@ RNG_TENSORS = "rng.safetensors"
 STATE_FILE = "state.json"
 EMA_TENSORS = "ema.safetensors"  # --model-ema: the EMA of every tensor but the frozen parameters
 MANIFEST = "manifest.json"
-NAME = re.compile(r"^step-(\d{6,})$")
 REQUIRED = (MODEL_FILE, OPTIMIZER_TENSORS, RNG_TENSORS, STATE_FILE)
 
 
 def step_dir(root: Path, step: int) -> Path:
     return root / CHECKPOINTS / f"step-{step:06d}"
-
-
-def step_of(name: str) -> int | None:
-    """The optimizer step of a checkpoint folder name (step-NNNNNN); None for any other name."""
-    match = NAME.match(name)
-    return int(match.group(1)) if match else None
-
-
-def newest_first(names: Iterable[str]) -> list[str]:
-    """The checkpoint folder names among `names`, highest step first."""
-    return sorted((n for n in names if step_of(n) is not None), key=step_of, reverse=True)
 
 
 def split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -173,26 +162,71 @@ def verify(path: Path) -> None:
             raise CheckpointError(f"{path}: {name} is missing")
         if f.stat().st_size != size or sha256_file(f) != digest:
             raise CheckpointError(f"{path}: {name} is damaged (size or checksum differs from the manifest)")
+    # a manifest is only a checksum: files that match it may still be something else (pickle bytes named
+    # .safetensors, a header that lies about its tensors, a state.json that is not JSON); their headers are read here,
+    # no tensor is loaded
+    for name in sizes:
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(path / name), framework="pt") as f:
+                    f.keys()
+            except (SafetensorError, OSError, ValueError) as err:
+                raise CheckpointError(f"{path}: {name} is not a safetensors file ({err})") from None
+    read_state(path)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json, which must be a JSON object (its fields: resume_checks.check_state).
+
+    Raises:
+        CheckpointError: it cannot be read or is not a JSON object.
+    """
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
+        raise CheckpointError(f"{path}: {STATE_FILE} is not JSON ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: {STATE_FILE} holds a JSON {type(state).__name__}, expected an object")
+    return state
 
 
 def read(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(state, model tensors, optimizer tensors, per-rank tensors) of a verified checkpoint."""
     verify(path)
-    state = json.loads((path / STATE_FILE).read_text())
-    return (state, load_file(str(path / MODEL_FILE)), load_file(str(path / OPTIMIZER_TENSORS)),
-            load_file(str(path / RNG_TENSORS)))
+    return read_state(path), *(load_tensors(path / name) for name in (MODEL_FILE, OPTIMIZER_TENSORS, RNG_TENSORS))
+
+
+def load_tensors(f: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file of a checkpoint.
+
+    Raises:
+        CheckpointError: the file cannot be loaded.
+    """
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:  # RuntimeError: a dtype torch lacks
+        raise CheckpointError(f"{f.parent}: {f.name} cannot be loaded ({err})") from None
+
+
+def tensor_names(f: Path) -> set[str]:
+    """The names of the tensors a (verified) safetensors file holds, read from its header alone."""
+    with safe_open(str(f), framework="pt") as opened:
+        return set(opened.keys())
 
 
 def saved_config(path: Path) -> dict[str, Any]:
     """The resolved TrainConfig fields a (verified) checkpoint was saved with."""
-    return json.loads((path / STATE_FILE).read_text())["config"]
+    config = read_state(path).get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: {STATE_FILE} has no config object")
+    return config
 
 
 def load_weights(path: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     """The model weights of a checkpoint (its EMA weights with `ema`), after checking every file against its
     manifest."""
     verify(path)
-    weights = load_file(str(path / MODEL_FILE))
+    weights = load_tensors(path / MODEL_FILE)
     return {**weights, **load_ema(path)} if ema else weights
 
 
@@ -204,7 +238,7 @@ def load_ema(path: Path) -> dict[str, torch.Tensor]:
     """
     if not (path / EMA_TENSORS).is_file():
         raise CheckpointError(f"{path}: no {EMA_TENSORS}; it was saved without --model-ema")
-    return load_file(str(path / EMA_TENSORS))
+    return load_tensors(path / EMA_TENSORS)
 
 
 def best_intact(root: Path, history: list[dict[str, Any]], metric: str, higher_is_better: bool,
@@ -241,8 +275,11 @@ def listing(root: Path) -> list[Path]:
     return [base / n for n in reversed(newest_first(p.name for p in base.iterdir() if p.is_dir()))]
 
 
-def find_resume(root: Path, spec: str) -> Path | None:
+def find_resume(root: Path, spec: str, check: Callable[[Path], None] = verify) -> Path | None:
     """The checkpoint to resume from for --resume latest|PATH; None for 'latest' when there is none.
+
+    `check` raises CheckpointError for a checkpoint that cannot be resumed (resume_checks.check_saved: verified, and
+    its state is one a run could have saved); 'latest' then falls back to the previous one, with a warning.
 
     Raises:
         CheckpointError: an explicit PATH does not exist or is damaged, or no checkpoint is usable.
@@ -252,17 +289,25 @@ def find_resume(root: Path, spec: str) -> Path | None:
         if not path.is_dir():
             names = ", ".join(p.name for p in listing(root)) or "none"
             raise CheckpointError(f"--resume {spec!r} does not exist; checkpoints in {root}: {names}")
-        verify(path)
+        check(path)
         return path
+    found = newest_usable(root, check)
+    if found is None and listing(root):
+        raise CheckpointError(f"--resume latest: no usable checkpoint in {root / CHECKPOINTS} (all are damaged)")
+    return found
+
+
+def newest_usable(root: Path, check: Callable[[Path], None] = verify, below: Path | None = None) -> Path | None:
+    """The newest checkpoint that passes `check` (older than `below` if given), warning about each one skipped."""
     candidates = listing(root)
+    if below is not None:
+        candidates = [p for p in candidates if step_of(p.name) < step_of(below.name)]
     for path in reversed(candidates):
         try:
-            verify(path)
+            check(path)
             return path
         except CheckpointError as err:
             logger.warning(f"skipping damaged checkpoint: {err}; trying the previous one")
-    if candidates:
-        raise CheckpointError(f"--resume latest: no usable checkpoint in {root / CHECKPOINTS} (all are damaged)")
     return None
 
 
@@ -295,16 +340,16 @@ def state_columns(state: dict[str, Any]) -> tuple[str, str, str]:
 def describe(root: Path) -> list[tuple[str, ...]]:
     """One row per checkpoint of a run (name, step, position, metric, size, marks), for `hubtune checkpoints`."""
     found = listing(root)
-    latest = find_resume(root, "latest") if found else None
+    latest = newest_usable(root) if found else None
     rows = []
     for path in found:
         size = f"{dir_size(path) / 2**20:.1f} MiB"
         try:
             verify(path)
-            state = json.loads((path / STATE_FILE).read_text())
+            state = read_state(path)
             marks = [m for m, on in (("best", state["run_state"]["best"].get("checkpoint") == path.name),
                                      ("latest", path == latest)) if on]
             rows.append((path.name, *state_columns(state), size, ",".join(marks)))
-        except (CheckpointError, KeyError, ValueError) as err:  # ValueError: state.json is not JSON
+        except (CheckpointError, KeyError, ValueError, TypeError, AttributeError) as err:  # fields of another shape
             rows.append((path.name, "-", "-", "-", size, f"DAMAGED: {err}"))
     return rows

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from hubtune.errors import ConfigError
+from hubtune.sources import repo_id_problem, revision_problem
 from hubtune.tracking import default_report_to, parse_report_to
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -172,6 +173,11 @@ class TrainConfig:
             bad("resume", "'hub' with --push-to-hub REPO (whose checkpoint branch it reads), or hf://ORG/NAME")
         if self.hub_checkpoints_branch in ("", self.revision or "main"):
             bad("hub_checkpoints_branch", f"a branch other than the one the model is pushed to ({self.revision or 'main'})")
+        for name in ("hub_checkpoints_branch", "revision"):
+            if getattr(self, name) and revision_problem(getattr(self, name)):
+                bad(name, "a branch name (git's rules: no '..', no part starting with '.', no spaces or ~^:?*[\\)")
+        if self.push_to_hub and repo_id_problem(self.push_to_hub):
+            bad("push_to_hub", f"a Hub repo id ORG/NAME ({repo_id_problem(self.push_to_hub)})")
         if not self.hub_checkpoints_timeout > 0:
             bad("hub_checkpoints_timeout", "a positive number of seconds")
         if not self.model.strip():

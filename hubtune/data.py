@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import glob
 import io
+import logging
+import os
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import datasets
 import numpy as np
@@ -17,7 +19,13 @@ from PIL import Image, ImageOps
 
 from hubtune.errors import DataError
 
+logger = logging.getLogger("hubtune")
+
 VAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
+# The largest image file read: well above any image PIL decodes without calling it a decompression bomb (2 x
+# Image.MAX_IMAGE_PIXELS RGBA pixels, 716 MB uncompressed), and far below what would exhaust a machine's memory
+# when a file (a sparse one, a device) claims to be huge.
+MAX_IMAGE_BYTES = 2**30
 # Everything PIL and datasets raise for unreadable, truncated or hostile image files.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, KeyError, IndexError)
 
@@ -42,7 +50,12 @@ def _load(cfg: Any) -> tuple[datasets.IterableDatasetDict, str | None]:
         parquet = sorted(str(p) for p in local.rglob("*.parquet"))
         if parquet:
             return datasets.load_dataset("parquet", data_files={"train": parquet}, streaming=True), None
-        return datasets.load_dataset("imagefolder", data_dir=str(local), streaming=True), None
+        try:
+            return datasets.load_dataset("imagefolder", data_dir=str(local), streaming=True), None
+        except datasets.data_files.EmptyDatasetError as err:
+            raise DataError(f"--dataset {cfg.dataset!r}: this directory holds no image or parquet files; an "
+                            "imagefolder has one subfolder of images per class (under train/, test/... for splits)"
+                            ) from err
     if local.is_file() or matches:
         files = matches or [str(local)]
         if not all(f.endswith(".parquet") for f in files):
@@ -163,14 +176,40 @@ def open_eval_split(dataset: str, split: str | None, revision: str | None, image
 
 
 def image_bytes(value: dict[str, Any]) -> bytes:
-    """The encoded image, read through datasets' xopen when only a path is stored (imagefolder)."""
+    """The encoded image, read through datasets' xopen when only a path is stored (imagefolder); b"" (an image that
+    is skipped and counted) when it cannot be read or is over MAX_IMAGE_BYTES."""
     if value.get("bytes") is not None:
         return value["bytes"]
     try:
         with xopen(value["path"], "rb") as f:
-            return f.read()
+            return read_image_file(f)
+    except ImageTooLarge as err:
+        logger.warning(f"skipping {value['path']}: {err}")
+        return b""
     except (OSError, ValueError, TypeError):
         return b""
+
+
+class ImageTooLarge(ValueError):
+    """An image file over MAX_IMAGE_BYTES; the message says how large it is (or claims to be)."""
+
+
+def read_image_file(f: IO[bytes]) -> bytes:
+    """All of an open image file, refused (ImageTooLarge) over MAX_IMAGE_BYTES without reading it: by the size it
+    reports, and by a read that stops one byte past the limit, since a file may hold more than it reports."""
+    try:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+    except (OSError, ValueError, AttributeError):  # not seekable: the capped read alone decides
+        size = 0
+    if size > MAX_IMAGE_BYTES:
+        raise ImageTooLarge(f"the file is {size / 2**30:.1f} GiB, over the {MAX_IMAGE_BYTES / 2**30:.0f} GiB limit "
+                            "for one image (hubtune.data.MAX_IMAGE_BYTES)")
+    data = f.read(MAX_IMAGE_BYTES + 1)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageTooLarge(f"the file holds more than the {MAX_IMAGE_BYTES / 2**30:.0f} GiB limit for one image "
+                            "(hubtune.data.MAX_IMAGE_BYTES)")
+    return data
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hubtune.errors import ConfigError, DataError, PushError
-from hubtune.files import CARD_FILE
+from hubtune.errors import ConfigError, DataError, OutputDirError, PushError
+from hubtune.files import CARD_FILE, atomic_write, unwritable
 from hubtune.sources import parse_model_spec
 
 logger = logging.getLogger("hubtune")
@@ -101,9 +101,12 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     record = _record(args, clf, info, label_map, result, accelerator.num_processes, time.time() - started)
     if accelerator.is_main_process:
         out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RESULTS_FILE).write_text(json.dumps(record, indent=2))
-        plots.confusion_matrix(result["confusion_matrix"], clf.label_names, out / CONFUSION_PLOT)
+        try:
+            atomic_write(out / RESULTS_FILE, json.dumps(record, indent=2), fsync=False)
+            plots.confusion_matrix(result["confusion_matrix"], clf.label_names, out / CONFUSION_PLOT)
+        except OSError as err:
+            raise OutputDirError(f"--output-dir {args.output_dir!r} cannot be written ({err.strerror or err}); give "
+                                 "a writable directory") from err
         print(format_table(record))
         print(f"wrote {out / RESULTS_FILE} and {out / CONFUSION_PLOT}")
         if args.push:
@@ -209,5 +212,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if getattr(args, name) < (1 if name == "batch_size" else 0):
             raise ConfigError(f"--{name.replace('_', '-')}: got {getattr(args, name)}, expected an integer >= "
                               f"{1 if name == 'batch_size' else 0}")
+    problem = unwritable(Path(args.output_dir), directory=True)
+    if problem:
+        raise OutputDirError(f"--output-dir {args.output_dir!r} cannot be written: {problem}; give a writable "
+                             "directory")
     evaluate_model(args)
     return 0

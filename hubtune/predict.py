@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from hubtune.errors import ConfigError
+from hubtune.files import atomic_write, unwritable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 OUTPUT_FORMATS = (".csv", ".jsonl")
@@ -51,10 +52,13 @@ class _Images:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
-        from hubtune.data import decode
+        from hubtune.data import ImageTooLarge, decode, read_image_file
 
         try:
-            data = self.files[i].read_bytes()
+            with self.files[i].open("rb") as f:
+                data = read_image_file(f)
+        except ImageTooLarge as err:
+            return i, None, str(err)
         except OSError as err:
             return i, None, f"cannot read the file ({err.strerror or err})"
         img = decode(data)
@@ -105,9 +109,11 @@ def write_rows(rows: list[dict[str, Any]], output: Path | None, as_json: bool) -
         for row in rows:
             cells = [c for p in row.get("predictions", []) for c in (p["label"], f"{p['score']:.6f}")]
             writer.writerow([row["image"], *cells, *[""] * (2 * top_k - len(cells)), row.get("error", "")])
-    from hubtune.files import atomic_write
-
-    atomic_write(output, text.getvalue(), fsync=False)
+    try:
+        atomic_write(output, text.getvalue(), fsync=False)
+    except OSError as err:
+        raise ConfigError(f"--output {str(output)!r} cannot be written ({err.strerror or err}); give a writable "
+                          "file path") from err
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,6 +139,10 @@ def run_predict(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else None
     if output is not None and output.suffix not in OUTPUT_FORMATS:
         raise ConfigError(f"--output {args.output!r}: expected a file ending in {' or '.join(OUTPUT_FORMATS)}")
+    if output is not None:
+        problem = unwritable(output, directory=False)
+        if problem:
+            raise ConfigError(f"--output {args.output!r} cannot be written: {problem}; give a writable file path")
     for name, least in (("top_k", 1), ("batch_size", 1), ("num_workers", 0)):
         if getattr(args, name) < least:
             raise ConfigError(f"--{name.replace('_', '-')}: got {getattr(args, name)}, expected an integer >= {least}")

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any, Iterable, TypedDict
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 
-from hubtune import checkpoint
+from hubtune import checkpoint, resume_checks
 from hubtune.config import TrainConfig
-from hubtune.errors import ConfigError
+from hubtune.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from hubtune.job import Job
@@ -197,28 +197,72 @@ def save_checkpoint(job: Job) -> Path:
     return path
 
 
+def resume(job: Job, path: Path, named: bool) -> Path:
+    """Restore checkpoint `path` into the job, or, when the user did not name it (--resume latest, hub), the newest
+    older one that loads, with a warning for each that does not (as for a damaged one); return the one restored.
+
+    Raises:
+        CheckpointError: a named checkpoint cannot be loaded, or none can.
+        ConfigError: the checkpoint is of another run (see resume_differences).
+    """
+    while True:
+        frozen = list(job.frozen)
+        try:
+            restore(job, path)
+            return path
+        except CheckpointError as err:
+            # not after a failure that followed the replay of --unfreeze-at: the optimizer has that epoch's groups now
+            replayed = job.frozen != frozen
+            usable = resume_checks.check_saved
+            previous = None if named or replayed else checkpoint.newest_usable(job.out, usable, below=path)
+            if previous is None:
+                raise
+            logger.warning(f"checkpoint {path.name} cannot be loaded: {err}; trying the previous one, {previous.name}")
+            path = previous
+
+
 def restore(job: Job, path: Path) -> None:
     """Load a checkpoint into the job: model, optimizer (after replaying --unfreeze-at up to the checkpoint's epoch,
-    so the optimizer has the groups it had), EMA weights, RNGs, run state and this process's data position."""
+    so the optimizer has the groups it had), EMA weights, RNGs, run state and this process's data position.
+
+    Everything that can be checked against the job is checked before anything is loaded.
+
+    Raises:
+        CheckpointError: the checkpoint does not fit this model or its optimizer, or cannot be loaded.
+        ConfigError: it is of another run.
+    """
     from hubtune import unfreeze
 
     saved, model_tensors, opt_tensors, rank_tensors = checkpoint.read(path)
+    resume_checks.check_state(path, saved, opt_tensors, rank_tensors)
     accelerator = job.accelerator
     diffs = resume_differences(saved, job.cfg, job.run)
     if diffs:
         raise ConfigError(f"cannot resume from {path}: the run would change meaning:\n  " + "\n  ".join(diffs)
                           + "\n  (start a new --output-dir for a different run)")
+    if len(saved["ranks"]) != accelerator.num_processes:  # (checkpoints that do not record num_processes in "run")
+        raise ConfigError(f"cannot resume from {path}: it was saved by {len(saved['ranks'])} process(es), this run "
+                          f"has {accelerator.num_processes}; resume with as many")
+    ema = checkpoint.load_ema(path) if job.ema is not None else {}
+    resume_checks.check_fits(path, "model weights", model_tensors, job.net.state_dict(), exact=True)
+    if job.ema is not None:
+        resume_checks.check_fits(path, "EMA weights", ema, job.ema.module.state_dict(), exact=False)
     saved_state = RunState.from_dict(saved["run_state"])
     for epoch in range(1, saved_state.epoch + 1 + int(saved_state.in_epoch)):  # in order, as the run did
         unfreeze.apply(job, epoch)
-    job.net.load_state_dict(model_tensors)
-    checkpoint.load_optimizer_state(job.optimizer.optimizer, saved["optimizer"], opt_tensors)
-    if job.ema is not None:
-        job.ema.module.load_state_dict({**model_tensors, **checkpoint.load_ema(path)})
+    optimizer_state = checkpoint.join_tensors(saved["optimizer"], opt_tensors)
+    resume_checks.check_optimizer(path, optimizer_state, job.optimizer.optimizer)
     mine = saved["ranks"][accelerator.process_index]
-    checkpoint.set_rng_state(mine, checkpoint.rank_tensors(rank_tensors, accelerator.process_index))
-    if accelerator.scaler is not None and saved.get("grad_scaler"):
-        accelerator.scaler.load_state_dict(saved["grad_scaler"])
+    try:
+        job.net.load_state_dict(model_tensors)
+        checkpoint.load_optimizer_state(job.optimizer.optimizer, saved["optimizer"], opt_tensors)
+        if job.ema is not None:
+            job.ema.module.load_state_dict({**model_tensors, **ema})
+        checkpoint.set_rng_state(mine, checkpoint.rank_tensors(rank_tensors, accelerator.process_index))
+        if accelerator.scaler is not None and saved.get("grad_scaler"):
+            accelerator.scaler.load_state_dict(saved["grad_scaler"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+        raise CheckpointError(f"{path}: cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})") from err
     if saved_state.stopped and saved_state.stopped["reason"] != "early_stopping":
         saved_state.stopped = None  # a finished run resumed with more --epochs/--max-steps continues
     saved_state.steps_per_epoch = saved_state.steps_per_epoch or job.state.steps_per_epoch

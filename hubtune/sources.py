@@ -7,6 +7,7 @@ A spec is `local-dir:PATH`, an existing directory (or a path starting with `.`, 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -15,6 +16,9 @@ from hubtune.errors import ModelSourceError
 from hubtune.files import WEIGHTS_FILE
 
 HUB_PREFIX, LOCAL_PREFIX = "hf-hub:", "local-dir:"
+# git's rules for a branch or tag name (git check-ref-format): no "..", "//", "@{", no part that starts with "." or
+# ends with ".lock", no control character, space or ~^:?*[\, not "@", not ending in "/" or "."
+REVISION = re.compile(r"^(?!@$)(?![/.])(?!.*(?:\.\.|//|@\{|/\.|\.lock(?:/|$)))[^\x00-\x20\x7f~^:?*\[\\]+(?<![/.])$")
 PICKLED_SUFFIXES = (".bin", ".pth", ".pt", ".pth.tar", ".ckpt")
 
 
@@ -63,7 +67,30 @@ def parse_model_spec(spec: str | Path, revision: str | None = None) -> ModelSpec
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ModelSourceError(f"{spec!r} is neither an existing local directory nor a Hub repo id "
                                "(org/name, hf-hub:org/name[@rev])")
+    problem = repo_id_problem(repo_id) or revision_problem(at_revision or revision or None)
+    if problem:
+        raise ModelSourceError(f"{spec!r}: {problem}; expected org/name[@revision] or an existing local directory")
     return ModelSpec("hub", spec, repo_id=repo_id, revision=at_revision or revision or None)
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why the Hub would refuse `repo_id` (huggingface_hub's own rules: ".." or "." as a name, a host, ...); None
+    when it is a valid repo id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        return str(err).split(" Use `repo_type`")[0].removesuffix(".")
+    return None
+
+
+def revision_problem(revision: str | None) -> str | None:
+    """Why `revision` cannot be a branch, tag or commit name (git's ref rules); None when it can be (or is None)."""
+    if revision is None or REVISION.fullmatch(revision):
+        return None
+    return (f"{revision!r} is not a valid branch, tag or commit name (no '..', no part starting with '.', no spaces "
+            "or ~^:?*[\\)")
 
 
 SAFETENSORS_ONLY = ("hubtune trains only from safetensors weights; convert them (timm.models.save_for_hf(model, dir, "
