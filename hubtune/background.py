@@ -14,13 +14,15 @@ class BackgroundPusher:
     """Runs uploads in one thread while training goes on: one at a time, only the newest one waiting (a newer
     submission replaces a waiting older one, which `discard` receives).
 
-    `work(item, cancel)` does one upload and returns where it went; whatever it raises is logged and recorded in
-    `failed`, never raised: it does not stop training, and it does not end the thread.
+    `work(item, cancel)` does one upload and returns where it went; whatever it raises is logged, recorded in
+    `failed` and passed to `on_failure(item, error)`, never raised: it does not stop training, and it does not end
+    the thread.
     """
 
     def __init__(self, work: Callable[[Path, threading.Event], str], name: str = "hubtune-push",
-                 discard: Callable[[Path], None] = lambda item: None) -> None:
-        self.work, self.discard = work, discard
+                 discard: Callable[[Path], None] = lambda item: None,
+                 on_failure: Callable[[Path, str], None] = lambda item, error: None) -> None:
+        self.work, self.discard, self.on_failure = work, discard, on_failure
         self.cancel = threading.Event()  # set by close(): the upload in flight stops at its next Hub call
         self.pushed: list[str] = []
         self.failed: list[dict[str, str]] = []
@@ -28,6 +30,7 @@ class BackgroundPusher:
         self._waiting: Path | None = None
         self._busy = False
         self._closed = False
+        self._abandoned = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -57,6 +60,7 @@ class BackgroundPusher:
         self._thread.join(timeout)
         if self._thread.is_alive():
             self.cancel.set()
+            self._abandoned = True
             logger.warning(f"{self._thread.name}: an upload was still running after {timeout:.0f}s; left behind")
             return False
         return True
@@ -79,7 +83,9 @@ class BackgroundPusher:
                 self.pushed.append(self.work(item, self.cancel))
             except Exception as err:  # noqa: BLE001 - recorded and logged; the thread must live on
                 self.failed.append({"item": item.name, "error": str(err).splitlines()[0] if str(err) else repr(err)})
-                logger.warning(f"background upload of {item.name} failed: {self.failed[-1]['error']}")
+                if not self._abandoned:  # left behind by close(): the owner has moved on (its error may be last)
+                    logger.warning(f"background upload of {item.name} failed: {self.failed[-1]['error']}")
+                self.on_failure(item, self.failed[-1]["error"])
             finally:
                 self.discard(item)
                 with self._cond:

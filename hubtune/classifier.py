@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 from PIL import Image
 
+from hubtune import hub_calls
 from hubtune.errors import ConfigError, ModelSourceError
 from hubtune.files import MODEL_CONFIG_FILE as CONFIG_NAME
 from hubtune.files import WEIGHTS_FILE as SAFE_WEIGHTS_NAME
@@ -65,6 +66,8 @@ def _hub_snapshot(repo_id: str, revision: str | None, token: str | None, cache_d
             f"model repo {repo_id!r} not found at {url} (private? set HF_TOKEN or run `hf auth login`)"
         ) from err
     except LocalEntryNotFoundError as err:
+        if not offline:
+            raise hub_calls.unreachable(f"loading {where}", err) from err
         raise ModelSourceError(f"{where} is not in the local HF cache and HF_HUB_OFFLINE is set; download it first") from err
     except EntryNotFoundError as err:
         at = f" at revision {revision!r}" if revision else ""

@@ -7,7 +7,7 @@ import sys
 from typing import Callable
 
 from hubtune.config import ArgumentParser
-from hubtune.errors import run_guarded, setup_logging
+from hubtune.errors import quiet_broken_pipes, run_guarded, setup_logging
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -66,8 +66,13 @@ def _checkpoints(args: argparse.Namespace) -> int:
         rows, where = checkpoint.describe(root), root / checkpoint.CHECKPOINTS
     else:
         from hubtune import hub_checkpoints
+        from hubtune.errors import ConfigError
+        from hubtune.sources import repo_id_problem, revision_problem
 
         repo_id, _, branch = args.source.partition("@")
+        problem = repo_id_problem(repo_id) or revision_problem(branch or args.branch)
+        if problem:
+            raise ConfigError(f"{args.source!r}: {problem}; expected OUTPUT_DIR or REPO[@BRANCH]")
         rows = hub_checkpoints.describe_remote(repo_id, branch or args.branch)
         where = f"{repo_id}@{branch or args.branch}/{hub_checkpoints.REMOTE_DIR}"
     if not rows:
@@ -107,6 +112,8 @@ DELEGATED = [
      "hubtune.predict", ("add_predict_arguments", "run_predict")),
     ("evaluate", "evaluate a trained model on a labelled dataset (streamed); optionally add the result to its card",
      "hubtune.evaluation", ("add_evaluate_arguments", "run_evaluate")),
+    ("export", "export a trained model to ONNX, checked against PyTorch; optionally add it to the model repo",
+     "hubtune.export", ("add_export_arguments", "run_export")),
     ("card", "re-render OUTPUT_DIR/README.md (the model card) and its plots, offline", "hubtune.card",
      ("add_card_arguments", "run_card")),
     ("demo", "the whole story offline in a few minutes: local Hub, fine-tune, interrupt, resume, push, load",
@@ -168,6 +175,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_broken_pipes()
     setup_logging()
     return run_guarded(lambda: _dispatch(argv))
 

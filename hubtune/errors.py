@@ -65,6 +65,14 @@ class PushError(HubtuneError, RuntimeError):
     """A push could not complete; the local output is untouched and the same push can be run again."""
 
 
+class ExportError(HubtuneError, RuntimeError):
+    """`hubtune export` could not make a graph that matches the model (or lacks its extra); nothing was written."""
+
+
+class HubUnreachableError(HubtuneError, ConnectionError):
+    """The Hub did not answer (timeouts, refused connections) and nothing cached could stand in."""
+
+
 class DemoError(HubtuneError, RuntimeError):
     """A step of `hubtune demo` failed; the message says which and shows the end of its output."""
 
@@ -99,6 +107,50 @@ def run_guarded(fn: Callable[[], Any]) -> int:
         print("hubtune: interrupted", file=sys.stderr)
         return 130
     return result if isinstance(result, int) else 0
+
+
+class _PipeSafe:
+    """A standard stream that goes quiet when its reader is gone (a launcher that exited: accelerate 1.16 pipes its
+    child's stderr), instead of raising BrokenPipeError in whatever logs next, or at exit."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (BrokenPipeError, ValueError):
+            self._silence()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (BrokenPipeError, ValueError):
+            self._silence()
+
+    def _silence(self) -> None:
+        # as Python's docs advise for SIGPIPE: the descriptor points at /dev/null from now on, so the interpreter's
+        # own flush at exit has nowhere to fail
+        import os
+
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def quiet_broken_pipes() -> None:
+    """stdout and stderr of an entry point survive their reader going away (see _PipeSafe)."""
+    if not isinstance(sys.stderr, _PipeSafe):
+        sys.stderr = _PipeSafe(sys.stderr)  # type: ignore[assignment]
+    if not isinstance(sys.stdout, _PipeSafe):
+        sys.stdout = _PipeSafe(sys.stdout)  # type: ignore[assignment]
 
 
 def setup_logging() -> None:

@@ -6,10 +6,11 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from hubtune.errors import DiskFullError
 
@@ -20,6 +21,18 @@ WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "README.md"
 CHECKPOINTS_DIR = "checkpoints"
+STEP_NAME = re.compile(r"^step-(\d{6,})$")  # a checkpoint folder in CHECKPOINTS_DIR
+
+
+def step_of(name: str) -> int | None:
+    """The optimizer step of a checkpoint folder name (step-NNNNNN); None for any other name."""
+    match = STEP_NAME.fullmatch(name) if isinstance(name, str) else None
+    return int(match.group(1)) if match else None
+
+
+def newest_first(names: Iterable[str]) -> list[str]:
+    """The checkpoint folder names among `names`, highest step first."""
+    return sorted((n for n in names if step_of(n) is not None), key=step_of, reverse=True)
 
 
 def fsync_path(path: Path) -> None:
@@ -55,6 +68,23 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], None], f
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def unwritable(path: Path, directory: bool) -> str | None:
+    """Why `path`, a directory to create or fill (`directory`) or a file to create or replace, cannot be written;
+    None when it can be, as far as can be told without writing (a later write can still fail: a full disk)."""
+    if directory and path.exists() and not path.is_dir():
+        return f"{path} is a file"
+    if not directory and path.is_dir():
+        return f"{path} is a directory"
+    nearest = path if directory else path.parent
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        return f"{nearest} is a file"
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        return f"{nearest} is not writable"
+    return None
 
 
 def sha256_file(path: str | Path) -> str:

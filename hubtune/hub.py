@@ -11,6 +11,7 @@ import logging
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -23,12 +24,27 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from hubtune import __version__
+from hubtune import __version__, hub_calls
 from hubtune.background import BackgroundPusher
 from hubtune.errors import ConfigError, DataError, ModelSourceError, PushError
 from hubtune.files import CARD_FILE, METRICS_FILE, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE, WEIGHTS_FILE
-from hubtune.hub_calls import attempts_of, causes, install_timeouts, retrying, status_of, transient_reason
-from hubtune.sources import SAFETENSORS_ONLY, ModelSpec, check_weight_files, loadable_config, parse_model_spec
+from hubtune.hub_calls import (
+    attempts_of,
+    causes,
+    install_timeouts,
+    push_timeout_s,
+    retrying,
+    status_of,
+    transient_reason,
+)
+from hubtune.sources import (
+    SAFETENSORS_ONLY,
+    ModelSpec,
+    check_weight_files,
+    loadable_config,
+    parse_model_spec,
+    repo_id_problem,
+)
 
 logger = logging.getLogger("hubtune")
 
@@ -119,11 +135,27 @@ def prefetch(model: str | None, dataset: str | None, dataset_revision: str | Non
                 raise ModelSourceError(f"--model {model!r}: no Hub weights to prefetch (give a Hub id such as "
                                        "timm/resnet50.a1_in1k)")
             repo, revision = cfg.hf_hub_id, None
-        out["model"] = snapshot_download(repo, revision=revision, token=token,
-                                         allow_patterns=["*.json", "*.safetensors", "*.md"])
+        with _prefetch_errors(f"--model {model!r}"):
+            out["model"] = snapshot_download(repo, revision=revision, token=token,
+                                             allow_patterns=["*.json", "*.safetensors", "*.md"])
     if dataset:
-        out["dataset"] = snapshot_download(dataset, repo_type="dataset", revision=dataset_revision, token=token)
+        with _prefetch_errors(f"--dataset {dataset!r}"):
+            out["dataset"] = snapshot_download(dataset, repo_type="dataset", revision=dataset_revision, token=token)
     return out
+
+
+@contextlib.contextmanager
+def _prefetch_errors(what: str) -> Iterator[None]:
+    """A repo that does not exist, or a Hub that does not answer, as one line."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        yield
+    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise ModelSourceError(f"{what}: no such repo or revision on the Hub, or your token cannot read it (set "
+                               "HF_TOKEN or run `hf auth login`)") from err
+    except LocalEntryNotFoundError as err:
+        raise hub_calls.unreachable(f"prefetching {what}", err) from err
 
 
 def files_to_push(output_dir: Path, push_checkpoints: bool = False) -> list[str]:
@@ -147,16 +179,19 @@ def card_was_edited(remote: str) -> bool:
 def push(output_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          commit_message: str | None = None, push_checkpoints: bool = False, overwrite_card: bool = False,
          token: str | bool | None = None, retries: int = 4, retry_wait: float = 2.0,
-         endpoint: str | None = None, cancel: threading.Event | None = None) -> str:
+         endpoint: str | None = None, cancel: threading.Event | None = None, rerun: str | None = None) -> str:
     """Push a run's export in one commit, verify the files on the Hub, and return the commit URL.
 
     Every call to the Hub has a timeout and is retried on transient failures (`retries` times, backoff from
     `retry_wait` s). `cancel`, when set, stops the push before its next call (background pushes).
 
     Raises:
-        ConfigError: the folder is not a hubtune export.
+        ConfigError: the folder is not a hubtune export, or `repo_id` is not a valid Hub repo id.
         PushError: the Hub refused or could not be reached; nothing local changed, rerun to complete.
     """
+    problem = repo_id_problem(repo_id)
+    if problem:
+        raise ConfigError(f"{repo_id!r} is not a Hub repo id ({problem}); expected ORG/NAME, e.g. you/my-model")
     folder = Path(output_dir)
     for required in (MODEL_CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / required).is_file():
@@ -172,17 +207,20 @@ def push(output_dir: str | Path, repo_id: str, *, private: bool = False, revisio
     return push_files(repo_id, contents, private=private, revision=revision,
                       commit_message=commit_message or f"Upload {folder.name} with hubtune {__version__}",
                       overwrite_card=overwrite_card, token=token, retries=retries, retry_wait=retry_wait,
-                      endpoint=endpoint, cancel=cancel, folder=folder)
+                      endpoint=endpoint, cancel=cancel, folder=folder, rerun=rerun)
 
 
 def push_files(repo_id: str, contents: dict[str, bytes | Path], *, commit_message: str, deletions: Sequence[str] = (),
                private: bool = False, revision: str | None = None, overwrite_card: bool = True,
                token: str | bool | None = None, retries: int = 4, retry_wait: float = 2.0,
-               endpoint: str | None = None, cancel: threading.Event | None = None, folder: Path | None = None) -> str:
+               endpoint: str | None = None, cancel: threading.Event | None = None, folder: Path | None = None,
+               announce: bool = True, rerun: str | None = None) -> str:
     """One commit that adds `contents` ({path in repo: bytes or local file}) and deletes `deletions`, created
     (repo and branch) as needed, then verified file by file on the Hub; returns the commit URL.
 
-    With `overwrite_card` False, a README.md edited on the Hub since hubtune wrote it is kept.
+    With `overwrite_card` False, a README.md edited on the Hub since hubtune wrote it is kept. `announce`: log the
+    commit (callers that say what the commit was for pass False). `rerun`: the command that completes the push, for
+    the error message. No attempt starts after HUBTUNE_PUSH_TIMEOUT seconds (see hub_calls.push_timeout_s).
 
     Raises:
         PushError: the Hub refused or could not be reached, in one line (what, after how many attempts, the fix).
@@ -190,13 +228,14 @@ def push_files(repo_id: str, contents: dict[str, bytes | Path], *, commit_messag
     hub = api(token, endpoint)
     contents = dict(contents)
     step = "create_repo"
+    deadline = time.monotonic() + push_timeout_s()
 
     def call(what: str, fn: Callable[[], Any]) -> Any:
         nonlocal step
         step = what
         if cancel is not None and cancel.is_set():
             raise PushError(f"push to {repo_id} cancelled before {what}")
-        return retrying(what, fn, retries, retry_wait, cancel)
+        return retrying(what, fn, retries, retry_wait, cancel, deadline)
 
     try:
         call("create_repo", lambda: hub.create_repo(repo_id, private=private, exist_ok=True))
@@ -216,12 +255,13 @@ def push_files(repo_id: str, contents: dict[str, bytes | Path], *, commit_messag
     except PushError:
         raise
     except Exception as err:  # classified by push_failure; an unexpected error keeps its traceback
-        message = push_failure(err, repo_id, step, folder)
+        message = push_failure(err, repo_id, step, folder, rerun)
         if message is None:
             raise
         raise PushError(message) from err
     _verify(repo_id, info.oid, operations, remote)
-    logger.info(f"pushed {len(contents)} files to {info.commit_url} (verified size and hash on the Hub)")
+    if announce:
+        logger.info(f"pushed {len(contents)} files to {info.commit_url} (verified size and hash on the Hub)")
     return info.commit_url
 
 
@@ -264,22 +304,30 @@ def _verify(repo_id: str, commit: str, operations: list[Any], remote: dict[str, 
                             f"{rerun}")
 
 
-def push_failure(err: BaseException, repo_id: str, step: str, folder: Path | None = None) -> str | None:
+def push_failure(err: BaseException, repo_id: str, step: str, folder: Path | None = None,
+                 command: str | None = None) -> str | None:
     """One line for a failed Hub call: what failed, why, and how to complete it; None for an unexpected error."""
-    status = status_of(err)
-    rerun = (f"nothing in {folder} was changed; run the same push again to complete it" if folder is not None
-             else "run it again to complete it")
-    if status == 401:
+    status, reason = status_of(err), transient_reason(err)
+    if command is not None:
+        rerun = f"nothing in {folder} was changed; complete the push with: {command}"
+    elif folder is not None:
+        rerun = f"nothing in {folder} was changed; run the same push again to complete it"
+    else:
+        rerun = "run it again to complete it"
+    # reason is set for a 403 from a signed upload URL: the URL's fault (expired, or signed by a server since
+    # restarted), not the token's
+    if reason is None and status == 401:
         return f"push to {repo_id} refused (401): set HF_TOKEN or run `hf auth login`; {rerun}"
-    if status == 403:
+    if reason is None and status == 403:
         return f"push to {repo_id} refused (403): your token cannot write to {repo_id.split('/')[0]!r}; {rerun}"
     if isinstance(err, RepositoryNotFoundError) or status == 404:
         return f"push to {repo_id} failed: repo not found or not yours; {rerun}"
-    reason = transient_reason(err)
     if reason is None and status is None:
         return None
     attempts = attempts_of(err)
     tries = f"after {attempts} attempts" if attempts > 1 else "at the first attempt"
+    if getattr(err, "hubtune_deadline", False):
+        tries += f" (no more within HUBTUNE_PUSH_TIMEOUT {push_timeout_s():g}s)"
     answer = next((c for c in causes(err) if isinstance(c, HfHubHTTPError)), err)
     detail = reason or f"HTTP {status}: {str(answer).splitlines()[0]}"
     return f"push to {repo_id} failed at {step} {tries} ({detail}); {rerun}"

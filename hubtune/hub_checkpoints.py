@@ -17,23 +17,24 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.constants import is_offline_mode
-from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import EntryNotFoundError
 
 from hubtune import checkpoint, hub, hub_calls
-from hubtune.background import BackgroundPusher
 from hubtune.errors import CheckpointError, ConfigError, PushError
 from hubtune.files import sha256_file
-from hubtune.hub_calls import retrying, status_of
+from hubtune.hub_calls import retrying
+from hubtune.hub_sync import remote_names
+from hubtune.sources import repo_id_problem, revision_problem
 from hubtune.tracking import RUNS_DIR
 
 logger = logging.getLogger("hubtune")  # main process only: no need for accelerate's rank filter
 
 REMOTE_DIR = checkpoint.CHECKPOINTS
 HF_URL = re.compile(r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<branch>[^/]+))?(?:/checkpoints/(?P<name>step-\d{6,}))?/?$")
+HF_URL_FORM = "hf://ORG/NAME[@BRANCH][/checkpoints/step-NNNNNN]"
 
 
 @dataclass(frozen=True)
@@ -53,38 +54,28 @@ def parse_resume(spec: str | None, push_to_hub: str | None, branch: str) -> HubC
     """The Hub checkpoints a --resume value names, or None for a local one (latest, a path).
 
     Raises:
-        ConfigError: `hub` without --push-to-hub, or a malformed hf:// address.
+        ConfigError: `hub` without --push-to-hub, a malformed hf:// address, or a repo id or branch the Hub refuses
+            (`..`, a host, ...).
     """
     if spec == "hub":
         if not push_to_hub:
             raise ConfigError("--resume hub resumes from the checkpoints of --push-to-hub REPO; give --push-to-hub, "
                               "or --resume hf://ORG/NAME[@BRANCH]")
-        return HubCheckpoints(push_to_hub, branch)
-    if spec and spec.startswith("hf://"):
+        where = HubCheckpoints(push_to_hub, branch)
+    elif spec and spec.startswith("hf://"):
         match = HF_URL.match(spec)
         if not match:
-            raise ConfigError(f"--resume {spec!r}: expected hf://ORG/NAME[@BRANCH][/checkpoints/step-NNNNNN]")
-        return HubCheckpoints(match["repo"], match["branch"] or branch, match["name"], explicit=True)
-    return None
-
-
-def remote_names(where: HubCheckpoints) -> list[str]:
-    """The checkpoint folders on the branch, newest step first; [] when there is no repo, branch or folder yet.
-
-    Raises:
-        ConfigError: an explicit (hf://) repo or branch does not exist, or the token may not read the repo.
-    """
-    api = hub.api()
-    try:
-        entries = retrying("listing the checkpoints on the Hub", lambda: list(
-            api.list_repo_tree(where.repo_id, path_in_repo=REMOTE_DIR, revision=where.branch)),
-            hub_calls.retries_n(), hub_calls.retry_wait_s())
-    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as err:
-        if where.explicit or status_of(err) in (401, 403):
-            raise ConfigError(f"--resume: no checkpoints at {where} ({type(err).__name__}: the repo or branch does not "
-                              "exist, or your token cannot read it: set HF_TOKEN)") from err
-        return []
-    return checkpoint.newest_first(Path(e.path).name for e in entries)
+            host, _, rest = spec.removeprefix("hf://").partition("/")
+            hint = f" (with no host: the Hub is HF_ENDPOINT), e.g. hf://{rest}" if "/" in rest and (
+                "." in host or ":" in host) else ""
+            raise ConfigError(f"--resume {spec!r}: expected {HF_URL_FORM}{hint}")
+        where = HubCheckpoints(match["repo"], match["branch"] or branch, match["name"], explicit=True)
+    else:
+        return None
+    problem = repo_id_problem(where.repo_id) or revision_problem(where.branch)
+    if problem:
+        raise ConfigError(f"--resume {spec!r}: {problem}; expected {HF_URL_FORM}")
+    return where
 
 
 def _download(where: HubCheckpoints, name: str, out: Path) -> Path:
@@ -151,9 +142,16 @@ def fetch(where: HubCheckpoints, out: Path) -> Path | None:
 
 
 def _fetch_best(where: HubCheckpoints, resumed: Path, out: Path) -> None:
-    """Download the best checkpoint the resumed one names, if it is another: the run exports it at the end."""
-    best = json.loads((resumed / checkpoint.STATE_FILE).read_text())["run_state"]["best"].get("checkpoint")
-    if not best or best == resumed.name:
+    """Download the best checkpoint the resumed one names, if it is another: the run exports it at the end.
+
+    A state.json that does not name one as a checkpoint folder (`../..`, an absolute path) downloads nothing: the
+    resume refuses that checkpoint (resume_checks.check_saved says why).
+    """
+    try:
+        best = json.loads((resumed / checkpoint.STATE_FILE).read_text())["run_state"]["best"].get("checkpoint")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return
+    if not isinstance(best, str) or checkpoint.step_of(best) is None or best == resumed.name:
         return
     try:
         _download(where, best, out)
@@ -211,67 +209,6 @@ def _cached_names(where: HubCheckpoints) -> list[str]:
                               f"cache (cached: {', '.join(sorted(found)) or 'none'})")
         return [where.name]
     return found
-
-
-class Uploader:
-    """Uploads each saved checkpoint to the branch in the background (see the module docstring)."""
-
-    def __init__(self, repo_id: str, branch: str, out: Path, private: bool) -> None:
-        self.where = HubCheckpoints(repo_id, branch)
-        self.out, self.private = out, private
-        # a bad HUBTUNE_HUB_RETRIES / _RETRY_WAIT fails here, before training
-        self.retries, self.retry_wait = hub_calls.retries_n(), hub_calls.retry_wait_s()
-        self.keep: dict[str, list[str]] = {}  # snapshot name -> the checkpoint names retained when it was saved
-        self.superseded: list[str] = []
-        self.pusher = BackgroundPusher(self._upload, name="hubtune-checkpoints", discard=self._discard)
-
-    def submit(self, path: Path, retained: list[str]) -> None:
-        """Upload checkpoint `path`, leaving on the branch only `retained` (the local checkpoints) and it."""
-        snapshot = path.parent / f".upload-{path.name}"
-        shutil.rmtree(snapshot, ignore_errors=True)
-        snapshot.mkdir()
-        for f in path.iterdir():  # hard links: retention may delete the checkpoint while it uploads
-            try:
-                os.link(f, snapshot / f.name)
-            except OSError:
-                shutil.copy2(f, snapshot / f.name)
-        runs = self.out / RUNS_DIR
-        if runs.is_dir():  # the curves so far, copied: the trackers go on appending to these files
-            shutil.copytree(runs, snapshot / RUNS_DIR, ignore_dangling_symlinks=True)
-        self.keep[snapshot.name] = retained
-        self.pusher.submit(snapshot)
-
-    def _upload(self, snapshot: Path, cancel: Any) -> str:
-        name = snapshot.name.removeprefix(".upload-")
-        keep = set(self.keep.get(snapshot.name, ())) | {name}
-        gone = [f"{REMOTE_DIR}/{n}/" for n in remote_names(self.where) if n not in keep]
-        contents = {f"{REMOTE_DIR}/{name}/{f.name}": f for f in sorted(snapshot.iterdir()) if f.is_file()}
-        contents.update({f.relative_to(snapshot).as_posix(): f for f in sorted((snapshot / RUNS_DIR).rglob("*"))
-                         if f.is_file()})
-        hub.push_files(self.where.repo_id, contents,
-                       deletions=gone, revision=self.where.branch, private=self.private, retries=self.retries,
-                       retry_wait=self.retry_wait, commit_message=f"hubtune checkpoint {name}", cancel=cancel)
-        logger.info(f"uploaded checkpoint {name} to {self.where.repo_id}@{self.where.branch}"
-                    + (f" (removed {len(gone)} older)" if gone else ""))
-        return name
-
-    def _discard(self, snapshot: Path) -> None:
-        name = snapshot.name.removeprefix(".upload-")
-        if name not in self.pusher.pushed and not any(f["item"] == snapshot.name for f in self.pusher.failed):
-            self.superseded.append(name)
-        self.keep.pop(snapshot.name, None)
-        shutil.rmtree(snapshot, ignore_errors=True)
-
-    def finish(self, timeout: float) -> None:
-        """Upload what is waiting, for at most `timeout` seconds (`report` says what reached the Hub)."""
-        self.pusher.close(timeout, drain=True)
-
-    def report(self) -> dict[str, Any]:
-        """What metrics.json records: which checkpoints reached the Hub and which did not, and why."""
-        return {"repo": self.where.repo_id, "branch": self.where.branch, "uploaded": list(self.pusher.pushed),
-                "failed": [{"checkpoint": f["item"].removeprefix(".upload-"), "error": f["error"]}
-                           for f in self.pusher.failed],
-                "superseded": list(self.superseded)}
 
 
 def describe_remote(repo_id: str, branch: str) -> list[tuple[str, ...]]:

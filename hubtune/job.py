@@ -10,24 +10,40 @@ import dataclasses
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from huggingface_hub.constants import is_offline_mode
+from huggingface_hub.utils import disable_progress_bars
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
-from hubtune import checkpoint, data, device_decode, features, hub, hub_checkpoints, report, stream, tracking, unfreeze
+from hubtune import (
+    checkpoint,
+    data,
+    device_decode,
+    features,
+    hub,
+    hub_checkpoints,
+    hub_sync,
+    report,
+    resume_checks,
+    stream,
+    tracking,
+    unfreeze,
+)
 from hubtune import model as model_lib
 from hubtune.background import BackgroundPusher
 from hubtune.config import TrainConfig
-from hubtune.errors import CompileModeError, ConfigError, DataError, HubtuneError, OutputDirError
+from hubtune.errors import CheckpointError, CompileModeError, ConfigError, DataError, HubtuneError, OutputDirError
 from hubtune.files import (
     CARD_FILE,
     CHECKPOINTS_DIR,
@@ -36,7 +52,7 @@ from hubtune.files import (
     TRAIN_CONFIG_FILE,
     WEIGHTS_FILE,
 )
-from hubtune.run_state import EpochProgress, RunState, restore
+from hubtune.run_state import EpochProgress, RunState, resume
 from hubtune.sources import parse_model_spec
 
 logger = get_logger("hubtune")
@@ -45,6 +61,9 @@ MIN_VAL_PER_CLASS = 10  # fewer validation images than this make a class's metri
 # what a run leaves in --output-dir; an earlier run's copy is refused, or removed with --overwrite-output-dir
 EARLIER_RUN = (CHECKPOINTS_DIR, TRAIN_CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, MODEL_CONFIG_FILE, CARD_FILE, "plots",
                tracking.RUNS_DIR)
+# what a run killed before its first checkpoint leaves (checkpoints/ then holds at most unfinished temporary folders):
+# `--resume` has nothing to continue, and starts afresh in its place
+BEFORE_FIRST_CHECKPOINT = (CHECKPOINTS_DIR, TRAIN_CONFIG_FILE, tracking.RUNS_DIR)
 
 
 @dataclass
@@ -77,7 +96,7 @@ class Job:
     state: RunState = field(default_factory=RunState)
     progress: EpochProgress = field(default_factory=EpochProgress)
     pusher: BackgroundPusher | None = None
-    uploader: hub_checkpoints.Uploader | None = None  # --hub-checkpoints (main process)
+    uploader: hub_sync.Uploader | None = None  # --hub-checkpoints (main process)
     started: float = field(default_factory=time.time)  # when this process's segment of the run began
 
     def backbone(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -94,30 +113,75 @@ class Job:
 
 def find_resume(cfg: TrainConfig, out: Path, accelerator: Accelerator) -> Path | None:
     """The checkpoint --resume names: local (latest, a path) or on the Hub (hub, hf://...), which the main process
-    downloads into OUTPUT_DIR/checkpoints/ while the others wait; None when there is none yet (start fresh)."""
+    downloads into OUTPUT_DIR/checkpoints/ while the others wait; None when there is none yet (start fresh).
+
+    A checkpoint that verifies but holds a state no run could have saved (resume_checks) is refused when named, and
+    passed over for the previous one otherwise (on the Hub: downloading it), as a damaged one is.
+    """
     if not cfg.resume:
         return None
     remote = hub_checkpoints.parse_resume(cfg.resume, cfg.push_to_hub, cfg.hub_checkpoints_branch)
     if remote is None:
-        found = checkpoint.find_resume(out, cfg.resume)
+        found = checkpoint.find_resume(out, cfg.resume, check=resume_checks.check_saved)
         if found is None:
             logger.info(f"--resume latest: no checkpoint in {out}, starting fresh")
         return found
+    fetched = _fetch_remote(cfg, remote, out, accelerator)
+    if fetched is None:
+        return None
+    older: list[str] | None = None  # the branch's checkpoints before the first one downloaded, newest first
+    while fetched is not None:
+        try:
+            resume_checks.check_saved(fetched)
+            return fetched
+        except CheckpointError as err:
+            if remote.name:
+                raise
+            logger.warning(f"--resume {cfg.resume}: skipping {fetched.name}: {err}; trying the previous one")
+        if older is None:
+            below = checkpoint.step_of(fetched.name)
+            older = [] if is_offline_mode() else _on_main(accelerator, lambda: [
+                n for n in hub_checkpoints.remote_names(remote) if checkpoint.step_of(n) < below])
+        fetched = None
+        while older and fetched is None:
+            try:
+                fetched = _fetch_remote(cfg, dataclasses.replace(remote, name=older.pop(0)), out, accelerator)
+            except HubtuneError as err:
+                logger.warning(f"{err}; trying the previous one")
+    raise CheckpointError(f"--resume {cfg.resume}: no checkpoint on {remote} can be resumed (see the warnings)")
+
+
+def named_checkpoint(cfg: TrainConfig) -> bool:
+    """Whether --resume names one checkpoint (a path, hf://.../checkpoints/step-N) rather than the newest usable."""
+    if cfg.resume in (None, "latest", "hub"):
+        return False
+    remote = hub_checkpoints.parse_resume(cfg.resume, cfg.push_to_hub, cfg.hub_checkpoints_branch)
+    return remote is None or remote.name is not None
+
+
+def _fetch_remote(cfg: TrainConfig, remote: hub_checkpoints.HubCheckpoints, out: Path,
+                  accelerator: Accelerator) -> Path | None:
+    """The checkpoint downloaded from the Hub by the main process (the others wait); None when there is none."""
+    name = _on_main(accelerator, lambda: getattr(hub_checkpoints.fetch(remote, out), "name", None))
+    if name is None:
+        logger.info(f"--resume {cfg.resume}: no checkpoint on {remote} yet, starting fresh")
+        return None
+    return out / checkpoint.CHECKPOINTS / name
+
+
+def _on_main(accelerator: Accelerator, fn: Callable[[], Any]) -> Any:
+    """fn() run by the main process alone (the one that talks to the Hub), its result handed to every process."""
     answer: list[Any] = [None]
     if accelerator.is_main_process:
         try:
-            path = hub_checkpoints.fetch(remote, out)
-            answer = [path.name if path else None]
+            answer = [fn()]
         except HubtuneError as err:  # every process must raise it, not wait for the main one forever
             answer = [err]
     if accelerator.num_processes > 1:
         answer = broadcast_object_list(answer)
     if isinstance(answer[0], HubtuneError):
         raise answer[0]
-    if answer[0] is None:
-        logger.info(f"--resume {cfg.resume}: no checkpoint on {remote} yet, starting fresh")
-        return None
-    return out / checkpoint.CHECKPOINTS / answer[0]
+    return answer[0]
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -200,6 +264,8 @@ def resolve_device_settings(cfg: TrainConfig, device: torch.device) -> TrainConf
 def build_job(cfg: TrainConfig) -> Job:
     """Check and assemble the run described by `cfg`; resume it when --resume finds a checkpoint."""
     cfg.validate()
+    if not (cfg.progress and sys.stderr.isatty()):  # the Hub client's bars too: no cursor codes in a log file
+        disable_progress_bars()
     accelerator = make_accelerator(cfg)
     cfg = resolve_device_settings(cfg, accelerator.device)
     set_seed(cfg.seed, device_specific=True)
@@ -269,8 +335,8 @@ def build_job(cfg: TrainConfig) -> Job:
               train_loader=train_loader, val_loader=val_loader, cache=cache, run=run,
               command=report.resume_command(), frozen=frozen, schedule=schedule, ema=ema,
               state=RunState(steps_per_epoch=steps_per_epoch_hint(cfg, info, world)))
-    if resume_from is not None:
-        restore(job, resume_from)
+    if resume_from is not None:  # one that does not fit this model falls back to an older one, unless named
+        resume_from = resume(job, resume_from, named=named_checkpoint(cfg))
     validation = count_validation(cfg, info, val_ds, accelerator)
     # everything is checked: from here on the output directory is written (after every process looked at it)
     earlier = check_output_dir(cfg, out, resuming=resume_from is not None)
@@ -283,7 +349,8 @@ def build_job(cfg: TrainConfig) -> Job:
                     "validation": validation}
     job.pusher = _background_pusher(cfg) if cfg.push_every_save and accelerator.is_main_process else None
     if cfg.hub_checkpoints and accelerator.is_main_process:
-        job.uploader = hub_checkpoints.Uploader(cfg.push_to_hub, cfg.hub_checkpoints_branch, out, cfg.private)
+        job.uploader = hub_sync.Uploader(cfg.push_to_hub, cfg.hub_checkpoints_branch, out, cfg.private,
+                                         cfg.hub_checkpoints_timeout)
     tracking.start(accelerator, cfg.to_dict(), resume_step=job.state.global_step if resume_from else 0)
     return job
 
@@ -362,7 +429,8 @@ def _available_memory(device: torch.device) -> int | None:
 
 
 def check_output_dir(cfg: TrainConfig, out: Path, resuming: bool) -> list[str]:
-    """What an earlier run left in --output-dir that this one replaces (--overwrite-output-dir).
+    """What an earlier run left in --output-dir that this one replaces (--overwrite-output-dir, or --resume of a run
+    killed before its first checkpoint).
 
     Raises:
         OutputDirError: it is a file, or it holds an earlier run (without --resume or --overwrite-output-dir).
@@ -370,9 +438,15 @@ def check_output_dir(cfg: TrainConfig, out: Path, resuming: bool) -> list[str]:
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"--output-dir {str(out)!r} is a file; give a directory (created if missing)")
     earlier = [] if resuming else [name for name in EARLIER_RUN if (out / name).exists()]
+    if earlier and cfg.resume and set(earlier) <= set(BEFORE_FIRST_CHECKPOINT) and not checkpoint.listing(out):
+        logger.info(f"--resume {cfg.resume}: {out} holds only what a run writes before its first checkpoint "
+                    f"({', '.join(earlier)}); replacing it and starting fresh")
+        return earlier
     if earlier and not cfg.overwrite_output_dir:
-        raise OutputDirError(f"--output-dir {str(out)!r} holds an earlier run ({', '.join(earlier)}); pass --resume "
-                             "latest to continue it, --overwrite-output-dir to replace it, or give another --output-dir")
+        held = f"--output-dir {str(out)!r} holds an earlier run ({', '.join(earlier)})"
+        fix = "pass --overwrite-output-dir to replace it, or give another --output-dir"
+        raise OutputDirError(f"{held} and no checkpoint to continue it from; {fix}" if cfg.resume else
+                             f"{held}; pass --resume latest to continue it, {fix.removeprefix('pass ')}")
     return earlier
 
 

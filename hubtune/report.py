@@ -94,7 +94,7 @@ def resume_command() -> str:
     args = [a for a in args if not a.startswith("--resume=")]
     if Path(sys.argv[0]).name == "train.py":
         launched = os.environ.get("WORLD_SIZE") or any(k.startswith("ACCELERATE_") for k in os.environ)
-        head = "accelerate launch hubtune/train.py" if launched else "python -m hubtune.train"
+        head = "accelerate launch -q hubtune/train.py" if launched else "python -m hubtune.train"
     else:
         head = "hubtune"
     return " ".join([head, *(shlex.quote(a) for a in args)])

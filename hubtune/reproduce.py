@@ -29,12 +29,21 @@ def fetch_record(source: str, revision: str | None = None) -> tuple[dict, dict, 
         files = {name: local / name for name in (TRAIN_CONFIG_FILE, METRICS_FILE, CARD_FILE)}
     else:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        from hubtune import hub_calls
 
         files = {}
         for name in (TRAIN_CONFIG_FILE, METRICS_FILE, CARD_FILE):
             try:
                 files[name] = Path(hf_hub_download(source, name, revision=revision))
+            except LocalEntryNotFoundError as err:  # no answer (it subclasses EntryNotFoundError: caught first)
+                raise hub_calls.unreachable(f"reading {name} of {source}", err) from err
             except EntryNotFoundError:
                 files[name] = Path("/nonexistent")
             except (RepositoryNotFoundError, RevisionNotFoundError) as err:

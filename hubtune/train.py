@@ -33,13 +33,14 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
-from hubtune import checkpoint, device_decode, features, hub, hub_calls, metrics, report, unfreeze
+from hubtune import checkpoint, device_decode, features, hub, metrics, report, unfreeze
 from hubtune.config import TrainConfig, parse
 from hubtune.errors import (
     BadDataError,
     CheckpointError,
     DivergedError,
     TrainingInterrupted,
+    quiet_broken_pipes,
     run_guarded,
     setup_logging,
 )
@@ -314,8 +315,8 @@ def export_best(job: Job, result: dict[str, Any]) -> None:
                                      "exported": path.name, "reason": str(err)}
         weights = checkpoint.load_weights(path, ema=row.get("weights") == "ema")
     job.net.load_state_dict(weights)
-    if job.pusher is not None:  # the final push supersedes a waiting snapshot; wait for one in flight (bounded)
-        job.pusher.close(timeout=hub_calls.timeout_s() + 30)
+    if job.pusher is not None:  # the final push supersedes a waiting snapshot and cancels one in flight
+        job.pusher.close(timeout=30)
         result["background_pushes"] = {"pushed": job.pusher.pushed, "failed": job.pusher.failed}
     if job.uploader is not None:  # the last checkpoint too, before the run's record is written
         job.uploader.finish(cfg.hub_checkpoints_timeout)
@@ -329,15 +330,27 @@ def export_best(job: Job, result: dict[str, Any]) -> None:
     if cfg.push_to_hub:
         hub.push(job.out, cfg.push_to_hub, private=cfg.private, revision=cfg.revision,
                  commit_message=cfg.commit_message, push_checkpoints=cfg.push_checkpoints,
-                 overwrite_card=cfg.overwrite_card)
+                 overwrite_card=cfg.overwrite_card, rerun=push_command(cfg, job.out))
+
+
+def push_command(cfg: TrainConfig, out: Path) -> str:
+    """The command that completes a push that failed at the end of training (rerunning training is refused)."""
+    options = [("--private", cfg.private), (f"--revision {cfg.revision}", cfg.revision),
+               ("--push-checkpoints", cfg.push_checkpoints), ("--overwrite-card", cfg.overwrite_card)]
+    return " ".join(["hubtune push", str(out), str(cfg.push_to_hub)] + [flag for flag, on in options if on])
 
 
 def finish_uploads(job: Job, path: Path) -> str | None:
     """After the checkpoint saved on SIGTERM/SIGINT: wait (--hub-checkpoints-timeout at most) for it to reach the
     Hub; say where it went, or why it did not. None without --hub-checkpoints (and on the processes that do not
-    upload)."""
+    upload). The upload runs in the sync process (hubtune.hub_sync): a launcher that kills this process while it
+    waits does not stop it."""
     if job.uploader is None:
         return None
+    # said before waiting: `accelerate launch` SIGKILLs this process 5 s after it forwarded the signal
+    logger.info(f"{path.name} saved; uploading it to {job.uploader.repo_id}@{job.uploader.branch} (at most "
+                f"{job.cfg.hub_checkpoints_timeout:g}s, in a process that outlives this one; its log: "
+                f"{job.uploader.log_path})")
     job.uploader.finish(job.cfg.hub_checkpoints_timeout)
     report = job.uploader.report()
     if path.name in report["uploaded"]:
@@ -349,13 +362,15 @@ def finish_uploads(job: Job, path: Path) -> str | None:
 
 @contextlib.contextmanager
 def background_threads_end(job: Job) -> Iterator[None]:
-    """Whatever ends the loop, the upload threads end too (a run ending normally waits for them in export_best)."""
+    """Whatever ends the loop, the upload threads end too (a run ending normally waits for them in export_best);
+    the checkpoint sync process finishes on its own, within --hub-checkpoints-timeout."""
     try:
         yield
     except BaseException:
-        for pusher in (job.pusher, job.uploader.pusher if job.uploader else None):
-            if pusher is not None:
-                pusher.close(timeout=5.0)
+        if job.pusher is not None:
+            job.pusher.close(timeout=5.0)
+        if job.uploader is not None:
+            job.uploader.abandon()
         raise
 
 
@@ -386,5 +401,6 @@ def _progress_bar(cfg: TrainConfig, accelerator: Accelerator, state: RunState) -
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: parse flags into a TrainConfig, train, turn errors into one-line messages."""
+    quiet_broken_pipes()
     setup_logging()
     return run_guarded(lambda: train(parse(argv)) and 0)

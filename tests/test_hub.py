@@ -507,3 +507,113 @@ def test_every_usage_snippet_of_the_card_runs_against_the_hub(hub, finished_run,
     proc = subprocess.run([sys.executable, "-m", "hubtune.cli", *line.split()[1:-1], str(image)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, env=env_for(hub.url, tmp_path / "home"))
     assert proc.returncode == 0 and proc.stdout.startswith(f"{image}: "), proc.stderr[-2000:]
+
+
+def test_upload_urls_signed_before_a_server_restart_are_renewed_and_the_token_is_not_blamed(finished_run, tmp_path,
+                                                                                               caplog):
+    """A Hub restarted mid-upload refuses the upload URLs it signed before (403): the push asks for new ones and
+    completes, instead of saying that the token cannot write."""
+    from faultproxy import FaultProxy
+    from helpers import free_port
+
+    tokens, port = {TOKEN: ("alice", "write")}, free_port()
+    server = LocalHub(tmp_path / "hub", port=port, tokens=tokens).start()
+    target, result = unique("restarted"), {}
+    try:
+        with FaultProxy(server.url) as proxy:
+            held = proxy.hold("PUT", r"/upload/", timeout=60)  # the first upload waits while the server restarts
+
+            def push() -> None:
+                try:
+                    result["url"] = hub_lib.push(finished_run, target, token=TOKEN, endpoint=proxy.url, retries=2,
+                                                 retry_wait=0.01)
+                except Exception as err:  # noqa: BLE001 - asserted below
+                    result["error"] = err
+
+            pushing = threading.Thread(target=push)
+            pushing.start()
+            assert held.holding.wait(60)
+            server.stop()
+            server = LocalHub(tmp_path / "hub", port=port, tokens=tokens).start()  # a new signing key
+            held.release()
+            pushing.join(120)
+        assert not pushing.is_alive()
+        assert "error" not in result, result.get("error")
+        assert f"{target}/commit/" in result["url"]
+        assert "HTTP 403 from a signed upload URL" in caplog.text
+    finally:
+        server.stop()
+
+
+def test_a_403_on_a_signed_url_is_transient_but_a_403_on_the_api_blames_the_token(hub, finished_run):
+    """The classification itself: the same status, two causes."""
+    with pytest.raises(hub_lib.PushError, match=r"refused \(403\): your token cannot write to 'bob'"):
+        hub_lib.push(finished_run, "bob/not-yours", token=TOKEN, retries=0)
+
+
+def test_a_push_that_cannot_succeed_ends_within_its_bound_with_the_error_last_naming_hubtune_push(
+        hub, two_class_folder, tmp_path):
+    """A Hub that answers 500 to every upload, through README's launch command with --push-every-save: training
+    ends, the run's export is intact, no retry starts after HUBTUNE_PUSH_TIMEOUT, and the last line the user sees
+    is the error, naming the command that completes the push."""
+    import time
+
+    from faultproxy import FaultProxy
+
+    target, out = unique("never"), tmp_path / "out"
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "-q", "hubtune/train.py", "--model",
+           "test_resnet", "--no-pretrained", "--dataset", str(two_class_folder), "--image-size", "32", "--epochs", "1",
+           "--batch-size", "16", "--num-workers", "0", "--max-bad-fraction", "0.05", "--output-dir", str(out),
+           "--push-to-hub", target, "--push-every-save", "--report-to", "none"]
+    with FaultProxy(hub.url) as proxy:
+        failing = proxy.fail("PUT", r"/upload/", status=500, times=None)
+        started = time.monotonic()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env=env_for(proxy.url, tmp_path / "home", HUBTUNE_PUSH_TIMEOUT="10",
+                                          HUBTUNE_HUB_RETRY_WAIT="0.5"))
+        took = time.monotonic() - started
+    assert proc.returncode == 1 and failing.applied >= 1, proc.stderr[-3000:]
+    lines = [line.removeprefix("[RANK 0] ") for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("hubtune: error: push to "), proc.stderr[-3000:]
+    assert f"complete the push with: hubtune push {out} {target}" in lines[-1]
+    assert sum(line.startswith("hubtune: error") for line in lines) == 1 and "Traceback" not in proc.stderr
+    assert "it/s]" not in proc.stderr and "\r" not in proc.stderr  # no progress bars in a log
+    assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
+    # the background push cancelled (≤ 30 s), then the final push: attempts until 10 s, the last ends within the
+    # client's own retries of one file (about 25 s); training itself takes seconds
+    assert took < 150, took
+
+
+def test_every_entry_point_gives_up_on_a_hub_that_hangs_with_one_line(hub, tmp_path):
+    """A Hub that accepts connections and never answers: `from_pretrained`, `predict REPO`, `prefetch`, `reproduce`
+    and `evaluate` each end with one error line naming the Hub and the timeout, whatever call they make first
+    (HfApi's info calls pass `timeout=None`, hf_hub_download retries with its own 60 s timeout: both bounded)."""
+    import time
+
+    from faultproxy import FaultProxy
+    from PIL import Image
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    python = [sys.executable, "-c", "from hubtune.errors import run_guarded; from hubtune import ImageClassifier; "
+              "raise SystemExit(run_guarded(lambda: ImageClassifier.from_pretrained('alice/m')))"]
+    cli = [sys.executable, "-m", "hubtune.cli"]
+    commands = {"from_pretrained": python, "predict": cli + ["predict", "alice/m", str(image)],
+                "prefetch": cli + ["prefetch", "--model", "alice/m"],
+                "reproduce": cli + ["reproduce", "alice/m", "--dry-run"],
+                "evaluate": cli + ["evaluate", "alice/m", "--dataset", "alice/d"]}
+    with FaultProxy(hub.url) as proxy:
+        hung = proxy.hold("*", r"/", timeout=240, times=None)
+        started = time.monotonic()
+        procs = {name: subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                        env=env_for(proxy.url, tmp_path / name, HUBTUNE_HUB_TIMEOUT="2"))
+                 for name, cmd in commands.items()}
+        results = {name: (proc.communicate(timeout=230)[1], proc.returncode) for name, proc in procs.items()}
+        took = time.monotonic() - started
+        hung.release()
+    assert took < 200, took  # the server held every request for 240 s: each one gave up on its own
+    for name, (stderr, code) in results.items():
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert code == 1 and lines and lines[-1].startswith("hubtune: error: "), (name, stderr[-2000:])
+        assert f"the Hub at {proxy.url} could not be reached" in lines[-1] and "HUBTUNE_HUB_TIMEOUT 2s" in lines[-1]
+        assert "Traceback" not in stderr, (name, stderr[-2000:])

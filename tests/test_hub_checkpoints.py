@@ -51,9 +51,33 @@ def uploaded(log: str) -> list[str]:
     return [line.split(UPLOADED)[1].split()[0] for line in log.splitlines() if UPLOADED in line]
 
 
-def branch_checkpoints(repo: str, branch: str = "checkpoints") -> dict[str, set[str]]:
+def sync_processes(out: Path) -> list:
+    """The checkpoint sync processes (hubtune.hub_sync) of the run writing to `out`."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "hubtune.hub_sync" in cmd and str(out) in cmd:
+            found.append(proc)
+    return found
+
+
+def lose_machine(root: Path) -> None:
+    """The machine is gone: every process of its runs (the checkpoint sync process too), its output dirs and its
+    HF cache."""
+    import psutil
+
+    procs = [p for out in root.iterdir() for p in sync_processes(out)]
+    for proc in procs:
+        proc.kill()
+    psutil.wait_procs(procs, timeout=30)
+    shutil.rmtree(root)
+
+
+def branch_checkpoints(repo: str, branch: str = "checkpoints", endpoint: str | None = None) -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
-    for f in HfApi(token=TOKEN).list_repo_files(repo, revision=branch):
+    for f in HfApi(token=TOKEN, endpoint=endpoint).list_repo_files(repo, revision=branch):
         if f.startswith("checkpoints/"):
             _, name, file = f.split("/")
             found.setdefault(name, set()).add(file)
@@ -96,6 +120,9 @@ def test_a_run_killed_on_one_machine_resumes_exactly_on_another(sig, hub, two_cl
     for line in proc.stderr:
         seen.append(line)
         if len(uploaded("".join(seen))) >= wanted and (sig == signal.SIGKILL or " | loss " in line):
+            if sig == signal.SIGKILL:  # the machine is lost: its checkpoint sync process goes with the trainer
+                for sync in sync_processes(a / "out"):
+                    sync.kill()
             proc.send_signal(sig)
             break
     log = "".join(seen) + proc.stderr.read()
@@ -106,7 +133,7 @@ def test_a_run_killed_on_one_machine_resumes_exactly_on_another(sig, hub, two_cl
         assert f"uploaded to {repo}@checkpoints: on another machine, resume with: " in log
         told = next(line for line in log.splitlines() if "SIGTERM received" in line)
         assert told.rstrip().endswith("--resume hub"), told
-    shutil.rmtree(a)  # the machine is gone: its output dir and its HF cache with it
+    lose_machine(a)
 
     done = run(flags(two_class_folder, b / "out", *args, "--resume", "hub"), machine(hub.url, b / "hf"))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -151,6 +178,8 @@ def test_uploads_fail_while_the_server_is_down_and_resume_after_it_returns(two_c
             elif "background upload of .upload-" in line and restarted is None:
                 restarted = LocalHub(tmp_path / "store", port=port, tokens={TOKEN: ("alice", "write")}).start()
         code = proc.wait(timeout=300)
+        # the branch mirrors the retention here, checkpoints superseded while the Hub was down included
+        on_hub = branch_checkpoints(repo, endpoint=restarted.url) if restarted is not None else None
     finally:
         for s in (server, restarted):
             if s is not None:
@@ -164,6 +193,8 @@ def test_uploads_fail_while_the_server_is_down_and_resume_after_it_returns(two_c
     after = [name for name in record["uploaded"] if name > max(failed)]
     assert after and record["uploaded"][-1] == checkpoint.listing(out)[-1].name  # uploads resumed with the server
     assert restarted is not None
+    assert sorted(on_hub) == [p.name for p in checkpoint.listing(out)], log[-3000:]
+    assert not list((out / "checkpoints").glob(".hub-sync-*")) and not list((out / "checkpoints").glob(".upload-*"))
 
 
 @pytest.fixture(scope="module")
