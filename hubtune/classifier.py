@@ -198,7 +198,7 @@ class ImageClassifier:
 
     def _image(self, item: ImageInput, name: str) -> Image.Image:
         """An RGB image, as training decodes it (EXIF orientation, transparency on white), from any accepted input."""
-        from hubtune.data import decode, to_rgb
+        from hubtune.data import ImageTooLarge, decode, read_image_file, to_rgb
 
         if isinstance(item, Image.Image):
             return to_rgb(item)
@@ -206,7 +206,10 @@ class ImageClassifier:
             return to_rgb(_array_image(item, name))
         if isinstance(item, (str, Path)):
             try:
-                item = Path(item).expanduser().read_bytes()
+                with Path(item).expanduser().open("rb") as f:
+                    item = read_image_file(f)  # never read whole on the size the file claims
+            except ImageTooLarge as err:
+                raise ConfigError(f"{name}: {err}") from err
             except OSError as err:
                 raise ConfigError(f"{name}: cannot read the image file ({err.strerror or err})") from err
         if not isinstance(item, (bytes, bytearray, memoryview)):

@@ -334,6 +334,15 @@ def test_predict_reports_a_12_gb_sparse_file_as_one_error_row_without_reading_it
     assert f"1 of {len(rows)} images could not be read" in proc.stderr
 
 
+def test_image_classifier_refuses_a_12_gb_sparse_file_in_one_line_without_reading_it(finished_run, tmp_path):
+    from hubtune import ImageClassifier
+    from hubtune.errors import ConfigError
+
+    huge = sparse_image(tmp_path / "huge.jpg")
+    with pytest.raises(ConfigError, match=r"huge.jpg.*: the file is 12.0 GiB, over the 1 GiB limit"):
+        ImageClassifier.from_pretrained(str(finished_run)).predict([huge])
+
+
 def test_evaluate_skips_and_counts_a_12_gb_sparse_file_without_reading_it(finished_run, small_folder, tmp_path):
     dataset = tmp_path / "theirs"
     for name in ("cat", "dog"):
