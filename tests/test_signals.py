@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 from faultproxy import FaultProxy
 from test_checkpoint import assert_same_run, flags
 from test_hub_checkpoints import (  # noqa: F401 (reference: a fixture)
