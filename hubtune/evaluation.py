@@ -5,15 +5,22 @@ is read as training reads it (streamed, the same decoding, broken images skipped
 to the model's label names by name, never by index (`--label-map` renames classes). Several processes
 (`accelerate launch -m hubtune.cli evaluate ...`) each read their own shard; the sums are reduced. `--push` adds
 the result to the model repo's card as a new model-index entry, keeping what the card already says.
+
+A local folder or parquet file is the evaluation set the user points at: without a test or validation split, its
+only split is evaluated (class subfolders without train/ and test/, which datasets calls "train"); a Hub dataset
+with only a train split is refused, as that is training data. An --output-dir holding an earlier evaluation is
+refused unless --overwrite-output-dir, as `hubtune train` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import re
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,7 @@ logger = logging.getLogger("hubtune")
 
 RESULTS_FILE = "eval_results.json"
 CONFUSION_PLOT = "eval_confusion_matrix.png"
+EVAL_FILES = (RESULTS_FILE, CONFUSION_PLOT)  # what an evaluation writes in --output-dir
 TASK = ("image-classification", "Image Classification")
 
 
@@ -76,7 +84,11 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
                                           trust_pickled_weights=args.trust_pickled_weights)
     if args.push and clf.revision is None:
         raise ConfigError(f"--push adds the result to a Hub model repo's card; {args.model!r} is a local directory")
-    split, info = data.open_eval_split(args.dataset, args.split, args.dataset_revision, args.image_column,
+    only = None if args.split else only_local_split(args.dataset)
+    if only and accelerator.is_main_process:
+        logger.info(f"--dataset {args.dataset!r} is local, with one split ({only!r}) and no test or validation split: "
+                    "evaluating all of it")
+    split, info = data.open_eval_split(args.dataset, args.split or only, args.dataset_revision, args.image_column,
                                        args.label_column)
     targets = torch.tensor(match_labels(info.class_names, clf.label_names, label_map))
     data_cfg = clf.data_config
@@ -115,6 +127,34 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
             print(push_result(record, spec.repo_id, branch))
     accelerator.wait_for_everyone()
     return record
+
+
+def only_local_split(dataset: str) -> str | None:
+    """The only split of a local dataset (folder or parquet files) that has no test or validation split; None for
+    a Hub dataset, whose only split is its training data, and for a local one with an evaluation split or several."""
+    from hubtune import data
+
+    local = Path(dataset).expanduser()
+    if not local.exists() and not (any(c in dataset for c in "*?[") and glob.glob(str(local))):
+        return None
+    # data.open_eval_split opens it again; listing a local folder's files twice costs little next to evaluating them
+    names = list(data._load(types.SimpleNamespace(dataset=dataset, dataset_revision=None))[0])
+    return names[0] if len(names) == 1 and names[0] not in data.EVAL_SPLIT_NAMES else None
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Refuse an --output-dir that cannot be written, or that holds an earlier evaluation (unless `overwrite`).
+
+    Raises:
+        OutputDirError: it is a file, not writable, or holds eval_results.json or the plot of an earlier evaluation.
+    """
+    problem = unwritable(Path(output_dir), directory=True)
+    if problem:
+        raise OutputDirError(f"--output-dir {output_dir!r} cannot be written: {problem}; give a writable directory")
+    earlier = [name for name in EVAL_FILES if (Path(output_dir) / name).exists()]
+    if earlier and not overwrite:
+        raise OutputDirError(f"--output-dir {output_dir!r} holds an earlier evaluation ({', '.join(earlier)}); pass "
+                             "--overwrite-output-dir to replace it, or give another --output-dir")
 
 
 def _record(args: argparse.Namespace, clf: Any, info: Any, label_map: dict[str, str], result: dict[str, Any],
@@ -201,6 +241,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-bad-fraction", type=float, default=0.01,
                         help="fail if more than this fraction of images cannot be decoded")
     parser.add_argument("--output-dir", default="evaluation", help="where eval_results.json and the plot go")
+    parser.add_argument("--overwrite-output-dir", action="store_true",
+                        help="replace the eval_results.json and plot of an earlier evaluation in --output-dir instead "
+                             "of refusing to start")
     parser.add_argument("--push", action="store_true",
                         help="add the result to the model repo's card (model-index), in one verified commit")
     parser.add_argument("--trust-pickled-weights", action="store_true",
@@ -212,9 +255,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if getattr(args, name) < (1 if name == "batch_size" else 0):
             raise ConfigError(f"--{name.replace('_', '-')}: got {getattr(args, name)}, expected an integer >= "
                               f"{1 if name == 'batch_size' else 0}")
-    problem = unwritable(Path(args.output_dir), directory=True)
-    if problem:
-        raise OutputDirError(f"--output-dir {args.output_dir!r} cannot be written: {problem}; give a writable "
-                             "directory")
+    check_output_dir(args.output_dir, args.overwrite_output_dir)
     evaluate_model(args)
     return 0

@@ -1,10 +1,12 @@
 """The other researcher's side: loading an export in transformers, `hubtune evaluate` on their own labelled data
-(labels matched by name, several processes, --push to the card), and `hubtune predict` on whole directories."""
+(labels matched by name, several processes, --push to the card, a local folder evaluated whole, an earlier
+evaluation kept), and `hubtune predict` on whole directories."""
 
 import argparse
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -16,13 +18,13 @@ import pytest
 import timm
 import torch
 from helpers import make_image_dataset, make_rgb
-from huggingface_hub import ModelCard
+from huggingface_hub import HfApi, ModelCard
 
 from hubtune import ImageClassifier
 from hubtune import hub as hub_lib
 from hubtune.config import TrainConfig
 from hubtune.errors import DataError, PushError
-from hubtune.evaluation import RESULTS_FILE, add_evaluate_arguments, run_evaluate
+from hubtune.evaluation import EVAL_FILES, RESULTS_FILE, add_evaluate_arguments, run_evaluate
 from hubtune.predict import add_predict_arguments, run_predict
 from hubtune.train import train
 
@@ -49,6 +51,25 @@ def renamed_test_set(tmp_path_factory) -> Path:
     (root / "test" / "cat").rename(root / "test" / "kitty")
     (root / "test" / "dog").rename(root / "test" / "puppy")
     return root
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """A newcomer's labelled photos: one subfolder per class (cat/, dog/), no train/ or test/ folders; 16 images."""
+    return make_image_dataset(tmp_path_factory.mktemp("photos"), "imagefolder", per_class=5, seed=3)
+
+
+def hubtune(*argv: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """`hubtune ...` as a user types it, in `cwd` (where the default --output-dir, ./evaluation, goes)."""
+    return subprocess.run([sys.executable, "-m", "hubtune.cli", *argv], check=False, cwd=cwd, capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env})
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one `hubtune: error: ...` line a refused command ends with (exit code 2, no traceback)."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
 
 
 def evaluate(*argv: str) -> dict:
@@ -157,7 +178,7 @@ def test_evaluate_push_adds_model_index_entries_and_keeps_the_card(hub, export, 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     for split_map in ("kitty=cat,puppy=dog", "puppy=cat,kitty=dog"):  # two results (the second one swaps labels)
         evaluate(repo_id, "--dataset", str(renamed_test_set), "--label-map", split_map, "--max-bad-fraction", "0.2",
-                 "--output-dir", str(tmp_path / "out"), "--push")
+                 "--output-dir", str(tmp_path / "out"), "--overwrite-output-dir", "--push")
     card = ModelCard.load(repo_id)
     results = card.data.eval_results
     assert results[:len(before.data.eval_results)] == before.data.eval_results  # the training results stay
@@ -170,6 +191,69 @@ def test_evaluate_push_adds_model_index_entries_and_keeps_the_card(hub, export, 
         evaluate(repo_id, "--dataset", str(renamed_test_set), "--label-map", "kitty=cat,puppy=dog",
                  "--max-bad-fraction", "0.2", "--output-dir", str(tmp_path / "readonly"), "--push")
     assert (tmp_path / "readonly" / RESULTS_FILE).is_file()  # the result is kept even when the push is refused
+
+
+def test_a_local_folder_of_class_subfolders_is_evaluated_whole_and_a_hub_train_split_is_still_refused(
+        hub, export, photos, tmp_path):
+    proc = hubtune("evaluate", str(export), "--dataset", str(photos), "--num-workers", "0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[0] == f"{export} on {photos} (train): 16 images, 0 skipped"
+    assert (f"--dataset '{photos}' is local, with one split ('train') and no test or validation split: evaluating all "
+            "of it") in proc.stderr.splitlines()
+    folder = json.loads((tmp_path / "evaluation" / RESULTS_FILE).read_text())
+    assert folder["examples"] == 16 and folder["dataset"]["split"] == "train"
+    # the same images as a local parquet file: the same evaluation
+    parquet = make_image_dataset(tmp_path / "parquet", "parquet", per_class=5, seed=3)
+    from_parquet = evaluate(str(export), "--dataset", str(parquet), "--output-dir", str(tmp_path / "parquet_eval"))
+    assert from_parquet["confusion_matrix"] == folder["confusion_matrix"]
+    # a local folder with train/ and test/ subfolders is evaluated on test/, as before
+    splits = tmp_path / "splits"
+    shutil.copytree(photos, splits / "train")
+    make_image_dataset(splits / "test", "imagefolder", per_class=3, seed=4)
+    on_test = evaluate(str(export), "--dataset", str(splits), "--output-dir", str(tmp_path / "splits_eval"))
+    assert on_test["dataset"]["split"] == "test" and on_test["examples"] == 12
+    # on the Hub, a dataset with only a train split is training data: refused, as before
+    repo_id = f"alice/photos-{uuid.uuid4().hex[:8]}"
+    api = HfApi(token=TOKEN)
+    api.create_repo(repo_id, repo_type="dataset")
+    api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=photos)
+    proc = hubtune("evaluate", str(export), "--dataset", repo_id, "--output-dir", "hub_eval", cwd=tmp_path)
+    assert error_line(proc) == (f"hubtune: error: --dataset '{repo_id}' has no test or validation split; splits: train "
+                                "(choose one with --split)")
+    assert not (tmp_path / "hub_eval").exists()
+
+
+def test_a_second_evaluation_into_the_same_folder_is_refused_and_keeps_the_first_unless_asked(
+        export, photos, renamed_test_set, tmp_path):
+    first = evaluate(str(export), "--dataset", str(renamed_test_set), "--label-map", "kitty=cat,puppy=dog",
+                     "--max-bad-fraction", "0.2", "--output-dir", str(tmp_path / "evaluation"))
+    kept = {name: (tmp_path / "evaluation" / name).read_bytes() for name in EVAL_FILES}
+    command = ("evaluate", str(export), "--dataset", str(photos), "--num-workers", "0")
+    assert error_line(hubtune(*command, cwd=tmp_path)) == (
+        "hubtune: error: --output-dir 'evaluation' holds an earlier evaluation (eval_results.json, "
+        "eval_confusion_matrix.png); pass --overwrite-output-dir to replace it, or give another --output-dir")
+    assert {name: (tmp_path / "evaluation" / name).read_bytes() for name in EVAL_FILES} == kept
+    assert json.loads(kept[RESULTS_FILE])["dataset"]["id"] == first["dataset"]["id"] == str(renamed_test_set)
+    proc = hubtune(*command, "--overwrite-output-dir", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "wrote evaluation/eval_results.json and evaluation/eval_confusion_matrix.png"
+    assert json.loads((tmp_path / "evaluation" / RESULTS_FILE).read_text())["dataset"]["id"] == str(photos)
+
+
+def test_pushes_say_1_file_or_n_files(hub, export, photos, tmp_path):
+    def pushed(proc: subprocess.CompletedProcess) -> list[tuple[int, str]]:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        said = [re.fullmatch(r"pushed (\d+) (\w+) to \S+ \(verified size and hash on the Hub\)", line)
+                for line in proc.stderr.splitlines()]
+        return [(int(m[1]), m[2]) for m in said if m]
+
+    repo_id = f"alice/counted-{uuid.uuid4().hex[:8]}"
+    [(count, word)] = pushed(hubtune("push", str(export), repo_id, cwd=tmp_path, HF_TOKEN=TOKEN))
+    assert count > 1 and word == "files"
+    evaluated = hubtune("evaluate", repo_id, "--dataset", str(photos), "--num-workers", "0", "--push", cwd=tmp_path,
+                        HF_TOKEN=TOKEN)
+    assert pushed(evaluated) == [(1, "file")]  # the card
+    assert evaluated.stdout.splitlines()[-1].startswith(f"added the result to the card of {repo_id}: ")
 
 
 def test_predict_walks_directories_and_reports_unreadable_files_as_rows(export, renamed_test_set, tmp_path, capsys):
