@@ -70,6 +70,16 @@ def wall(cmd: list[str]) -> float:
     return elapsed
 
 
+def wall_failing(cmd: list[str], code: int = 2) -> float:
+    """Seconds `cmd` takes to refuse its arguments (exit `code`: a mistyped flag)."""
+    start = time.perf_counter()
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - start
+    if out.returncode != code or "did you mean" not in out.stderr:
+        raise RuntimeError(f"{' '.join(cmd)} did not refuse a mistyped flag with a suggestion:\n{out.stderr[-3000:]}")
+    return elapsed
+
+
 def model_dir(out: Path) -> Path:
     """resnet18 with 2 labelled classes in timm's Hub format, written by hubtune."""
     import timm
@@ -131,6 +141,14 @@ def run(ctx: Context) -> dict:
                                  **({"accelerate": lambda: until_first_step(acc_cmd)} if full else {})},
                       ctx.log, "first step")
 
+    typo = ["hubtune/train.py", "--freze", "stem"]  # answered before torch is imported (train.py's __main__ block)
+    help_s = alternate(ctx.reps, {
+        "hubtune": lambda: wall_failing([py, *typo]),
+        # the launcher exits 1 for any failure of its script; quick: hubtune's side only
+        **({"launcher": lambda: wall_failing([str(Path(py).with_name("accelerate")), "launch", "-q", *typo], 1)}
+           if full else {}),
+    }, ctx.log, "mistyped flag")
+
     folder = model_dir(ctx.scratch / "model")
     image = test_image(ctx.scratch)
     cli = alternate(ctx.reps, {
@@ -154,6 +172,9 @@ def run(ctx: Context) -> dict:
     rows = [
         row("time to first training step (process start to `step 1`)", "s", first["hubtune"], first.get("accelerate"),
             comparison_name="plain Accelerate loop script", higher_is_better=False),
+        row("a mistyped flag answered with `did you mean` (`python hubtune/train.py --freze stem`)", "s",
+            help_s["hubtune"], help_s.get("launcher"), comparison_name="the same through `accelerate launch -q`",
+            higher_is_better=False),
         row("`hubtune predict DIR IMAGE`, one image, process wall time", "s", cli["hubtune"], cli.get("timm"),
             comparison_name="minimal timm script", higher_is_better=False),
         row("ImageClassifier.predict(path), one image, warm, in process", "ms", ms["hubtune"], ms["timm"],
@@ -163,4 +184,4 @@ def run(ctx: Context) -> dict:
             "params": {"model": "resnet18", "train_image_size": image_size, "batch_size": batch_size,
                        "num_workers": 2, "images": n, "predict_image": "500x375 JPEG", "predict_size": 224,
                        "reps": ctx.reps, "warm_calls_per_rep": calls},
-            "details": {"first_step": first, "predict_cli_s": cli, "predict_warm_ms": ms}}
+            "details": {"first_step": first, "mistyped_flag_s": help_s, "predict_cli_s": cli, "predict_warm_ms": ms}}

@@ -2,10 +2,10 @@
 
 __version__ = "0.1.0"
 
-from hubtune import hub_calls  # noqa: E402
+from hubtune import hub_calls
 
 hub_calls.install_timeouts(strict=False)  # every Hub call of a process that imports hubtune has a timeout
 
-from hubtune.classifier import ImageClassifier  # noqa: E402  (light: torch/timm load on first use)
+from hubtune.classifier import ImageClassifier
 
 __all__ = ["ImageClassifier", "__version__"]

@@ -8,6 +8,7 @@ offline at any time (`hubtune card OUTPUT_DIR`). Older outputs without `run_info
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from importlib import resources
@@ -121,7 +122,8 @@ def _hyperparameters(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             return {None: "none", True: "true", False: "false"}[value]
         return str(value) if value != "" else '""'
 
-    defaults = TrainConfig().to_dict()
+    # a field whose unset value is resolved at run time (the launcher's precision) shows what it means without one
+    defaults = {f.name: f.metadata.get("unset_means", f.default) for f in dataclasses.fields(TrainConfig)}
     return [
         {"flag": name.replace("_", "-"), "value": show(value),
          "default": show(defaults[name]) if name in defaults else "unknown",
@@ -243,7 +245,7 @@ def build(outputs: dict[str, Any], repo_id: str | None = None, license: str | No
         "validation": run.get("validation") or {"small_classes": [], "min_per_class": None},
         "export_fallback": metrics.get("export_fallback"),
         "tensorboard": bool(outputs.get("runs")), "weights": best.get("weights", "model"),
-        "ema_decay": cfg.get("model_ema_decay"), "unfreeze_at": cfg.get("unfreeze_at", ""),
+        "ema_decay": cfg.get("model_ema_decay"), "model_ema": bool(cfg.get("model_ema")), "unfreeze_at": cfg.get("unfreeze_at", ""),
         "pushed": bool(cfg.get("push_to_hub")),  # reproducing must not push to this repo again
         "hub_checkpoints": _hub_checkpoints(metrics.get("hub_checkpoints")),
     }

@@ -12,8 +12,9 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,8 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from hubtune.errors import CheckpointError
 from hubtune.files import CHECKPOINTS_DIR as CHECKPOINTS
-from hubtune.files import WEIGHTS_FILE as MODEL_FILE
 from hubtune.files import STEP_NAME as NAME  # noqa: F401 (re-exported: checkpoint.NAME)
+from hubtune.files import WEIGHTS_FILE as MODEL_FILE
 from hubtune.files import disk_space, fsync_path, newest_first, sha256_file, step_of
 
 logger = logging.getLogger("hubtune")

@@ -7,8 +7,9 @@ build its parser for every command, and huggingface_hub reads HF_ENDPOINT once, 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from PIL import Image
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from hubtune.config import ArgumentParser
 from hubtune.errors import quiet_broken_pipes, run_guarded, setup_logging

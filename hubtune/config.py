@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
-from hubtune.errors import ConfigError
+from hubtune.errors import ConfigError, did_you_mean
 from hubtune.sources import repo_id_problem, revision_problem
 from hubtune.tracking import default_report_to, parse_report_to
 
@@ -59,7 +59,9 @@ class TrainConfig:
     warmup_steps: int = _f(0, "linear warmup steps before the cosine decay")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
     clip_grad: float | None = _f(None, "clip the gradient norm to this value")
-    mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "mixed precision mode", choices=MIXED_PRECISION)
+    mixed_precision: str | None = _f(None, "mixed precision mode; unset: what `accelerate launch --mixed_precision` or "
+                                           "`accelerate config` chose, else no (the resolved mode is recorded)",
+                                     choices=MIXED_PRECISION, unset_means="no")
     freeze: str = _f("", "comma list of timm groups (stem, stages.0-2, blocks.1) and module globs (layer1.*) to freeze")
     freeze_bn: bool = _f(False, "also fix BatchNorm statistics in the frozen parts (held in eval mode)")
     unfreeze_at: str = _f("", "gradual unfreezing: comma list of GROUP_OR_GLOB=EPOCH (1-based, 'all' for everything) from which parts frozen by --freeze train, e.g. stages.3=2,stages.2=3,all=4")
@@ -117,8 +119,8 @@ class TrainConfig:
 
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                bad(f.name, f"one of {', '.join(choices)}")
+            if choices and getattr(self, f.name) not in (*choices, *((None,) if f.default is None else ())):
+                bad(f.name, f"one of {', '.join(choices)}{did_you_mean(getattr(self, f.name), choices)}")
         for name, most in UPPER_BOUNDS.items():
             value = getattr(self, name)
             least = 0 if name in ("warmup_steps", "num_workers") else 1
@@ -296,7 +298,9 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
         for key, raw in loaded.items():
             name = str(key).replace("-", "_")
             if name not in fields:
-                problems.append(f"{path}: unknown key {key!r}; accepted keys: {', '.join(fields)}")
+                close = did_you_mean(name, fields).replace("; ", "", 1)
+                problems.append(f"{path}: unknown key {key!r}" + (f" ({close})" if close else "")
+                                + f"; accepted keys: {', '.join(fields)}")
                 continue
             values[name] = raw
     for name in fields:
@@ -317,10 +321,38 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors (unknown flag, missing argument) are ConfigErrors: one `hubtune: error:` line."""
+    """argparse whose usage errors (unknown flag, missing argument) are ConfigErrors: one `hubtune: error:` line that
+    suggests the closest flag or choice and points to the help of the (sub)command that was run."""
 
     def error(self, message: str) -> typing.NoReturn:
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # argparse reports them on the top parser; the subcommand that was run knows its flags
+            owner = self._chosen(parsed)
+            flags = [a for a in extras if a.startswith("-")]
+            hint = did_you_mean(flags[0].split("=")[0], owner._option_strings()) if flags else ""
+            owner.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return parsed
+
+    def _chosen(self, parsed: argparse.Namespace) -> ArgumentParser:
+        """The innermost subcommand parser that `parsed` went through (self without subcommands)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                sub = action.choices.get(getattr(parsed, action.dest or "", None) or "")
+                if isinstance(sub, ArgumentParser):
+                    return sub._chosen(parsed)
+        return self
+
+    def _option_strings(self) -> list[str]:
+        return [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.choices is not None and value not in action.choices:
+            listed = ", ".join(map(str, action.choices))
+            raise argparse.ArgumentError(
+                action, f"invalid choice: {value!r} (choose from {listed}){did_you_mean(value, action.choices)}")
 
 
 def parse(argv: list[str] | None = None, prog: str = "hubtune train") -> TrainConfig:

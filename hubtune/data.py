@@ -68,14 +68,16 @@ def _load(cfg: Any) -> tuple[datasets.IterableDatasetDict, str | None]:
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
     from hubtune.hub import api, cached_dataset_dir
+    from hubtune.hub_calls import answered
 
     if is_offline_mode():  # compute nodes without internet: the snapshot `hubtune prefetch` cached
         snapshot = cached_dataset_dir(cfg.dataset, cfg.dataset_revision)
         return datasets.load_dataset(str(snapshot), streaming=True), snapshot.name
     try:
         # pin the commit once, so every process, epoch and a later reproduction read the same files
-        sha = api().dataset_info(cfg.dataset, revision=cfg.dataset_revision).sha
-        return datasets.load_dataset(cfg.dataset, revision=sha, streaming=True), sha
+        with answered(f"--dataset {cfg.dataset!r}"):
+            sha = api().dataset_info(cfg.dataset, revision=cfg.dataset_revision).sha
+            return datasets.load_dataset(cfg.dataset, revision=sha, streaming=True), sha
     except RevisionNotFoundError as err:
         raise DataError(f"--dataset-revision {cfg.dataset_revision!r} does not exist in {cfg.dataset}") from err
     except HFValidationError as err:

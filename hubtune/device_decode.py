@@ -20,7 +20,8 @@ from __future__ import annotations
 import io
 import logging
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torchvision.transforms as T

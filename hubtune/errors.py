@@ -7,11 +7,13 @@ other exception is a bug in hubtune and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -93,6 +95,45 @@ class TrainingInterrupted(HubtuneError):
         super().__init__(message)
 
 
+class Problems:
+    """The errors of independent checks, collected so that one run reports them all at once."""
+
+    def __init__(self) -> None:
+        self.errors: list[HubtuneError] = []
+
+    @contextlib.contextmanager
+    def check(self) -> Iterator[None]:
+        """A HubtuneError raised inside is kept for `raise_all` instead of ending the run here."""
+        try:
+            yield
+        except HubtuneError as err:
+            self.errors.append(err)
+
+    def raise_all(self, when: str) -> None:
+        """Raise the one error found, or one listing all of them (exit code 2 when each is a usage error)."""
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            kind = ConfigError if all(isinstance(e, ConfigError) for e in self.errors) else HubtuneError
+            raise kind(f"{len(self.errors)} problems found {when}:\n  " + "\n  ".join(map(str, self.errors)))
+
+
+def did_you_mean(value: str, candidates: Any) -> str:
+    """"; did you mean X?" naming the candidates closest to a mistyped value (the best and any as close), "" when
+    none is close (difflib's similarity ratio, as Python 3.14's argparse suggests)."""
+    import difflib
+
+    def ratio(c: str) -> float:
+        return difflib.SequenceMatcher(None, str(value), c).ratio()
+
+    scored = sorted(((ratio(str(c)), str(c)) for c in candidates), key=lambda rc: -rc[0])
+    close = [c for r, c in scored[:3] if r >= 0.6 and r >= scored[0][0] - 0.05]
+    if not close:
+        return ""
+    listed = close[0] if len(close) == 1 else ", ".join(close[:-1]) + " or " + close[-1]
+    return f"; did you mean {listed}?"
+
+
 def run_guarded(fn: Callable[[], Any]) -> int:
     """Run `fn`; a HubtuneError becomes one line on stderr and its exit code, Ctrl-C exit code 130."""
     try:
@@ -151,6 +192,21 @@ def quiet_broken_pipes() -> None:
         sys.stderr = _PipeSafe(sys.stderr)  # type: ignore[assignment]
     if not isinstance(sys.stdout, _PipeSafe):
         sys.stdout = _PipeSafe(sys.stdout)  # type: ignore[assignment]
+
+
+def get_logger(name: str = "hubtune") -> logging.LoggerAdapter:
+    """Accelerate's multi-process logger (main process only unless told otherwise), whose lines carry `[RANK n]` only
+    when the run has several processes."""
+    from accelerate.logging import MultiProcessAdapter
+    from accelerate.state import PartialState
+
+    class RankWhenSeveral(MultiProcessAdapter):
+        def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+            kwargs.setdefault("stacklevel", 2)  # as accelerate's: the caller's line, not this adapter's
+            state = PartialState()
+            return (f"[RANK {state.process_index}] {msg}" if state.num_processes > 1 else msg), kwargs
+
+    return RankWhenSeveral(logging.getLogger(name), {})
 
 
 def setup_logging() -> None:

@@ -12,8 +12,9 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, snapshot_download
 from huggingface_hub.constants import is_offline_mode
@@ -88,7 +89,7 @@ def resolve_model(spec: ModelSpec, token: str | None = None) -> tuple[str, dict[
         sha = _cached_sha(repo, revision, "model")
         return f"hf-hub:{repo}" + (f"@{sha or revision}" if (sha or revision) else ""), {
             "id": repo, "revision": sha or revision, "spec": spec.spec, "license": None}
-    with model_repo_errors(spec.spec):
+    with model_repo_errors(spec.spec), hub_calls.answered(f"--model {spec.spec!r}"):
         info = api(token).model_info(repo, revision=revision)
     check_weight_files([s.rfilename for s in info.siblings or []], f"--model {spec.spec!r}", remedy=SAFETENSORS_ONLY)
     card = info.card_data.to_dict() if info.card_data else {}
@@ -261,7 +262,8 @@ def push_files(repo_id: str, contents: dict[str, bytes | Path], *, commit_messag
         raise PushError(message) from err
     _verify(repo_id, info.oid, operations, remote)
     if announce:
-        logger.info(f"pushed {len(contents)} files to {info.commit_url} (verified size and hash on the Hub)")
+        files = "1 file" if len(contents) == 1 else f"{len(contents)} files"
+        logger.info(f"pushed {files} to {info.commit_url} (verified size and hash on the Hub)")
     return info.commit_url
 
 

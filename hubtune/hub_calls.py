@@ -8,11 +8,13 @@ and nothing else: a 401/403/404 is an answer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx2
 from huggingface_hub import constants, set_client_factory
@@ -171,6 +173,19 @@ def unreachable(what: str, err: BaseException) -> Exception:
     return HubUnreachableError(f"{what}: the Hub at {hub_constants.ENDPOINT} could not be reached ({cause}; each "
                                f"request waits at most HUBTUNE_HUB_TIMEOUT {timeout_s():g}s) and nothing cached can "
                                "stand in; check the network and HF_ENDPOINT, then run it again")
+
+
+@contextlib.contextmanager
+def answered(what: str) -> Iterator[None]:
+    """Inside it, a Hub that does not answer (refused, timed out, 408/429/5xx) raises `unreachable(what, ...)`."""
+    try:
+        yield
+    except Exception as err:
+        from hubtune.errors import HubtuneError
+
+        if isinstance(err, HubtuneError) or transient_reason(err) is None:
+            raise
+        raise unreachable(what, err) from err
 
 
 def attempts_of(err: BaseException) -> int:

@@ -193,7 +193,7 @@ def _cached_folder(where: HubCheckpoints) -> Path:
     try:
         return Path(snapshot_download(where.repo_id, revision=where.branch, allow_patterns=[f"{REMOTE_DIR}/*"],
                                       local_files_only=True))
-    except Exception as err:  # noqa: BLE001 - the client raises several kinds for "not cached"
+    except Exception as err:
         raise ConfigError(f"--resume {where}: HF_HUB_OFFLINE is set and these checkpoints are not in the local HF "
                           f"cache; run without HF_HUB_OFFLINE, or first `hf download {where.repo_id} --revision "
                           f"{where.branch}` on a machine online with the same HF_HOME") from err
@@ -221,7 +221,7 @@ def describe_remote(repo_id: str, branch: str) -> list[tuple[str, ...]]:
     """
     where = HubCheckpoints(repo_id, branch, explicit=True)
     api = hub.api()
-    rows, names = [], remote_names(where)
+    rows, names = [], remote_names(where, asking=f"hubtune checkpoints {repo_id}")
     for name in names:
         try:
             files = {e.path.rsplit("/", 1)[1]: e for e in retrying("listing a checkpoint", lambda: list(

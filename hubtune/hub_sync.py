@@ -148,9 +148,9 @@ def _link_tree(source: Path, target: Path) -> None:
                 shutil.copy2(f, target / f.name)
 
 
-def remote_names(where: Any) -> list[str]:
+def remote_names(where: Any, asking: str = "--resume") -> list[str]:
     """The checkpoint folders on the branch of `where` (a hub_checkpoints.HubCheckpoints), newest step first; []
-    when there is no repo, branch or folder yet.
+    when there is no repo, branch or folder yet. `asking`: what the user ran, for the error.
 
     Raises:
         ConfigError: an explicit (hf://) repo or branch does not exist, or the token may not read the repo.
@@ -167,7 +167,7 @@ def remote_names(where: Any) -> list[str]:
             hub_calls.retries_n(), hub_calls.retry_wait_s())
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as err:
         if where.explicit or hub_calls.status_of(err) in (401, 403):
-            raise ConfigError(f"--resume: no checkpoints at {where} ({type(err).__name__}: the repo or branch does "
+            raise ConfigError(f"{asking}: no checkpoints at {where} ({type(err).__name__}: the repo or branch does "
                               "not exist, or your token cannot read it: set HF_TOKEN)") from err
         return []
     return newest_first(Path(e.path).name for e in entries)

@@ -12,13 +12,13 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from huggingface_hub.constants import is_offline_mode
 from huggingface_hub.utils import disable_progress_bars
@@ -34,6 +34,7 @@ from hubtune import (
     hub,
     hub_checkpoints,
     hub_sync,
+    preflight,
     report,
     resume_checks,
     stream,
@@ -43,7 +44,16 @@ from hubtune import (
 from hubtune import model as model_lib
 from hubtune.background import BackgroundPusher
 from hubtune.config import TrainConfig
-from hubtune.errors import CheckpointError, CompileModeError, ConfigError, DataError, HubtuneError, OutputDirError
+from hubtune.errors import (
+    CheckpointError,
+    CompileModeError,
+    ConfigError,
+    DataError,
+    HubtuneError,
+    OutputDirError,
+    Problems,
+    get_logger,
+)
 from hubtune.files import (
     CARD_FILE,
     CHECKPOINTS_DIR,
@@ -245,9 +255,9 @@ def _streams(cfg: TrainConfig, info: data.DataInfo, train_src: Any, val_src: Any
     return train_ds, val_ds
 
 
-def resolve_device_settings(cfg: TrainConfig, device: torch.device) -> TrainConfig:
-    """--channels-last and --decode-device as this device resolves them, so train_config.yaml and the feature cache
-    key record what was used.
+def resolve_device_settings(cfg: TrainConfig, device: torch.device, mixed_precision: str = "no") -> TrainConfig:
+    """--mixed-precision (unset: the launcher's), --channels-last and --decode-device as this run resolves them, so
+    train_config.yaml and the feature cache key record what was used.
 
     Raises:
         ConfigError: --decode-device cuda without a CUDA device.
@@ -256,7 +266,8 @@ def resolve_device_settings(cfg: TrainConfig, device: torch.device) -> TrainConf
         raise ConfigError(f"--decode-device cuda: this run trains on {device.type}, not CUDA; use --decode-device cpu "
                           "(or auto)")
     return dataclasses.replace(
-        cfg, channels_last=model_lib.default_channels_last(device) if cfg.channels_last is None else cfg.channels_last,
+        cfg, mixed_precision=mixed_precision,
+        channels_last=model_lib.default_channels_last(device) if cfg.channels_last is None else cfg.channels_last,
         # auto stays on the CPU decoder until the cuda path has been run and measured on a GPU (bench/gpu_check.py)
         decode_device="cpu" if cfg.decode_device == "auto" else cfg.decode_device)
 
@@ -267,32 +278,50 @@ def build_job(cfg: TrainConfig) -> Job:
     if not (cfg.progress and sys.stderr.isatty()):  # the Hub client's bars too: no cursor codes in a log file
         disable_progress_bars()
     accelerator = make_accelerator(cfg)
-    cfg = resolve_device_settings(cfg, accelerator.device)
+    cfg = resolve_device_settings(cfg, accelerator.device, accelerator.mixed_precision)
     set_seed(cfg.seed, device_specific=True)
     out = Path(cfg.output_dir)
-    resume_from = find_resume(cfg, out, accelerator)
+    # everything that can be checked before the first step is, and every problem found is reported at once
+    found = Problems()
+    found.errors += _on_main(accelerator, lambda: preflight.write_access(cfg))
+    resume_from = None
+    with found.check():
+        resume_from = find_resume(cfg, out, accelerator)
     if resume_from is not None:  # the same run: the base model and dataset commits it pinned, unless given here
         pinned = checkpoint.saved_config(resume_from)
         cfg = dataclasses.replace(cfg, model_revision=cfg.model_revision or pinned.get("model_revision"),
                                   dataset_revision=cfg.dataset_revision or pinned.get("dataset_revision"))
+    with found.check():
+        earlier = check_output_dir(cfg, out, resuming=resume_from is not None)
 
     # data, and the base model pinned to a commit sha: the resolved config is built once, then saved
-    train_src, val_src, info = data.open_splits(cfg)
-    logger.info(f"dataset {cfg.dataset}: classes {info.class_names}, validation from {info.val_source}")
-    spec = parse_model_spec(cfg.model)
-    spec = dataclasses.replace(spec, revision=cfg.model_revision or spec.revision)  # a pinned sha wins over @rev
-    timm_name, base_model = hub.resolve_model(spec) if cfg.pretrained else (cfg.model, {"id": None})
+    info: data.DataInfo | None = None
+    with found.check():
+        train_src, val_src, info = data.open_splits(cfg)
+        logger.info(f"dataset {cfg.dataset}: classes {info.class_names}, validation from {info.val_source}")
+    net: torch.nn.Module | None = None
+    with found.check():
+        spec = parse_model_spec(cfg.model)
+        spec = dataclasses.replace(spec, revision=cfg.model_revision or spec.revision)  # a pinned sha wins over @rev
+        timm_name, base_model = hub.resolve_model(spec) if cfg.pretrained else (cfg.model, {"id": None})
+        regularization = {k: getattr(cfg, k) for k in ("drop_rate", "drop_path_rate") if getattr(cfg, k)}
+        classes = len(info.class_names) if info is not None else 2  # the model is checked even when the data is not
+        net = model_lib.create(timm_name, num_classes=classes, pretrained=cfg.pretrained, **regularization)
+        frozen = model_lib.resolve_freeze(net, cfg.freeze) if cfg.freeze else []
+        model_lib.freeze(net, frozen, cfg.freeze_bn)  # before DDP wraps it: no find_unused_parameters needed
+        if not any(p.requires_grad for p in net.parameters()):
+            raise ConfigError(f"--freeze {cfg.freeze!r} leaves no trainable parameters; leave at least the head "
+                              "trainable")
+        if cfg.cache_features:
+            features.check_cacheable(net)
+    if net is not None:
+        found.errors += preflight.disk_room(out, preflight.checkpoint_bytes(net, cfg.optimizer, cfg.model_ema))
+    found.raise_all("before training")
+    assert info is not None and net is not None
     cfg = dataclasses.replace(cfg, model_revision=base_model.get("revision") or cfg.model_revision,
                               dataset_revision=info.revision or cfg.dataset_revision)
-
-    regularization = {k: getattr(cfg, k) for k in ("drop_rate", "drop_path_rate") if getattr(cfg, k)}
-    net = model_lib.create(timm_name, num_classes=len(info.class_names), pretrained=cfg.pretrained, **regularization)
-    frozen = model_lib.resolve_freeze(net, cfg.freeze) if cfg.freeze else []
-    model_lib.freeze(net, frozen, cfg.freeze_bn)  # before DDP wraps it: no find_unused_parameters needed
-    if not any(p.requires_grad for p in net.parameters()):
-        raise ConfigError(f"--freeze {cfg.freeze!r} leaves no trainable parameters; leave at least the head trainable")
-    if cfg.cache_features:
-        features.check_cacheable(net)
+    if cfg.model_ema:
+        check_ema_horizon(cfg, info, accelerator.num_processes)
     logger.info("parameters:\n" + model_lib.format_table(model_lib.parameter_table(net)))
 
     data_cfg = model_lib.data_config(net, cfg.image_size)
@@ -339,7 +368,6 @@ def build_job(cfg: TrainConfig) -> Job:
         resume_from = resume(job, resume_from, named=named_checkpoint(cfg))
     validation = count_validation(cfg, info, val_ds, accelerator)
     # everything is checked: from here on the output directory is written (after every process looked at it)
-    earlier = check_output_dir(cfg, out, resuming=resume_from is not None)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_output_dir(cfg, out, earlier)
@@ -353,6 +381,20 @@ def build_job(cfg: TrainConfig) -> Job:
                                          cfg.hub_checkpoints_timeout)
     tracking.start(accelerator, cfg.to_dict(), resume_step=job.state.global_step if resume_from else 0)
     return job
+
+
+def check_ema_horizon(cfg: TrainConfig, info: data.DataInfo, world_size: int) -> None:
+    """Warn when --model-ema-decay averages over more steps than the run has: its weights would stay near the start."""
+    per_epoch = steps_per_epoch_hint(cfg, info, world_size)
+    steps = cfg.max_steps or (per_epoch * cfg.epochs if per_epoch else None)
+    horizon = 1 / (1 - cfg.model_ema_decay)
+    if steps is None or cfg.model_ema_warmup or horizon <= steps:
+        return
+    suggested = max(0.5, 1 - 10 / steps)
+    logger.warning(f"--model-ema-decay {cfg.model_ema_decay:g} averages over about {horizon:,.0f} optimizer steps, but "
+                   f"this run has about {steps:,}: the EMA weights would stay close to the starting ones. Add "
+                   f"--model-ema-warmup (timm's EMA warmup: the decay ramps up with the step) or use a decay of about "
+                   f"{suggested:.3g} (a horizon of a tenth of the run)")
 
 
 def count_validation(cfg: TrainConfig, info: data.DataInfo, val_ds: stream.ExampleStream,

@@ -7,20 +7,21 @@ import fnmatch
 import json
 import re
 import types
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
 import torchvision.transforms as T
-import torchvision.transforms.v2 as v2
 from timm.data import create_transform, resolve_data_config
 from timm.layers import FrozenBatchNormAct2d
 from timm.utils.model import freeze as timm_freeze
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.transforms import v2
 
-from hubtune.errors import ConfigError, ModelSourceError
+from hubtune.errors import ConfigError, ModelSourceError, did_you_mean
 from hubtune.files import MODEL_CONFIG_FILE
 from hubtune.sources import SAFETENSORS_ONLY, check_weight_files, loadable_config, parse_model_spec
 
@@ -34,15 +35,19 @@ def timm_name(spec: str) -> str:
 
 
 def _check_architecture(name: str, pretrained: bool) -> None:
-    """Raise ModelSourceError unless timm knows the architecture (and, for pretrained weights, the tag)."""
+    """Raise ModelSourceError unless timm knows the architecture (and, for pretrained weights, the tag); the message
+    suggests the closest names timm knows (arch.tag names when a tag was given), or how to list them."""
     arch, tag = timm.models.split_model_name_tag(name)
     if not timm.is_model(arch):
-        raise ModelSourceError(f"--model {name!r} is not a timm architecture; see timm.list_models(), "
-                               "or give a Hub id (org/name) or local-dir:PATH")
+        close = tag and did_you_mean(name.lower(), timm.list_models(pretrained=True))
+        close = close or did_you_mean(arch.lower(), timm.list_models())
+        raise ModelSourceError(f"--model {name!r} is not a timm architecture, Hub id (org/name) or local-dir:PATH"
+                               + (close or "; list the architectures with timm.list_models('resnet*') (any glob)"))
     tags = [t.split(".", 1)[1] for t in timm.models.get_arch_pretrained_cfgs(arch)]
     if tag and tag not in tags:
         raise ModelSourceError(f"--model {name!r} is not a timm architecture: {arch} has no pretrained tag {tag!r} "
-                               f"(tags: {', '.join(tags) or 'none'})")
+                               f"(tags: {', '.join(tags) or 'none'})"
+                               + did_you_mean(name.lower(), [f"{arch}.{t}" for t in tags]))
 
 
 def create(spec: str, num_classes: int | None, pretrained: bool = True, **kwargs: Any) -> torch.nn.Module:
@@ -178,6 +183,18 @@ def _expand(token: str) -> list[str]:
     return [token]
 
 
+def _freeze_candidates(token: str, group_names: list[str], params: Iterable[str]) -> list[str]:
+    """What a --freeze token that matched nothing may have meant: a group or module name, or for a glob the same
+    glob on a real module name (`layr1.*` -> `layer1.*`); nothing for a glob that starts with a wildcard."""
+    names = {p.rsplit(".", i)[0] for p in params for i in range(p.count(".") + 1)}  # modules, parameters
+    wild = re.search(r"[*?\[]", token)
+    if wild is None:
+        return list(dict.fromkeys([*group_names, "stages", *sorted(names)]))  # a group may share a module's name
+    head, tail = token[:wild.start()], token[wild.start():]
+    sep = "." if head.endswith(".") else ""
+    return sorted(f"{n}{sep}{tail}" for n in names) if head else []
+
+
 def resolve_freeze(model: torch.nn.Module, spec: str) -> list[str]:
     """Module names to freeze for a --freeze spec (group names and module-name globs).
 
@@ -212,6 +229,7 @@ def resolve_freeze(model: torch.nn.Module, spec: str) -> list[str]:
             problems.append(
                 f"--freeze {token!r} matches no parameters; groups: {', '.join(group_names)}; "
                 f"or a module-name glob such as {modules[0]}*"
+                + did_you_mean(_expand(token)[0], _freeze_candidates(token, group_names, groups))
             )
         explicit_head = token == HEAD_GROUP or token in {n.rsplit(".", 1)[0] for n in head_params}
         if params & head_params and not explicit_head:

@@ -11,8 +11,9 @@ import io
 import json
 import logging
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from hubtune.errors import ConfigError
 from hubtune.files import atomic_write, unwritable

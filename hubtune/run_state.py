@@ -5,16 +5,16 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
-from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 
 from hubtune import checkpoint, resume_checks
 from hubtune.config import TrainConfig
-from hubtune.errors import CheckpointError, ConfigError
+from hubtune.errors import CheckpointError, ConfigError, get_logger
 
 if TYPE_CHECKING:
     from hubtune.job import Job
@@ -158,7 +158,7 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 

@@ -8,9 +8,10 @@ A spec is `local-dir:PATH`, an existing directory (or a path starting with `.`, 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from hubtune.errors import ModelSourceError
 from hubtune.files import WEIGHTS_FILE

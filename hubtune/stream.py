@@ -19,8 +19,9 @@ import random
 import signal
 import warnings
 import weakref
+from collections.abc import Callable, Iterator
 from itertools import islice
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import datasets
 import numpy as np

@@ -17,21 +17,34 @@ if __name__ == "__main__":
     _here = str(Path(__file__).resolve().parent)
     sys.path[:] = [p for p in sys.path if p and str(Path(p).resolve()) != _here]
     sys.path.insert(0, str(Path(_here).parent))  # a checkout that is not pip-installed still imports hubtune
-    from hubtune.train import main as _main
+    # flags are parsed before torch and friends are imported: --help and a mistyped flag answer in well under a second
+    from hubtune.config import parse as _parse
+    from hubtune.errors import quiet_broken_pipes as _quiet
+    from hubtune.errors import run_guarded as _guarded
+    from hubtune.errors import setup_logging as _setup
 
-    sys.exit(_main())
+    def _run() -> int:
+        cfg = _parse()
+        from hubtune.train import train as _train
+
+        _train(cfg)
+        return 0
+
+    _quiet()
+    _setup()
+    sys.exit(_guarded(_run))
 
 import contextlib
 import itertools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 
 from hubtune import checkpoint, device_decode, features, hub, metrics, report, unfreeze
 from hubtune.config import TrainConfig, parse
@@ -40,6 +53,7 @@ from hubtune.errors import (
     CheckpointError,
     DivergedError,
     TrainingInterrupted,
+    get_logger,
     quiet_broken_pipes,
     run_guarded,
     setup_logging,

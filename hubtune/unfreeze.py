@@ -12,12 +12,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate.logging import get_logger
 from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
 
 from hubtune import model as model_lib
 from hubtune.config import TrainConfig
-from hubtune.errors import ConfigError
+from hubtune.errors import ConfigError, get_logger
 
 if TYPE_CHECKING:
     from hubtune.job import Job

@@ -7,6 +7,7 @@ port and points the environment at it before anything imports huggingface_hub, d
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -126,3 +127,17 @@ def backbone(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("backbone")
     timm.models.save_for_hf(net, str(path), safe_serialization=True)
     return path
+
+
+@pytest.fixture
+def small_disk(tmp_path, request):
+    """A real tmpfs (4 MiB, or the size given as the test's parameter), unmounted afterwards (mounting needs root,
+    as on the CI machine)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    size = getattr(request, "param", "4m")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)

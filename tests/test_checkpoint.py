@@ -395,20 +395,6 @@ def test_manifests_that_list_nothing_or_garbage_mark_the_checkpoint_damaged(refe
     assert rows[newest.name][-1].startswith("DAMAGED: ") and "latest" in rows[previous.name][-1]
 
 
-@pytest.fixture
-def small_disk(tmp_path, request):
-    """A real tmpfs (4 MiB, or the size given as the test's parameter), unmounted afterwards (mounting needs root,
-    as on the CI machine)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    size = getattr(request, "param", "4m")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
-                      capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
 def test_a_full_disk_is_a_one_line_error_and_leaves_no_partial_checkpoint(small_disk):
     from hubtune.errors import DiskFullError
 

@@ -178,7 +178,7 @@ def test_a_run_on_the_device_path_resumes_from_a_mid_epoch_checkpoint_exactly(tw
     caplog.set_level("INFO", logger="hubtune")
     resolve = job.resolve_device_settings
     monkeypatch.setattr(job, "resolve_device_settings",
-                        lambda cfg, device: dataclasses.replace(resolve(cfg, device), decode_device="cuda"))
+                        lambda cfg, *how: dataclasses.replace(resolve(cfg, *how), decode_device="cuda"))
     base = dict(model="test_resnet", pretrained=False, dataset=str(two_class_folder), image_size=32, epochs=2,
                 batch_size=8, lr=3e-3, num_workers=0, max_bad_fraction=0.05, progress=False, shuffle_buffer=32,
                 save_every="4", keep_last=50, report_to="none")

@@ -235,6 +235,12 @@ def test_a_corrupted_checkpoint_on_the_hub_is_skipped_and_listed_as_damaged(on_t
     assert all("verified" in rows[n] and "DAMAGED" not in rows[n] for n in names[:-1])
     best = json.loads((got / checkpoint.STATE_FILE).read_text())["run_state"]["best"]["checkpoint"]
     assert "best" in rows[best]
+    # a branch that does not exist: the error names the command that was run, not a flag it never had
+    missing = subprocess.run([sys.executable, "-m", "hubtune.cli", "checkpoints", f"{repo}@no-such-branch"], cwd=REPO,
+                             env={**os.environ, "HF_TOKEN": TOKEN}, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "--resume" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].startswith(
+        f"hubtune: error: hubtune checkpoints {repo}: no checkpoints at {repo}@no-such-branch")
 
 
 def test_resume_hub_offline_uses_only_the_hf_cache(on_the_hub, tmp_path, monkeypatch):
@@ -299,7 +305,8 @@ def test_two_processes_resume_from_the_hub_with_only_the_main_one_downloading(hu
     assert_branch_is_the_retention_and_main_only_the_export(repo, tmp_path / "b")
 
 
-def test_hub_checkpoint_settings_that_cannot_work_are_refused_before_training(monkeypatch, two_class_folder, tmp_path):
+def test_hub_checkpoint_settings_that_cannot_work_are_refused_before_training(hub, monkeypatch, two_class_folder,
+                                                                             tmp_path):
     from hubtune.config import TrainConfig
     from hubtune.train import train
 
@@ -311,6 +318,7 @@ def test_hub_checkpoint_settings_that_cannot_work_are_refused_before_training(mo
     with pytest.raises(ConfigError, match="--hub-checkpoints-timeout.*a positive number of seconds"):
         TrainConfig(**base, hub_checkpoints=True, push_to_hub="alice/x", hub_checkpoints_timeout=0).validate()
     monkeypatch.setenv("HUBTUNE_HUB_RETRIES", "many")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # the token can write: what is left to refuse is the retry setting
     with pytest.raises(ConfigError, match="HUBTUNE_HUB_RETRIES='many': expected a whole number"):
         train(TrainConfig(**base, hub_checkpoints=True, push_to_hub="alice/x", epochs=1, progress=False))
     assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())

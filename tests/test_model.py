@@ -1,11 +1,13 @@
-"""Model: creation errors, timm group names for --freeze, head protection, parameter tables."""
+"""Model: creation errors and their suggestions, timm group names for --freeze, head protection, parameter tables."""
 
 import copy
+import time
 
 import pytest
 import torch
 
 from hubtune import model as model_lib
+from hubtune.errors import ConfigError, ModelSourceError
 
 
 @pytest.fixture
@@ -59,6 +61,81 @@ def test_freeze_bn_fixes_batchnorm_in_frozen_parts_only(net):
 def test_unknown_model_is_one_line_error():
     with pytest.raises(ValueError, match=r"--model 'not_a_real_net' is not a timm architecture"):
         model_lib.create("not_a_real_net", num_classes=2, pretrained=False)
+
+
+@pytest.mark.parametrize("spec, close", [
+    ("resnet5O", "resnet50"),
+    ("test_resnett", "test_resnet"),
+    ("ResNet50", "resnet50"),
+    ("resnet5O.a1_in1k", "resnet50.a1_in1k"),  # arch.tag given: pretrained names are suggested
+])
+def test_mistyped_model_suggests_the_closest_timm_names(spec, close):
+    with pytest.raises(ModelSourceError) as err:
+        model_lib.create(spec, num_classes=2, pretrained=False)
+    shape, _, names = str(err.value).partition("; did you mean ")
+    assert shape == f"--model {spec!r} is not a timm architecture, Hub id (org/name) or local-dir:PATH"
+    names = names.removesuffix("?").replace(" or ", ", ").split(", ")
+    assert names[0] == close and len(names) <= 3 and "\n" not in str(err.value)  # best first, at most 3, one line
+
+
+def test_mistyped_pretrained_tag_suggests_the_closest_tag():
+    with pytest.raises(ModelSourceError, match=r"resnet50 has no pretrained tag 'a1_in1kk' \(tags: a1_in1k, .*\); "
+                                               r"did you mean resnet50\.a1_in1k"):
+        model_lib.create("resnet50.a1_in1kk", num_classes=2, pretrained=False)
+
+
+def test_model_name_with_nothing_close_says_how_to_list_models():
+    with pytest.raises(ModelSourceError) as err:
+        model_lib.create("not_a_real_net", num_classes=2, pretrained=False)
+    assert str(err.value) == ("--model 'not_a_real_net' is not a timm architecture, Hub id (org/name) or local-dir:PATH; "
+                              "list the architectures with timm.list_models('resnet*') (any glob)")
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["summary", "resnet5O"], ("--model 'resnet5O' is not a timm architecture, Hub id (org/name) or local-dir:PATH; "
+                               "did you mean resnet50?")),
+    (["summary", "test_resnet", "--freeze", "stemm"], ("--freeze 'stemm' matches no parameters; groups: head, "
+                                                       "stages.0, stages.1, stages.2, stages.3, stem; or a module-name "
+                                                       "glob such as conv1*; did you mean stem?")),
+])
+def test_summary_prints_the_suggestion_as_one_hubtune_error_line(argv, line, capsys):
+    from hubtune.cli import build_parser
+    from hubtune.errors import run_guarded
+
+    args = build_parser(argv).parse_args(argv)
+    assert run_guarded(lambda: args.func(args)) == 2
+    assert capsys.readouterr().err == f"hubtune: error: {line}\n"
+
+
+@pytest.mark.parametrize("token, close", [
+    ("stemm", "did you mean stem?"),
+    ("stages.9", "did you mean stages.0, stages.1 or stages.2?"),
+    ("layr1.*", "did you mean layer1.*?"),  # a glob: the same glob on the closest module names
+    ("layr1.0.conv*", "did you mean layer1.0.conv1* or layer1.0.conv2*?"),
+    ("fc.weigth", "did you mean fc.weight?"),  # parameter names too
+])
+def test_freeze_token_matching_nothing_suggests_close_groups_and_modules(net, token, close):
+    with pytest.raises(ConfigError) as err:
+        model_lib.resolve_freeze(net, token)
+    assert str(err.value) == (f"--freeze {token!r} matches no parameters; groups: head, stages.0, stages.1, stages.2, "
+                              f"stages.3, stem; or a module-name glob such as conv1*; {close}")
+
+
+@pytest.mark.parametrize("token", ["zzz", "*.wieght"])  # nothing close; a leading wildcard has nothing to correct
+def test_freeze_token_with_nothing_close_lists_the_groups_only(net, token):
+    with pytest.raises(ConfigError) as err:
+        model_lib.resolve_freeze(net, token)
+    assert str(err.value).endswith("; or a module-name glob such as conv1*")
+
+
+def test_suggestions_are_fast(net):
+    start = time.perf_counter()
+    for _ in range(3):
+        with pytest.raises(ModelSourceError, match="did you mean"):
+            model_lib.create("resnet5O.a1_in1k", num_classes=2, pretrained=False)
+        with pytest.raises(ConfigError, match="did you mean"):
+            model_lib.resolve_freeze(net, "layr1.*")
+    assert time.perf_counter() - start < 5  # ~0.4 s on a busy CPU: ~1,800 pretrained names, ~100 module names
 
 
 def test_model_spec_mapping():

@@ -133,6 +133,7 @@ def test_two_process_run_matches_single_process_eval_of_its_export(two_class_fol
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                     "hubtune/train.py", *flags])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[RANK 0] saved checkpoint" in proc.stderr  # with several processes, lines say whose they are
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_processes"] == 2
     # the same examples are held out as in a one-process run, and each is evaluated exactly once

@@ -183,7 +183,7 @@ def train_resumed(children: Children, cmd: list[str], home: Path) -> dict[str, A
     code, lines = children.run(cmd + ["--resume", "latest", "--push-to-hub", MODEL_REPO], home)
     text = "\n".join(lines)
     resumed = re.search(r"resumed from (\S+) at epoch (\d+), step (\d+)", text)
-    pushed = re.search(r"pushed \d+ files to (\S+) \(verified", text)
+    pushed = re.search(r"pushed \d+ files? to (\S+) \(verified", text)
     if code != 0 or resumed is None or pushed is None:
         raise _failure("the resumed training run failed, or did not resume and push", code, lines)
     return {"resumed": True, "resumed_from": resumed.group(1), "resumed_from_epoch": int(resumed.group(2)),
