@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -22,7 +22,7 @@ from hubtune.sources import LOCAL_PREFIX, check_weight_files, parse_model_spec
 if TYPE_CHECKING:
     import torch
 
-ImageInput = Union[str, Path, bytes, Image.Image, Any]  # also numpy arrays and torch tensors
+ImageInput = str | Path | bytes | Image.Image | Any  # also numpy arrays and torch tensors
 
 
 def _hub_snapshot(repo_id: str, revision: str | None, token: str | None, cache_dir: str | Path | None,

@@ -184,8 +184,8 @@ def _record(args: argparse.Namespace, clf: Any, info: Any, label_map: dict[str, 
 def format_table(record: dict[str, Any]) -> str:
     """The short summary printed after an evaluation."""
     m, ds = record["metrics"], record["dataset"]
-    lines = [f"{record['model']['source']} on {ds['id']} ({ds['split']}): {record['examples']} images, "
-             f"{record['skipped_images']} skipped",
+    lines = [(f"{record['model']['source']} on {ds['id']} ({ds['split']}): {record['examples']} images, "
+              f"{record['skipped_images']} skipped"),
              f"accuracy {m['accuracy']:.4f} | macro F1 {m['f1']:.4f} | loss {m['loss']:.4f}",
              f"{'class':<24}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
     lines += [f"{name[:23]:<24}{row['precision']:>10.4f}{row['recall']:>10.4f}{row['f1']:>10.4f}{row['support']:>10}"

@@ -224,7 +224,7 @@ def describe_remote(repo_id: str, branch: str) -> list[tuple[str, ...]]:
     rows, names = [], remote_names(where, asking=f"hubtune checkpoints {repo_id}")
     for name in names:
         try:
-            files = {e.path.rsplit("/", 1)[1]: e for e in retrying("listing a checkpoint", lambda: list(
+            files = {e.path.rsplit("/", 1)[1]: e for e in retrying("listing a checkpoint", lambda name=name: list(
                 api.list_repo_tree(repo_id, path_in_repo=f"{REMOTE_DIR}/{name}", revision=branch, expand=False)),
                 hub_calls.retries_n(), hub_calls.retry_wait_s())}
             small = {f: Path(api.hf_hub_download(repo_id, f"{REMOTE_DIR}/{name}/{f}", revision=branch))

@@ -150,7 +150,7 @@ def find_resume(cfg: TrainConfig, out: Path, accelerator: Accelerator) -> Path |
             logger.warning(f"--resume {cfg.resume}: skipping {fetched.name}: {err}; trying the previous one")
         if older is None:
             below = checkpoint.step_of(fetched.name)
-            older = [] if is_offline_mode() else _on_main(accelerator, lambda: [
+            older = [] if is_offline_mode() else _on_main(accelerator, lambda below=below: [
                 n for n in hub_checkpoints.remote_names(remote) if checkpoint.step_of(n) < below])
         fetched = None
         while older and fetched is None:
@@ -242,7 +242,7 @@ def make_scheduler(optimizer: Any, cfg: TrainConfig, state: RunState) -> CosineL
 def _streams(cfg: TrainConfig, info: data.DataInfo, train_src: Any, val_src: Any, train_tf: Any, eval_tf: Any,
              rank: int, world_size: int) -> tuple[stream.ExampleStream, stream.ExampleStream]:
     """This process's training and validation streams (the validation split cut by content hash if needed)."""
-    where = dict(rank=rank, world_size=world_size)
+    where = {"rank": rank, "world_size": world_size}
     hashed = info.val_source.startswith("hash")
     train_ds = stream.ExampleStream(data.process_source(train_src, info, shuffle_seed=cfg.seed, **where), train_tf,
                                     keep_val=False if hashed else None, val_fraction=cfg.val_fraction,

@@ -56,7 +56,7 @@ def frozen_in(schedule: Schedule, frozen: list[str], epoch: int) -> list[str]:
 
 def describe(net: torch.nn.Module, schedule: Schedule, frozen: list[str], epochs: int) -> list[str]:
     """One line per epoch: what starts to train, and how many parameters train then (`hubtune summary`)."""
-    sizes = dict((n, p.numel()) for n, p in net.named_parameters())
+    sizes = {n: p.numel() for n, p in net.named_parameters()}
     total = sum(sizes.values())
     lines = []
     for epoch in range(1, epochs + 1):

@@ -311,7 +311,7 @@ class LocalHub:
             env["HF_TOKEN"] = token
         return env
 
-    def __enter__(self) -> LocalHub:
+    def __enter__(self) -> LocalHub:  # noqa: PYI034 (typing.Self needs Python 3.11; 3.10 is supported)
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
