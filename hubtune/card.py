@@ -206,11 +206,11 @@ def build(outputs: dict[str, Any], repo_id: str | None = None, license: str | No
     license_id, license_source = resolve_license(base["license"], license or cfg.get("license"))
     architecture = model_config.get("architecture", "unknown")
     title = repo_id.split("/")[-1] if repo_id else f"{architecture} on {dataset['name']}"
+    relation: dict[str, Any] = {"base_model_relation": "finetune"} if base["id"] else {}  # ModelCardData **kwargs
     card_data = ModelCardData(
         library_name="timm", pipeline_tag=TASK[0], tags=list(TAGS) + (["tensorboard"] if outputs.get("runs") else []), license=license_id, base_model=base["id"],
         datasets=[dataset["id"]] if dataset["is_hub"] else None, metrics=[m for m, _, _ in EVAL_METRICS[:2]],
-        model_name=title, eval_results=_eval_results(best, dataset, val_split),
-        **({"base_model_relation": "finetune"} if base["id"] else {}),
+        model_name=title, eval_results=_eval_results(best, dataset, val_split), **relation,
     )
 
     pcfg = model_config.get("pretrained_cfg", {})

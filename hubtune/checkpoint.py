@@ -12,9 +12,9 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from hubtune.errors import CheckpointError
 from hubtune.files import CHECKPOINTS_DIR as CHECKPOINTS
 from hubtune.files import STEP_NAME as NAME  # noqa: F401 (re-exported: checkpoint.NAME)
 from hubtune.files import WEIGHTS_FILE as MODEL_FILE
-from hubtune.files import disk_space, fsync_path, newest_first, sha256_file, step_of
+from hubtune.files import checkpoint_step, disk_space, fsync_path, newest_first, sha256_file, step_of
 
 logger = logging.getLogger("hubtune")
 
@@ -80,7 +80,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, meta: dict, tensors: 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
     """This process's python, numpy, torch and CUDA RNG states."""
     version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # numpy's stub types the call without arguments as the dict form; the global RandomState (MT19937) returns its
+    # legacy tuple, as the default legacy=True asks
+    kind, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     meta = {"python": [version, list(internal), gauss], "numpy": [kind, pos, has_gauss, cached]}
     tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
     if torch.cuda.is_available():
@@ -191,10 +193,13 @@ def read_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def read(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor],
+                              dict[str, torch.Tensor]]:
     """(state, model tensors, optimizer tensors, per-rank tensors) of a verified checkpoint."""
     verify(path)
-    return read_state(path), *(load_tensors(path / name) for name in (MODEL_FILE, OPTIMIZER_TENSORS, RNG_TENSORS))
+    state = read_state(path)
+    model, optimizer, ranks = (load_tensors(path / name) for name in (MODEL_FILE, OPTIMIZER_TENSORS, RNG_TENSORS))
+    return state, model, optimizer, ranks
 
 
 def load_tensors(f: Path) -> dict[str, torch.Tensor]:
@@ -242,8 +247,8 @@ def load_ema(path: Path) -> dict[str, torch.Tensor]:
     return load_tensors(path / EMA_TENSORS)
 
 
-def best_intact(root: Path, history: list[dict[str, Any]], metric: str, higher_is_better: bool,
-                skip: set[str]) -> tuple[Path, dict[str, Any]] | None:
+def best_intact(root: Path, history: Sequence[Mapping[str, Any]], metric: str, higher_is_better: bool,
+                skip: set[str]) -> tuple[Path, Mapping[str, Any]] | None:
     """The intact end-of-epoch checkpoint with the best `metric`, and its history row; None if there is none.
 
     `skip`: checkpoint names already known to be damaged.
@@ -302,7 +307,7 @@ def newest_usable(root: Path, check: Callable[[Path], None] = verify, below: Pat
     """The newest checkpoint that passes `check` (older than `below` if given), warning about each one skipped."""
     candidates = listing(root)
     if below is not None:
-        candidates = [p for p in candidates if step_of(p.name) < step_of(below.name)]
+        candidates = [p for p in candidates if checkpoint_step(p.name) < checkpoint_step(below.name)]
     for path in reversed(candidates):
         try:
             check(path)
@@ -342,7 +347,7 @@ def describe(root: Path) -> list[tuple[str, ...]]:
     """One row per checkpoint of a run (name, step, position, metric, size, marks), for `hubtune checkpoints`."""
     found = listing(root)
     latest = newest_usable(root) if found else None
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for path in found:
         size = f"{dir_size(path) / 2**20:.1f} MiB"
         try:

@@ -45,12 +45,16 @@ def _hub_snapshot(repo_id: str, revision: str | None, token: str | None, cache_d
 
     where = f"{repo_id}@{revision}" if revision else repo_id
     url = f"{constants.ENDPOINT}/{repo_id}"
-    lib = {"token": token, "cache_dir": cache_dir, "library_name": "hubtune", "library_version": __version__}
     offline = constants.is_offline_mode()
+
+    def download(filename: str, at: str | None) -> str:
+        return hf_hub_download(repo_id, filename, revision=at, local_files_only=offline, token=token,
+                               cache_dir=cache_dir, library_name="hubtune", library_version=__version__)
+
     try:
         # config.json by the requested name first: that records the branch or tag in the cache for offline runs,
         # and its snapshot folder is named by the commit, which pins everything after it
-        config = hf_hub_download(repo_id, CONFIG_NAME, revision=revision, local_files_only=offline, **lib)
+        config = download(CONFIG_NAME, revision)
         folder, sha = Path(config).parent, Path(config).parent.name
         if offline:
             files = [p.name for p in folder.iterdir()]
@@ -74,7 +78,7 @@ def _hub_snapshot(repo_id: str, revision: str | None, token: str | None, cache_d
         at = f" at revision {revision!r}" if revision else ""
         raise ModelSourceError(f"{url} has no {CONFIG_NAME}{at}; it is not a timm/hubtune model repo") from err
     for name in check_weight_files(files, f"{url} (revision {sha[:12]})", trust_pickled_weights):
-        hf_hub_download(repo_id, name, revision=sha, local_files_only=offline, **lib)
+        download(name, sha)
     return folder, sha
 
 
@@ -116,7 +120,7 @@ class ImageClassifier:
         import torch
         from timm.data import create_transform
 
-        from hubtune.model import data_config
+        from hubtune.model import as_timm, data_config
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -127,8 +131,7 @@ class ImageClassifier:
         self.dtype = _dtype(dtype)
         self.model = model.to(self.device, self.dtype).eval()
         self.source, self.revision = source, revision
-        num_classes = model.num_classes
-        names = model.pretrained_cfg.get("label_names")
+        num_classes, names = as_timm(model).num_classes, as_timm(model).pretrained_cfg.get("label_names")
         if names is not None and len(names) != num_classes:
             raise ConfigError(f"{source or 'model'}: {len(names)} label_names for {num_classes} classes in its config")
         self.label_names: list[str] = [str(n) for n in names] if names else [str(i) for i in range(num_classes)]
@@ -159,12 +162,12 @@ class ImageClassifier:
         if spec.kind == "local":
             if revision is not None:
                 raise ConfigError(f"revision={revision!r} applies to Hub repos only, not the directory {str(spec.path)!r}")
-            return cls(_load_local(spec.path, str(spec.path), trust_pickled_weights), str(spec.path), None, device,
-                       dtype)
+            return cls(_load_local(spec.local_path, str(spec.path), trust_pickled_weights), str(spec.path), None,
+                       device, dtype)
         if spec.kind == "timm":
             raise ModelSourceError(f"{repo_id_or_path!r} is neither an existing local directory nor a Hub repo id "
                                    "(org/name, hf-hub:org/name[@rev])")
-        repo_id = spec.repo_id
+        repo_id = spec.hub_repo_id
         folder, sha = _hub_snapshot(repo_id, spec.revision, token, cache_dir, trust_pickled_weights)
         return cls(_load_local(folder, f"{repo_id}@{sha[:12]}", trust_pickled_weights), repo_id, sha, device, dtype)
 
@@ -260,8 +263,10 @@ class ImageClassifier:
                 for row_s, row_i in zip(scores.tolist(), indices.tolist())]
 
     def __repr__(self) -> str:
+        from hubtune.model import as_timm
+
         where = f"{self.source}@{self.revision[:12]}" if self.revision else self.source
-        arch = self.model.pretrained_cfg.get("architecture", type(self.model).__name__)
+        arch = as_timm(self.model).pretrained_cfg.get("architecture", type(self.model).__name__)
         return f"ImageClassifier({where!r}, {arch}, {self.num_classes} classes, device={self.device})"
 
 

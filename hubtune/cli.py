@@ -41,7 +41,7 @@ def _summary(args: argparse.Namespace) -> int:
         kind = type(module).__name__ + (" (fixed)" if model_lib.has_fixed_statistics(module) else "")
         print(f"  {group:<10} {name:<40} {kind:<20} {n:>10,} {trainable}")
     with torch.no_grad():
-        feats = net.forward_features(torch.zeros(1, *size))
+        feats = model_lib.as_timm(net).forward_features(torch.zeros(1, *size))
     print(f"\nfeature map for one {tuple(size)} image: {tuple(feats.shape)}")
     if args.unfreeze_at:
         from hubtune import unfreeze
@@ -63,7 +63,7 @@ def _checkpoints(args: argparse.Namespace) -> int:
 
     root = Path(args.source)
     if root.is_dir() or "/" not in args.source or args.source.count("/") > 1:
-        rows, where = checkpoint.describe(root), root / checkpoint.CHECKPOINTS
+        rows, where = checkpoint.describe(root), str(root / checkpoint.CHECKPOINTS)
     else:
         from hubtune import hub_checkpoints
         from hubtune.errors import ConfigError

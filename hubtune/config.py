@@ -171,6 +171,8 @@ class TrainConfig:
             problems.append(str(err))
         if self.hub_checkpoints and not self.push_to_hub:
             bad("hub_checkpoints", "--push-to-hub REPO too (the checkpoints go to a branch of that repo)")
+        if self.push_every_save and not self.push_to_hub:
+            bad("push_every_save", "--push-to-hub REPO too (the repo each new best model is pushed to)")
         if self.resume == "hub" and not self.push_to_hub:
             bad("resume", "'hub' with --push-to-hub REPO (whose checkpoint branch it reads), or hf://ORG/NAME")
         if self.hub_checkpoints_branch in ("", self.revision or "main"):
@@ -208,6 +210,17 @@ class TrainConfig:
     def save_steps(self) -> int | None:
         """Optimizer steps between checkpoints inside an epoch (None: at epoch ends only)."""
         return None if self.save_every == "epoch" else int(self.save_every)
+
+    @property
+    def push_repo(self) -> str:
+        """--push-to-hub, for the options that push during training (validate() refuses them without it).
+
+        Raises:
+            ConfigError: --push-to-hub is not set.
+        """
+        if not self.push_to_hub:
+            raise ConfigError("--hub-checkpoints and --push-every-save need --push-to-hub REPO: give it")
+        return self.push_to_hub
 
     @property
     def higher_is_better(self) -> bool:

@@ -154,11 +154,12 @@ class BatchDecoder:
         for k, x in zip(planned, decoded):
             pixels[k] = x
         self.fallback += batch.pop("n_fallback", 0)
-        keep = [k for k, x in enumerate(pixels) if x is not None]
+        kept = [(k, x) for k, x in enumerate(pixels) if x is not None]
+        keep = [k for k, _ in kept]
         batch["n_bad"] += len(pixels) - len(keep)
         batch["labels"] = batch["labels"][keep]
         batch["keys"] = [batch["keys"][k] for k in keep]
-        batch["pixel_values"] = torch.stack([pixels[k].to(self.device, non_blocking=True) for k in keep]) \
+        batch["pixel_values"] = torch.stack([x.to(self.device, non_blocking=True) for _, x in kept]) \
             if keep else None
         return batch
 

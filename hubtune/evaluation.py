@@ -22,7 +22,7 @@ import re
 import time
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hubtune.errors import ConfigError, DataError, OutputDirError, PushError
 from hubtune.files import CARD_FILE, atomic_write, unwritable
@@ -124,7 +124,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         if args.push:
             spec = parse_model_spec(args.model, args.revision)
             branch = spec.revision if spec.revision and not re.fullmatch(r"[0-9a-f]{40}", spec.revision) else None
-            print(push_result(record, spec.repo_id, branch))
+            print(push_result(record, spec.hub_repo_id, branch))
     accelerator.wait_for_everyone()
     return record
 
@@ -199,27 +199,32 @@ def push_result(record: dict[str, Any], repo_id: str, revision: str | None) -> s
     Raises:
         PushError: the card cannot be read or written (no write access: 401/403), after retries.
     """
-    from huggingface_hub import EvalResult, ModelCard
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     from hubtune import hub
 
     client = hub.api()
     ds = record["dataset"]
     try:
-        card = ModelCard.load(repo_id, token=client.token) if client.file_exists(repo_id, CARD_FILE) else None
+        card = None
+        if client.file_exists(repo_id, CARD_FILE):
+            # RepoCard.load's hint says str, but it hands the token to hf_hub_download, which takes a bool too
+            card = ModelCard.load(repo_id, token=client.token)  # type: ignore[arg-type]
     except Exception as err:  # classified by push_failure; an unexpected error keeps its traceback
         message = hub.push_failure(err, repo_id, "reading the card")
         if message is None:
             raise
         raise PushError(message) from err
     card = card or ModelCard(f"---\nlibrary_name: timm\n---\n# {repo_id}\n")
-    results = list(card.data.eval_results or [])
+    # a ModelCard's data is a ModelCardData (its card_data_class); RepoCard types it as the base CardData
+    card_data = cast(ModelCardData, card.data)
+    results = list(card_data.eval_results or [])
     results += [EvalResult(task_type=TASK[0], task_name=TASK[1], dataset_type=ds["id"], dataset_name=ds["id"],
                            dataset_split=ds["split"], dataset_revision=ds["revision"], metric_type=metric,
                            metric_name=name, metric_value=round(record["metrics"][metric], 4))
                 for metric, name in (("accuracy", "Accuracy"), ("f1", "F1 (macro)"))]
-    card.data.eval_results = results
-    card.data.model_name = card.data.model_name or repo_id.split("/")[-1]
+    card_data.eval_results = results
+    card_data.model_name = card_data.model_name or repo_id.split("/")[-1]
     url = hub.push_files(repo_id, {CARD_FILE: str(card).encode()}, revision=revision,
                          commit_message=f"hubtune evaluate: {ds['id']} ({ds['split']})")
     return f"added the result to the card of {repo_id}: {url}"

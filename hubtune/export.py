@@ -114,6 +114,8 @@ def to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: in
         hint = "; try --static" if dynamic_batch else ""
         raise ExportError(f"torch {torch.__version__} cannot export this model to ONNX: "
                           f"{str(err).strip().splitlines()[0]}{hint}") from err
+    if program is None:  # only the legacy (dynamo=False) exporter returns nothing
+        raise ExportError(f"torch {torch.__version__}'s ONNX exporter returned no program for this model")
     program.save(path)  # weights inside the file, or beside it (external data) above 2 GB
     written = next(o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx"))
     if opset is not None and written != opset:
@@ -341,5 +343,5 @@ def run_export(args: argparse.Namespace) -> int:
     written = [str(out / name) for name in (ONNX_FILE, INT8_FILE, PREPROCESSING_FILE) if (out / name).is_file()]
     print(f"wrote {', '.join(written)}")
     if args.push:
-        print(push_export(out, record, spec.repo_id, spec.revision))
+        print(push_export(out, record, spec.hub_repo_id, spec.revision))
     return 0

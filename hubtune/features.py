@@ -44,13 +44,13 @@ def default_dir() -> Path:
 
 def check_cacheable(net: torch.nn.Module) -> None:
     """Raise ConfigError unless the backbone output cannot change: only the classifier trains, nothing is random."""
-    classifier = {id(p) for p in net.get_classifier().parameters()}
+    classifier = {id(p) for p in model_lib.as_timm(net).get_classifier().parameters()}
     trainable = [name for name, p in net.named_parameters() if p.requires_grad and id(p) not in classifier]
     if trainable:
         shown = ", ".join(trainable[:3]) + (f" and {len(trainable) - 3} more" if len(trainable) > 3 else "")
         raise ConfigError(f"--cache-features trains only the classifier, but {len(trainable)} other parameters are "
                          f"trainable ({shown}); freeze them with --freeze (e.g. every group but the head)")
-    inside = {id(m) for m in net.get_classifier().modules()}
+    inside = {id(m) for m in model_lib.as_timm(net).get_classifier().modules()}
     for name, module in net.named_modules():
         if id(module) in inside:
             continue
@@ -65,7 +65,7 @@ def check_cacheable(net: torch.nn.Module) -> None:
 
 def weights_digest(net: torch.nn.Module) -> str:
     """A digest of every tensor the backbone computes with (the classifier excluded)."""
-    skip = {id(t) for t in net.get_classifier().state_dict(keep_vars=True).values()}
+    skip = {id(t) for t in model_lib.as_timm(net).get_classifier().state_dict(keep_vars=True).values()}
     h = hashlib.blake2b(digest_size=16)
     for name, t in sorted(net.state_dict(keep_vars=True).items()):
         if id(t) in skip:
@@ -195,4 +195,5 @@ class FeatureCache:
 
 def backbone_features(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What the classifier receives: timm's pre-logits features (pooled, after any head norm)."""
-    return net.forward_head(net.forward_features(x), pre_logits=True)
+    timm_net = model_lib.as_timm(net)
+    return timm_net.forward_head(timm_net.forward_features(x), pre_logits=True)

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from hubtune.errors import DiskFullError
+from hubtune.errors import CheckpointError, DiskFullError
 
 # a run's output directory (the Hub-ready export) and its checkpoints
 TRAIN_CONFIG_FILE = "train_config.yaml"
@@ -30,9 +30,23 @@ def step_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def checkpoint_step(name: str) -> int:
+    """The optimizer step of a name already known to be a checkpoint folder's (listed by `newest_first`, or matched
+    by a step-NNNNNN pattern).
+
+    Raises:
+        CheckpointError: `name` is not a checkpoint folder name.
+    """
+    step = step_of(name)
+    if step is None:
+        raise CheckpointError(f"{name!r} is not a checkpoint folder name (step-NNNNNN)")
+    return step
+
+
 def newest_first(names: Iterable[str]) -> list[str]:
     """The checkpoint folder names among `names`, highest step first."""
-    return sorted((n for n in names if step_of(n) is not None), key=step_of, reverse=True)
+    steps = [(step, n) for n in names if (step := step_of(n)) is not None]
+    return [n for _, n in sorted(steps, key=lambda pair: pair[0], reverse=True)]
 
 
 def fsync_path(path: Path) -> None:

@@ -84,7 +84,7 @@ def resolve_model(spec: ModelSpec, token: str | None = None) -> tuple[str, dict[
     """
     if spec.kind != "hub":
         return spec.timm_name, {"id": None, "revision": None, "spec": spec.spec, "license": None}
-    repo, revision = spec.repo_id, spec.revision
+    repo, revision = spec.hub_repo_id, spec.revision
     if is_offline_mode():
         sha = _cached_sha(repo, revision, "model")
         return f"hf-hub:{repo}" + (f"@{sha or revision}" if (sha or revision) else ""), {
@@ -127,8 +127,10 @@ def prefetch(model: str | None, dataset: str | None, dataset_revision: str | Non
     out = {}
     if model:
         spec = parse_model_spec(model)
-        repo, revision = spec.repo_id, spec.revision
-        if spec.kind != "hub":
+        revision: str | None
+        if spec.kind == "hub":
+            repo, revision = spec.hub_repo_id, spec.revision
+        else:
             import timm
 
             cfg = timm.models.get_pretrained_cfg(model)
@@ -299,7 +301,8 @@ def _verify(repo_id: str, commit: str, operations: list[Any], remote: dict[str, 
         if entry.lfs:
             ok = entry.lfs.sha256 == op.upload_info.sha256.hex()
         else:  # a small file stored in git: its blob id
-            blob = op.path_or_fileobj if isinstance(op.path_or_fileobj, bytes) else Path(op.path_or_fileobj).read_bytes()
+            with op.as_file() as f:
+                blob = f.read()
             ok = entry.blob_id == hashlib.sha1(f"blob {len(blob)}\0".encode() + blob).hexdigest()
         if not ok:
             raise PushError(f"verification failed: {name} on {repo_id}@{commit[:8]} differs from the local file; "

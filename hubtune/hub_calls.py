@@ -116,7 +116,9 @@ def install_timeouts(strict: bool = True) -> None:
         from huggingface_hub import file_download
 
         if isinstance(getattr(file_download, "_ETAG_RETRY_TIMEOUT", None), (int, float)):
-            file_download._ETAG_RETRY_TIMEOUT = min(file_download._ETAG_RETRY_TIMEOUT, seconds)
+            retry_timeout = min(file_download._ETAG_RETRY_TIMEOUT, seconds)
+            # (typed int after its literal, 60; it is a number of seconds, and a float works as well)
+            file_download._ETAG_RETRY_TIMEOUT = retry_timeout  # type: ignore[assignment]
 
 
 def causes(err: BaseException) -> Iterator[BaseException]:

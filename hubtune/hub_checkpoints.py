@@ -17,6 +17,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.constants import is_offline_mode
@@ -86,7 +87,7 @@ def _download(where: HubCheckpoints, name: str, out: Path) -> Path:
     Raises:
         CheckpointError: the files on the Hub are incomplete or do not match their manifest.
     """
-    final = checkpoint.step_dir(out, checkpoint.step_of(name))
+    final = checkpoint.step_dir(out, checkpoint.checkpoint_step(name))
     if final.is_dir():
         try:
             checkpoint.verify(final)
@@ -221,12 +222,15 @@ def describe_remote(repo_id: str, branch: str) -> list[tuple[str, ...]]:
     """
     where = HubCheckpoints(repo_id, branch, explicit=True)
     api = hub.api()
-    rows, names = [], remote_names(where, asking=f"hubtune checkpoints {repo_id}")
+    rows: list[tuple[str, ...]] = []
+    names = remote_names(where, asking=f"hubtune checkpoints {repo_id}")
     for name in names:
+        def listing(folder: str = f"{REMOTE_DIR}/{name}") -> list[Any]:
+            return list(api.list_repo_tree(repo_id, path_in_repo=folder, revision=branch, expand=False))
+
         try:
-            files = {e.path.rsplit("/", 1)[1]: e for e in retrying("listing a checkpoint", lambda name=name: list(
-                api.list_repo_tree(repo_id, path_in_repo=f"{REMOTE_DIR}/{name}", revision=branch, expand=False)),
-                hub_calls.retries_n(), hub_calls.retry_wait_s())}
+            files = {e.path.rsplit("/", 1)[1]: e for e in retrying("listing a checkpoint", listing,
+                                                                   hub_calls.retries_n(), hub_calls.retry_wait_s())}
             small = {f: Path(api.hf_hub_download(repo_id, f"{REMOTE_DIR}/{name}/{f}", revision=branch))
                      for f in (checkpoint.MANIFEST, checkpoint.STATE_FILE)}
             listed = json.loads(small[checkpoint.MANIFEST].read_text())["files"]

@@ -256,8 +256,9 @@ def serve(args: argparse.Namespace) -> int:
             # the newest last, so the record's last entry is the checkpoint this upload was for
             adding = sorted(n for n in wanted if (n not in on_hub or n == name) and n != name) + [name]
             adding = [n for n in adding if (snapshot / "checkpoints" / n).is_dir()]
-            contents = {f"{REMOTE_DIR}/{n}/{f.name}": f for n in adding
-                        for f in sorted((snapshot / "checkpoints" / n).iterdir()) if f.is_file()}
+            contents: dict[str, bytes | Path] = {
+                f"{REMOTE_DIR}/{n}/{f.name}": f for n in adding
+                for f in sorted((snapshot / "checkpoints" / n).iterdir()) if f.is_file()}
             contents.update({f.relative_to(snapshot).as_posix(): f for f in sorted((snapshot / "runs").rglob("*"))
                              if f.is_file()})
             hub.push_files(where.repo_id, contents, deletions=gone, revision=where.branch, private=args.private,

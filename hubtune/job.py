@@ -101,7 +101,7 @@ class Job:
     frozen: list[str]  # the parameters frozen now (--freeze, less what --unfreeze-at has started to train)
     schedule: unfreeze.Schedule  # --unfreeze-at
     ema: ModelEmaV3 | None  # --model-ema: timm's EMA of the whole model (see save_checkpoint for what is saved)
-    scheduler: CosineLRScheduler | None = None
+    scheduler: CosineLRScheduler = field(init=False)  # set by build_job once the state a resume restores is known
     run_info: dict[str, Any] = field(default_factory=dict)  # what the card records
     state: RunState = field(default_factory=RunState)
     progress: EpochProgress = field(default_factory=EpochProgress)
@@ -114,7 +114,7 @@ class Job:
         with torch.no_grad(), self.accelerator.autocast():
             return features.backbone_features(self.net, self.prepare(pixels))
 
-    def logits(self, module: torch.nn.Module, batch: dict, view: str | None) -> torch.Tensor:
+    def logits(self, module: torch.nn.Module, batch: dict, view: str) -> torch.Tensor:
         """The batch's logits through `module`: `stepped` in training, the bare `head` in evaluation."""
         if self.cache is None:
             return module(self.prepare(batch["pixel_values"]))
@@ -149,9 +149,10 @@ def find_resume(cfg: TrainConfig, out: Path, accelerator: Accelerator) -> Path |
                 raise
             logger.warning(f"--resume {cfg.resume}: skipping {fetched.name}: {err}; trying the previous one")
         if older is None:
-            below = checkpoint.step_of(fetched.name)
-            older = [] if is_offline_mode() else _on_main(accelerator, lambda below=below: [
-                n for n in hub_checkpoints.remote_names(remote) if checkpoint.step_of(n) < below])
+            def names_below(below: int = checkpoint.checkpoint_step(fetched.name)) -> list[str]:
+                return [n for n in hub_checkpoints.remote_names(remote) if checkpoint.checkpoint_step(n) < below]
+
+            older = [] if is_offline_mode() else _on_main(accelerator, names_below)
         fetched = None
         while older and fetched is None:
             try:
@@ -284,15 +285,18 @@ def build_job(cfg: TrainConfig) -> Job:
     # everything that can be checked before the first step is, and every problem found is reported at once
     found = Problems()
     found.errors += _on_main(accelerator, lambda: preflight.write_access(cfg))
-    resume_from = None
+    resume_from, before = None, len(found.errors)
     with found.check():
         resume_from = find_resume(cfg, out, accelerator)
+    resume_refused = len(found.errors) > before
     if resume_from is not None:  # the same run: the base model and dataset commits it pinned, unless given here
         pinned = checkpoint.saved_config(resume_from)
         cfg = dataclasses.replace(cfg, model_revision=cfg.model_revision or pinned.get("model_revision"),
                                   dataset_revision=cfg.dataset_revision or pinned.get("dataset_revision"))
-    with found.check():
-        earlier = check_output_dir(cfg, out, resuming=resume_from is not None)
+    earlier: list[str] = []
+    if not resume_refused:  # the output dir is judged by whether a checkpoint continues it: say only why not
+        with found.check():
+            earlier = check_output_dir(cfg, out, resuming=resume_from is not None)
 
     # data, and the base model pinned to a commit sha: the resolved config is built once, then saved
     info: data.DataInfo | None = None
@@ -328,7 +332,8 @@ def build_job(cfg: TrainConfig) -> Job:
     check_input_size(cfg, net, data_cfg, accelerator.device)
     train_tf, eval_tf = model_lib.transforms(data_cfg)  # uint8 tensors; `prepare` normalizes whole batches
     train_tf = train_tf if cfg.augment else eval_tf
-    prepare = model_lib.Normalize(data_cfg, accelerator.device, channels_last=cfg.channels_last)
+    # (resolve_device_settings has replaced an unset --channels-last by the device's default)
+    prepare = model_lib.Normalize(data_cfg, accelerator.device, channels_last=bool(cfg.channels_last))
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -350,7 +355,7 @@ def build_job(cfg: TrainConfig) -> Job:
                                     layer_decay=cfg.layer_decay)  # timm skips frozen parameters
     # The loaders are not prepared: each process already reads its own shard (see data.process_source). With cached
     # features each step runs only the classifier, so only the classifier is prepared (DDP, autocast).
-    head = net if cache is None else net.get_classifier()
+    head = net if cache is None else model_lib.as_timm(net).get_classifier()
     net.to(accelerator.device)
     stepped, optimizer = accelerator.prepare(head, optimizer)
 
@@ -377,7 +382,7 @@ def build_job(cfg: TrainConfig) -> Job:
                     "validation": validation}
     job.pusher = _background_pusher(cfg) if cfg.push_every_save and accelerator.is_main_process else None
     if cfg.hub_checkpoints and accelerator.is_main_process:
-        job.uploader = hub_sync.Uploader(cfg.push_to_hub, cfg.hub_checkpoints_branch, out, cfg.private,
+        job.uploader = hub_sync.Uploader(cfg.push_repo, cfg.hub_checkpoints_branch, out, cfg.private,
                                          cfg.hub_checkpoints_timeout)
     tracking.start(accelerator, cfg.to_dict(), resume_step=job.state.global_step if resume_from else 0)
     return job
@@ -417,19 +422,20 @@ def count_validation(cfg: TrainConfig, info: data.DataInfo, val_ds: stream.Examp
     both = torch.cat([counts, torch.tensor([int(complete)])]).to(accelerator.device)
     if accelerator.num_processes > 1:
         both = torch.cat([accelerator.reduce(both[:n], "sum"), accelerator.reduce(both[n:], "min")])
-    counts, complete = both[:n].tolist(), bool(both[n])
-    if sum(counts) == 0:
+    per_class: list[int] = both[:n].tolist()
+    complete = bool(both[n])
+    if sum(per_class) == 0:
         where = (f"--val-fraction {cfg.val_fraction} held out none of its images (each image goes to validation "
                  f"with that probability, by a hash of its bytes)" if info.val_source.startswith("hash")
                  else f"its {info.val_source.split(':', 1)[1]!r} split is empty")
         raise DataError(f"--dataset {cfg.dataset!r} has no validation images: {where}; raise --val-fraction or "
                         "give a dataset with a validation split")
-    small = [name for name, c in zip(info.class_names, counts) if c < MIN_VAL_PER_CLASS]
+    small = [name for name, c in zip(info.class_names, per_class) if c < MIN_VAL_PER_CLASS]
     if small:
-        shown = ", ".join(f"{name!r}: {c}" for name, c in zip(info.class_names, counts) if name in small)
+        shown = ", ".join(f"{name!r}: {c}" for name, c in zip(info.class_names, per_class) if name in small)
         logger.warning(f"few validation images for {len(small)} class(es) ({shown}; fewer than {MIN_VAL_PER_CLASS}): "
                        "their per-class metrics are unreliable; raise --val-fraction or add images")
-    return {"per_class": dict(zip(info.class_names, counts)), "complete": complete,
+    return {"per_class": dict(zip(info.class_names, per_class)), "complete": complete,
             "min_per_class": MIN_VAL_PER_CLASS, "small_classes": small}
 
 
@@ -440,8 +446,9 @@ def check_input_size(cfg: TrainConfig, net: torch.nn.Module, data_cfg: dict[str,
         ConfigError: naming the size, what the model or the machine allows, and what to lower.
     """
     size = data_cfg["input_size"][-1]
-    fixed = net.pretrained_cfg.get("fixed_input_size")
-    native = net.pretrained_cfg.get("input_size", (3, size, size))[-1]
+    pretrained_cfg = model_lib.as_timm(net).pretrained_cfg
+    fixed = pretrained_cfg.get("fixed_input_size")
+    native = pretrained_cfg.get("input_size", (3, size, size))[-1]
     if cfg.image_size and fixed and cfg.image_size != native:
         raise ConfigError(f"--image-size {cfg.image_size}: {cfg.model} takes only {native} px inputs "
                           f"(fixed_input_size in its pretrained_cfg); leave --image-size unset or set it to {native}")
@@ -510,5 +517,5 @@ def write_output_dir(cfg: TrainConfig, out: Path, earlier: list[str]) -> None:
 
 
 def _background_pusher(cfg: TrainConfig) -> BackgroundPusher:
-    return hub.export_pusher(cfg.push_to_hub, private=cfg.private, revision=cfg.revision,
+    return hub.export_pusher(cfg.push_repo, private=cfg.private, revision=cfg.revision,
                              commit_message="hubtune: new best checkpoint", overwrite_card=cfg.overwrite_card)

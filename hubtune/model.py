@@ -9,7 +9,7 @@ import re
 import types
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import timm
 import torch
@@ -27,6 +27,28 @@ from hubtune.sources import SAFETENSORS_ONLY, check_weight_files, loadable_confi
 
 HEAD_GROUP = "head"
 FROZEN_BN = (FrozenBatchNorm2d, FrozenBatchNormAct2d)
+
+
+class TimmModel(Protocol):
+    """What every timm model has beyond nn.Module: timm defines it on each model class (and create_model sets
+    `pretrained_cfg`), not on a base class its types could name."""
+
+    pretrained_cfg: dict[str, Any]
+    num_classes: int
+
+    def get_classifier(self) -> torch.nn.Module: ...
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]: ...
+
+
+def as_timm(model: torch.nn.Module) -> TimmModel:
+    """`model`, a timm model, seen through the interface timm models share (see TimmModel): timm.create_model is
+    typed as returning a plain nn.Module."""
+    return cast(TimmModel, model)
 
 
 def timm_name(spec: str) -> str:
@@ -60,12 +82,12 @@ def create(spec: str, num_classes: int | None, pretrained: bool = True, **kwargs
 
     parsed = parse_model_spec(spec)
     if parsed.kind == "timm":
-        _check_architecture(parsed.name, pretrained)
-    if parsed.kind == "local" and not (parsed.path / MODEL_CONFIG_FILE).is_file():
+        _check_architecture(parsed.arch_name, pretrained)
+    if parsed.kind == "local" and not (parsed.local_path / MODEL_CONFIG_FILE).is_file():
         raise ModelSourceError(f"--model {spec!r}: {parsed.path} is not a model directory (no {MODEL_CONFIG_FILE}); "
                                "give a directory written by hubtune or timm.save_for_hf, a Hub id or a timm architecture")
     if parsed.kind == "local" and pretrained:
-        check_weight_files([p.name for p in parsed.path.iterdir()], f"--model {spec!r}", remedy=SAFETENSORS_ONLY)
+        check_weight_files([p.name for p in parsed.local_path.iterdir()], f"--model {spec!r}", remedy=SAFETENSORS_ONLY)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     with model_repo_errors(spec):
@@ -140,7 +162,7 @@ class Normalize:
 def _matchers(model: torch.nn.Module) -> dict[str, list[re.Pattern]]:
     """timm's coarse group_matcher as {group kind: regexes}."""
     out: dict[str, list[re.Pattern]] = {}
-    for kind, spec in model.group_matcher(coarse=True).items():
+    for kind, spec in as_timm(model).group_matcher(coarse=True).items():
         patterns = [spec] if isinstance(spec, str) else [p for p, _ in spec]
         out[kind] = [re.compile(p) for p in patterns]
     return out
@@ -148,7 +170,7 @@ def _matchers(model: torch.nn.Module) -> dict[str, list[re.Pattern]]:
 
 def param_groups(model: torch.nn.Module) -> dict[str, str]:
     """Map every parameter name to its group: stem, stages.N (timm's blocks, 0-based), or head."""
-    head = model.pretrained_cfg.get("classifier", "")
+    head = as_timm(model).pretrained_cfg.get("classifier", "")
     heads = [head] if isinstance(head, str) else list(head)
     matchers = _matchers(model)
     stage_ids: dict[str, str] = {}
@@ -266,7 +288,7 @@ def freeze(model: torch.nn.Module, param_names: list[str], freeze_bn: bool) -> N
 
 def fix_statistics(bn: torch.nn.Module) -> None:
     """Keep a BatchNorm in eval mode (running statistics, no updates) whatever model.train() later says."""
-    bn.train = types.MethodType(_stay_in_eval, bn)
+    vars(bn)["train"] = types.MethodType(_stay_in_eval, bn)  # this module's own, over nn.Module.train
     bn.eval()
 
 
@@ -298,13 +320,13 @@ def counted_parameters(module: torch.nn.Module, recurse: bool = True) -> list[tu
     """(numel, trainable) of each parameter, counting the affine weights that FrozenBatchNorm keeps as buffers."""
     out = [(p.numel(), p.requires_grad) for p in module.parameters(recurse=recurse)]
     frozen_bn = [m for m in (module.modules() if recurse else [module]) if isinstance(m, FROZEN_BN)]
-    out += [(m.weight.numel() + m.bias.numel(), False) for m in frozen_bn]
+    out += [(m.get_buffer("weight").numel() + m.get_buffer("bias").numel(), False) for m in frozen_bn]
     return out
 
 
 def parameter_table(model: torch.nn.Module) -> list[tuple[str, int, int, int]]:
     """(group, total, trainable, frozen) per top-level module, plus a total row."""
-    rows = []
+    rows: list[tuple[str, int, int, int]] = []
     for name, child in model.named_children():
         counted = counted_parameters(child)
         total = sum(n for n, _ in counted)
@@ -312,7 +334,7 @@ def parameter_table(model: torch.nn.Module) -> list[tuple[str, int, int, int]]:
             continue
         trainable = sum(n for n, t in counted if t)
         rows.append((name, total, trainable, total - trainable))
-    rows.append(("total", *(sum(r[i] for r in rows) for i in (1, 2, 3))))
+    rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows), sum(r[3] for r in rows)))
     return rows
 
 

@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hubtune.errors import ConfigError
 from hubtune.files import atomic_write, unwritable
@@ -74,10 +74,13 @@ def predictions(classifier: Any, files: list[Path], top_k: int, batch_size: int,
                 num_workers: int) -> Iterator[dict[str, Any]]:
     """{"image", "predictions"} or {"image", "error"} per file, in the order of `files`."""
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
-    loader = DataLoader(_Images(files, classifier.transform), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate, generator=torch.Generator().manual_seed(0))
+    # DataLoader takes any map-style dataset (__len__, __getitem__), but its hint names torch's Dataset, which _Images
+    # does not subclass: the CLI imports this module for `hubtune predict`'s flags, which must not wait for torch
+    images = cast("Dataset[tuple[int, Any, str | None]]", _Images(files, classifier.transform))
+    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                        generator=torch.Generator().manual_seed(0))
     for batch in loader:
         good = [(i, x) for i, x, _ in batch if x is not None]
         preds = dict(zip((i for i, _ in good), classifier.classify(torch.stack([x for _, x in good]), top_k))) if good \

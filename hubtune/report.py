@@ -7,6 +7,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ def final_metrics(state: RunState, info: data.DataInfo, accelerator: Accelerator
                   run_info: dict) -> dict:
     """metrics.json: history, best, stop reason, counts, and the wall time of every segment of the run together
     (`started`: when this process's segment began; a resumed run adds the time its checkpoint recorded)."""
-    last = state.history[-1] if state.history else {}
+    last: Mapping[str, Any] = state.history[-1] if state.history else {}
     return {
         "history": state.history,
         "best": state.best,

@@ -96,9 +96,9 @@ def compare(original: dict, new: dict, card: dict | None, tol: float = 1e-6) -> 
         diffs.append(f"best epoch: original {original['best'].get('epoch')}, reproduction {new['best'].get('epoch')}")
     names = {"accuracy": "val_accuracy", "f1": "val_f1", "loss": "val_loss"}
     for metric, value in (card or {}).items():
-        key = names.get(metric)
-        if key and abs(value - new["best"][key]) > max(tol, 1e-4):  # the card rounds to 4 decimals
-            diffs.append(f"card {metric}: {value}, reproduction {new['best'][key]:.6f}")
+        column = names.get(metric)
+        if column and abs(value - new["best"][column]) > max(tol, 1e-4):  # the card rounds to 4 decimals
+            diffs.append(f"card {metric}: {value}, reproduction {new['best'][column]:.6f}")
     return diffs
 
 

@@ -27,20 +27,29 @@ RESUME_MUST_MATCH = ("model", "dataset", "image_size", "val_fraction", "freeze",
                      "unfreeze_at", "unfreeze_lr_scale", "model_ema", "model_ema_decay", "model_ema_warmup")
 
 
-class EpochRow(TypedDict):
-    """One epoch of metrics.json's history (and of a checkpoint's)."""
+class EvalMetrics(TypedDict):
+    """One set of weights' validation metrics in an epoch's row: the model's, or (row["ema"]) its EMA's."""
 
-    epoch: int  # 1-based
-    step: int  # optimizer steps at the end of the epoch
-    train_loss: float
     val_loss: float
     val_accuracy: float
     val_f1: float
-    train_examples: int
-    val_examples: int
     per_class: dict[str, dict[str, float]]  # label -> precision, recall, f1, support
     confusion_matrix: list[list[int]]  # [true][predicted]
+
+
+class _EpochRowRequired(EvalMetrics):
+    epoch: int  # 1-based
+    step: int  # optimizer steps at the end of the epoch
+    train_loss: float
+    train_examples: int
+    val_examples: int
     skipped_images: dict[str, int]  # undecodable images: train, val
+
+
+class EpochRow(_EpochRowRequired, total=False):
+    """One epoch of metrics.json's history (and of a checkpoint's)."""
+
+    ema: EvalMetrics  # --model-ema only
 
 
 @dataclass
@@ -101,7 +110,9 @@ def update_best(state: RunState, row: EpochRow, cfg: TrainConfig) -> bool:
     With --model-ema the row also holds the EMA weights' metrics (row["ema"]); the best of the two counts, and the
     best record takes that one's metrics and says which weights they are ("weights": "model" or "ema").
     """
-    candidates = [({**row, "weights": "model"})] + ([{**row, **row["ema"], "weights": "ema"}] if row.get("ema") else [])
+    candidates: list[dict[str, Any]] = [{**row, "weights": "model"}]
+    if row.get("ema"):
+        candidates.append({**row, **row["ema"], "weights": "ema"})
     sign = 1 if cfg.higher_is_better else -1
     chosen = max(candidates, key=lambda r: sign * r[cfg.metric])  # the first of equals: the raw weights
     value = chosen[cfg.metric]

@@ -35,6 +35,39 @@ class ModelSpec:
     name: str | None = None
 
     @property
+    def local_path(self) -> Path:
+        """`path`, of a local spec.
+
+        Raises:
+            ModelSourceError: the spec is not a local directory.
+        """
+        if self.path is None:
+            raise ModelSourceError(f"{self.spec!r} is not a local model directory")
+        return self.path
+
+    @property
+    def hub_repo_id(self) -> str:
+        """`repo_id`, of a Hub spec.
+
+        Raises:
+            ModelSourceError: the spec is not a Hub repo id.
+        """
+        if self.repo_id is None:
+            raise ModelSourceError(f"{self.spec!r} is not a Hub repo id (org/name, hf-hub:org/name[@rev])")
+        return self.repo_id
+
+    @property
+    def arch_name(self) -> str:
+        """`name`, of a timm architecture spec.
+
+        Raises:
+            ModelSourceError: the spec is not a timm architecture name.
+        """
+        if self.name is None:
+            raise ModelSourceError(f"{self.spec!r} is not a timm architecture name")
+        return self.name
+
+    @property
     def timm_name(self) -> str:
         """The name `timm.create_model` understands."""
         if self.kind == "local":

@@ -19,7 +19,7 @@ import random
 import signal
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from itertools import islice
 from typing import Any
 
@@ -114,7 +114,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
         """
         return self.images, self.known_keys, self.views, self.draft, self.planned
 
-    def labels(self) -> Iterator[int]:
+    def labels(self) -> Generator[int, None, None]:
         """The labels of this process's examples in stream order, read without decoding (a pass over the keys)."""
         saved = self.images, self.known_keys
         self.images, self.known_keys = False, frozenset()
@@ -184,7 +184,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
             items = list(islice(it, self.block))
             if not items:
                 return
-            order = range(len(items))
+            order: range | np.ndarray = range(len(items))
             if self.seed is not None:
                 order = np.random.default_rng([self.seed, epoch, worker_id, block_idx]).permutation(len(items))
             for j in range(offset, len(items)):
@@ -242,6 +242,8 @@ class _Loader(StatefulDataLoader):
     Workers ignore Ctrl-C and SIGTERM (see _worker_signals) until their iterator is collected or the interpreter
     exits: SIGTERM is how both torch and multiprocessing's exit hook stop workers that a lost message did not.
     """
+
+    _iterator: Any  # StatefulDataLoader's iterator in use, or None (torchdata ships no type hints)
 
     def _get_iterator(self) -> Any:
         self._workers_settings = self.dataset.pass_settings()  # what the workers about to start copy

@@ -59,7 +59,7 @@ from hubtune.errors import (
     setup_logging,
 )
 from hubtune.job import Job, build_job, make_scheduler, steps_per_epoch_hint
-from hubtune.run_state import EpochProgress, EpochRow, RunState, StopRequest, save_checkpoint, update_best
+from hubtune.run_state import EpochProgress, EpochRow, EvalMetrics, RunState, StopRequest, save_checkpoint, update_best
 
 logger = get_logger("hubtune")
 
@@ -140,8 +140,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                        accelerator=accelerator)
 
 
-def begin_epoch(job: Job) -> str | None:
-    """Start the epoch in progress, or continue it at the saved position; return the cached view it trains on."""
+def begin_epoch(job: Job) -> str:
+    """Start the epoch in progress, or continue it at the saved position; return the view of the feature cache it
+    trains on (--cache-features; unused otherwise)."""
     state = job.state
     resumed = state.in_epoch and job.progress.loader is not None
     if resumed:
@@ -151,11 +152,9 @@ def begin_epoch(job: Job) -> str | None:
         job.progress = EpochProgress()
     if job.schedule:
         unfreeze.apply(job, state.epoch + 1)
-    view = None
-    if job.cache:
-        view = features.view_for(job.cfg, state.epoch)
-        if job.cache.begin(view, job.train_ds, job.accelerator, fresh=not resumed):
-            logger.info(f"epoch {state.epoch + 1}: training the classifier on cached features ({view})")
+    view = features.view_for(job.cfg, state.epoch)
+    if job.cache and job.cache.begin(view, job.train_ds, job.accelerator, fresh=not resumed):
+        logger.info(f"epoch {state.epoch + 1}: training the classifier on cached features ({view})")
     state.in_epoch = True
     job.net.train()
     return view
@@ -189,7 +188,7 @@ def synced_batches(loader: Any, accelerator: Accelerator, fetched: EpochProgress
     it = iter(loader)
     current = fetch(it)
     ok = all_have(current)
-    while ok:
+    while ok and current is not None:  # (ok: every process has a batch, this one too)
         upcoming = fetch(it)
         ok_next = all_have(upcoming)
         if not ok_next:  # set before the last yield: the caller may not resume this generator after it
@@ -245,8 +244,11 @@ def end_epoch(job: Job, fetched: EpochProgress, seconds: float) -> None:
     job.net.eval()  # `head` is unwrapped: DDP would sync buffers on every forward, and shards end unevenly
     val = metrics.evaluate(lambda b: job.logits(job.head, b, "val"), job.val_loader, accelerator,
                            job.info.class_names)
-    ema = metrics.evaluate(lambda b: job.logits(job.ema.module, b, "val"), job.val_loader, accelerator,
-                           job.info.class_names) if job.ema is not None else None
+    ema = None
+    if job.ema is not None:
+        averaged = job.ema.module
+        ema = metrics.evaluate(lambda b: job.logits(averaged, b, "val"), job.val_loader, accelerator,
+                               job.info.class_names)
     job.net.train()
     if job.cache:
         job.cache.end("val", accelerator, whole_pass=True)
@@ -288,7 +290,8 @@ def log_epoch(job: Job, row: EpochRow) -> None:
     """An epoch's validation metrics (per-class F1 and skipped images too) to the trackers, at its last step."""
     values = {"train/epoch_loss": row["train_loss"], "skipped_images/train": row["skipped_images"]["train"],
               "skipped_images/val": row["skipped_images"]["val"]}
-    for prefix, metrics_row in (("val", row), ("ema_val", row.get("ema"))):
+    evaluated: list[tuple[str, EvalMetrics | None]] = [("val", row), ("ema_val", row.get("ema"))]
+    for prefix, metrics_row in evaluated:
         if metrics_row is not None:
             values.update({f"{prefix}/loss": metrics_row["val_loss"], f"{prefix}/accuracy": metrics_row["val_accuracy"],
                            f"{prefix}/f1": metrics_row["val_f1"]})
@@ -401,7 +404,7 @@ def check_bad_fraction(bad: int, seen: int, limit: float, what: str) -> None:
 
 
 def reached_max_steps(cfg: TrainConfig, state: RunState) -> bool:
-    return bool(cfg.max_steps) and state.global_step >= cfg.max_steps
+    return bool(cfg.max_steps and state.global_step >= cfg.max_steps)
 
 
 def _progress_bar(cfg: TrainConfig, accelerator: Accelerator, state: RunState) -> Any:

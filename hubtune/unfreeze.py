@@ -70,7 +70,7 @@ def describe(net: torch.nn.Module, schedule: Schedule, frozen: list[str], epochs
 
 def _new_groups(net: torch.nn.Module, cfg: TrainConfig, names: set[str]) -> list[dict[str, Any]]:
     """Optimizer parameter groups for `names`, as timm's create_optimizer_v2 would build them for the whole model."""
-    no_decay = getattr(net, "no_weight_decay", lambda: set())()
+    no_decay: set[str] = getattr(net, "no_weight_decay", lambda: set())()
     if cfg.layer_decay is not None:
         groups = param_groups_layer_decay(net, cfg.weight_decay, no_weight_decay_list=no_decay,
                                           layer_decay=cfg.layer_decay)

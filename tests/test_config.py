@@ -38,6 +38,13 @@ def test_all_problems_reported_together_with_flag_value_and_accepted(tmp_path):
     assert "--batch-size: got 'many', expected a value of type int" in msg
 
 
+def test_push_every_save_without_a_repo_to_push_to_is_refused():
+    # it used to start a background pusher for repo None: a failed push and a warning at every new best
+    with pytest.raises(ValueError, match="--push-every-save: got True, expected --push-to-hub REPO too"):
+        parse(["--push-every-save"])
+    assert parse(["--push-every-save", "--push-to-hub", "alice/x"]).push_repo == "alice/x"
+
+
 def test_resolved_config_round_trips_through_yaml(tmp_path):
     cfg = parse(["--model", "test_resnet", "--image-size", "48", "--freeze", "stem,stages.0-1", "--clip-grad", "1"])
     cfg.save(tmp_path / "train_config.yaml")

@@ -20,6 +20,7 @@ from typing import Any
 from hubtune.demo.data import BACKBONE_PX, CLASSES, DATASET_PX, TEXTURES, animals, pretrain_backbone
 from hubtune.demo.narration import RESULT_PREFIX
 from hubtune.demo.snippets import load_snippets
+from hubtune.errors import DemoError
 
 BACKBONE_CARD = """---
 license: apache-2.0
@@ -94,6 +95,8 @@ def publish(workdir: Path, backbone_repo: str, dataset_repo: str, n_images: int,
                                     classes=list(CLASSES))
     card.push_to_hub(dataset_repo, commit_message="Dataset card: synthetic data")
     sha = api.dataset_info(dataset_repo).sha
+    if sha is None:
+        raise DemoError(f"the demo's Hub gave no commit sha for {dataset_repo}")
     _log(f"pushed {dataset_repo} (parquet, Image + ClassLabel features) at {sha[:12]}")
     return {"backbone": {"repo_id": backbone_repo, "commit_url": backbone_commit.commit_url,
                          "pretrain_task": list(TEXTURES), "pretrain_steps": pretrain_steps,

@@ -133,10 +133,13 @@ def _pretrain(steps: int, seed: int, log: Callable[[str], None]) -> tuple[Any, f
     import torch
     import torch.nn.functional as F
 
+    from hubtune.model import as_timm
+
     torch.manual_seed(seed)
     net = timm.create_model("test_resnet", num_classes=len(TEXTURES))
-    mean = torch.tensor(net.pretrained_cfg["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(net.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    pretrained_cfg = as_timm(net).pretrained_cfg
+    mean = torch.tensor(pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(pretrained_cfg["std"]).view(1, 3, 1, 1)
 
     def tensors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         arr, labels = textures(n, seed)

@@ -151,7 +151,7 @@ def train_and_interrupt(children: Children, cmd: list[str], home: Path) -> dict[
         trainer.join(timeout=10)
     message = next((ln for ln in lines if "SIGTERM received: saved" in ln), None)
     m = re.search(r"saved (\S+); resume with: (.*)$", message or "")
-    if state["first_checkpoint"] is None or m is None:
+    if state["first_checkpoint"] is None or message is None or m is None:
         raise _failure("the first training run did not stop on SIGTERM with a checkpoint", code, lines)
     train_code, ended_s = (trainer.code, trainer.ended_after_s) if trainer is not None else (None, None)
     if train_code is not None:

@@ -14,7 +14,8 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from email.message import Message
-from typing import IO, Any
+from io import BufferedIOBase
+from typing import Any
 
 from hubtune.localhub.errors import HubError
 
@@ -90,7 +91,7 @@ def declared_length(headers: Message) -> int | None:
 class BodyReader:
     """Reads one request body in chunks, at most ``limit`` bytes of it; ``done`` once its end was read."""
 
-    def __init__(self, rfile: IO[bytes], length: int | None, limit: int, what: str, hint: str = "") -> None:
+    def __init__(self, rfile: BufferedIOBase, length: int | None, limit: int, what: str, hint: str = "") -> None:
         if length is not None and length > limit:
             raise too_large(length, limit, what, hint)
         self._rfile, self._limit, self._what, self._hint = rfile, limit, what, hint

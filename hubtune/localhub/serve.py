@@ -143,6 +143,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if tokens and args.user:
         raise ConfigError("--user only names the owner of the generated token, and none is generated when "
                           "--token or --tokens-file is given; give the user in --token NAME=VALUE instead")
+    shown: str | None
     if not tokens:
         user = args.user or DEFAULT_USER
         token = "hf_local_" + secrets.token_urlsafe(24)
