@@ -115,7 +115,8 @@ class Problems:
             raise self.errors[0]
         if self.errors:
             kind = ConfigError if all(isinstance(e, ConfigError) for e in self.errors) else HubtuneError
-            raise kind(f"{len(self.errors)} problems found {when}:\n  " + "\n  ".join(map(str, self.errors)))
+            listed = (str(e).replace("\n", "\n    ") for e in self.errors)  # a problem's own lines stay under it
+            raise kind(f"{len(self.errors)} problems found {when}:\n  " + "\n  ".join(listed))
 
 
 def did_you_mean(value: str, candidates: Any) -> str:

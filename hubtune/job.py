@@ -43,7 +43,7 @@ from hubtune import (
 )
 from hubtune import model as model_lib
 from hubtune.background import BackgroundPusher
-from hubtune.config import TrainConfig
+from hubtune.config import MIXED_PRECISION, TrainConfig
 from hubtune.errors import (
     CheckpointError,
     CompileModeError,
@@ -263,6 +263,9 @@ def resolve_device_settings(cfg: TrainConfig, device: torch.device, mixed_precis
     Raises:
         ConfigError: --decode-device cuda without a CUDA device.
     """
+    if mixed_precision not in MIXED_PRECISION:  # accelerate also knows fp8, which hubtune neither tests nor records
+        raise ConfigError(f"mixed precision {mixed_precision!r} (from accelerate launch --mixed_precision or "
+                          f"`accelerate config`) is not supported; use one of {', '.join(MIXED_PRECISION)}")
     if cfg.decode_device == "cuda" and device.type != "cuda":
         raise ConfigError(f"--decode-device cuda: this run trains on {device.type}, not CUDA; use --decode-device cpu "
                           "(or auto)")
@@ -310,7 +313,9 @@ def build_job(cfg: TrainConfig) -> Job:
         timm_name, base_model = hub.resolve_model(spec) if cfg.pretrained else (cfg.model, {"id": None})
         regularization = {k: getattr(cfg, k) for k in ("drop_rate", "drop_path_rate") if getattr(cfg, k)}
         classes = len(info.class_names) if info is not None else 2  # the model is checked even when the data is not
-        net = model_lib.create(timm_name, num_classes=classes, pretrained=cfg.pretrained, **regularization)
+        # weights are downloaded only for a run that can start (the weight files' existence is checked either way)
+        net = model_lib.create(timm_name, num_classes=classes, pretrained=cfg.pretrained and not found.errors,
+                               **regularization)
         frozen = model_lib.resolve_freeze(net, cfg.freeze) if cfg.freeze else []
         model_lib.freeze(net, frozen, cfg.freeze_bn)  # before DDP wraps it: no find_unused_parameters needed
         if not any(p.requires_grad for p in net.parameters()):
@@ -318,13 +323,14 @@ def build_job(cfg: TrainConfig) -> Job:
                               "trainable")
         if cfg.cache_features:
             features.check_cacheable(net)
-    if net is not None:
-        found.errors += preflight.disk_room(out, preflight.checkpoint_bytes(net, cfg.optimizer, cfg.model_ema))
+    # only the main process writes checkpoints: its disk is the one that must hold them
+    need = preflight.checkpoint_bytes(net, cfg.optimizer, cfg.model_ema) if net is not None else 0
+    found.errors += _on_main(accelerator, lambda: preflight.disk_room(out, need))
     found.raise_all("before training")
     assert info is not None and net is not None
     cfg = dataclasses.replace(cfg, model_revision=base_model.get("revision") or cfg.model_revision,
                               dataset_revision=info.revision or cfg.dataset_revision)
-    if cfg.model_ema:
+    if cfg.model_ema and resume_from is None:  # a resumed run cannot change its EMA settings
         check_ema_horizon(cfg, info, accelerator.num_processes)
     logger.info("parameters:\n" + model_lib.format_table(model_lib.parameter_table(net)))
 
@@ -367,7 +373,7 @@ def build_job(cfg: TrainConfig) -> Job:
     job = Job(cfg=cfg, accelerator=accelerator, out=out, info=info, net=net, head=head, stepped=stepped,
               optimizer=optimizer, prepare=prepare, data_cfg=data_cfg, train_ds=train_ds, val_ds=val_ds,
               train_loader=train_loader, val_loader=val_loader, cache=cache, run=run,
-              command=report.resume_command(), frozen=frozen, schedule=schedule, ema=ema,
+              command=report.resume_command(cfg.mixed_precision), frozen=frozen, schedule=schedule, ema=ema,
               state=RunState(steps_per_epoch=steps_per_epoch_hint(cfg, info, world)))
     if resume_from is not None:  # one that does not fit this model falls back to an older one, unless named
         resume_from = resume(job, resume_from, named=named_checkpoint(cfg))

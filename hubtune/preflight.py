@@ -53,9 +53,10 @@ def write_access(cfg: TrainConfig) -> list[HubtuneError]:
     if role == "read":
         return [PushError(f"{flags}: the token of user {user!r} is read-only; use a write token (HF_TOKEN or "
                           f"`hf auth login`), {later}")]
-    namespace = repo.split("/")[0]
+    namespace = repo.split("/")[0] if "/" in repo else user  # a bare name is created in the token's namespace
     writable = [user] + [o.get("name") for o in who.get("orgs") or [] if o.get("roleInOrg") not in ("read",)]
-    if role != "fineGrained" and namespace not in writable:  # a fine-grained token's scopes are not listed
+    # a fine-grained token's scopes are not listed; the Hub's namespaces ignore case
+    if role != "fineGrained" and namespace.lower() not in {str(w).lower() for w in writable}:
         return [PushError(f"{flags}: user {user!r} cannot create or write repos in {namespace!r} (they can in: "
                           f"{', '.join(map(repr, writable))}); push to one of those, or use a token of {namespace!r}")]
     return []

@@ -86,13 +86,20 @@ def final_metrics(state: RunState, info: data.DataInfo, accelerator: Accelerator
     }
 
 
-def resume_command() -> str:
-    """The command line that started this run, without --resume, for the message after an interruption."""
+def resume_command(mixed_precision: str | None = None) -> str:
+    """The command line that started this run, without --resume, for the message after an interruption.
+
+    `mixed_precision`: the run's resolved mode; when it came from the launcher (no --mixed-precision flag), it is
+    added as the flag, so that the command trains as this run did whatever launcher runs it.
+    """
     args = list(sys.argv[1:])
     if "--resume" in args:
         i = args.index("--resume")
         del args[i : i + 2]
     args = [a for a in args if not a.startswith("--resume=")]
+    given = any(a == "--mixed-precision" or a.startswith("--mixed-precision=") for a in args)
+    if mixed_precision not in (None, "no") and not given:
+        args += ["--mixed-precision", mixed_precision]
     if Path(sys.argv[0]).name == "train.py":
         launched = os.environ.get("WORLD_SIZE") or any(k.startswith("ACCELERATE_") for k in os.environ)
         head = "accelerate launch -q hubtune/train.py" if launched else "python -m hubtune.train"

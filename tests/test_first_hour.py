@@ -1,6 +1,7 @@
 """A newcomer's first hour: problems found before training, all at once; suggestions for typos; help before torch
 loads; logs without noise that contradicts the run; EMA that warns when it cannot work."""
 
+import json
 import os
 import shutil
 import socket
@@ -70,6 +71,8 @@ def test_a_token_that_cannot_write_is_named_before_training(hub, monkeypatch, to
 def test_a_token_that_can_write_passes(hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "tok-alice-write")
     assert preflight.write_access(TrainConfig(push_to_hub="alice/first-hour")) == []
+    assert preflight.write_access(TrainConfig(push_to_hub="first-hour")) == []  # created in the token's namespace
+    assert preflight.write_access(TrainConfig(push_to_hub="Alice/first-hour")) == []  # namespaces ignore case
     assert preflight.write_access(TrainConfig()) == []  # nothing to push, nothing to check
 
 
@@ -96,6 +99,25 @@ def test_a_disk_without_room_for_one_checkpoint_is_refused_before_training(two_c
     assert last.startswith(f"hubtune: error: --output-dir {str(small_disk / 'out')!r}: 0.")
     assert "MiB free on its disk, one checkpoint of this run needs about" in last
     assert not (small_disk / "out").exists() and filler.exists()
+
+
+def test_problems_are_listed_one_under_another_with_their_own_lines_indented_under_them():
+    from hubtune.errors import ConfigError, HubtuneError, OutputDirError, Problems, PushError
+
+    found = Problems()
+    for err in (PushError("no token"), ConfigError("two freeze problems:\nfirst\nsecond"), OutputDirError("a file")):
+        with found.check():
+            raise err
+    with pytest.raises(HubtuneError) as caught:  # not every one is a usage error: exit code 1
+        found.raise_all("before training")
+    assert type(caught.value) is HubtuneError
+    assert str(caught.value).splitlines() == ["3 problems found before training:", "  no token",
+                                              "  two freeze problems:", "    first", "    second", "  a file"]
+    only = Problems()
+    with only.check():
+        raise OutputDirError("a file")
+    with pytest.raises(OutputDirError, match="^a file$"):  # one problem: raised as it is
+        only.raise_all("before training")
 
 
 def test_typos_get_the_closest_flag_command_or_value_and_the_subcommands_help():
@@ -144,6 +166,20 @@ def test_readme_launch_after_accelerate_config_default_has_no_contradicting_warn
     assert "were not passed to `accelerate launch`" not in proc.stderr
     assert "[RANK" not in proc.stderr and "saved checkpoint" in proc.stderr
     assert yaml.safe_load((out / "train_config.yaml").read_text())["mixed_precision"] == "bf16"
+    # the command the card records (and an interrupted run prints) trains as this run did, whatever launches it
+    command = json.loads((out / "metrics.json").read_text())["run_info"]["command"]
+    assert command.startswith("accelerate launch -q hubtune/train.py ") and "--mixed-precision bf16" in command
+
+
+def test_a_launcher_precision_hubtune_does_not_support_is_one_line():
+    import torch
+
+    from hubtune.errors import ConfigError
+    from hubtune.job import resolve_device_settings
+
+    with pytest.raises(ConfigError, match=r"mixed precision 'fp8' \(from accelerate launch --mixed_precision or "
+                                          r"`accelerate config`\) is not supported; use one of no, bf16, fp16"):
+        resolve_device_settings(TrainConfig(), torch.device("cpu"), "fp8")
 
 
 def test_ema_that_cannot_average_over_a_short_run_warns_and_the_card_names_the_exported_weights(
