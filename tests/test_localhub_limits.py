@@ -275,6 +275,27 @@ MALFORMED = [  # (what, method, path, headers, body); {repo} is filled in
 ]
 
 
+def test_a_client_that_resets_mid_request_leaves_no_traceback_and_the_server_serves_on(tmp_path, capfd):
+    """A killed client (a SIGKILLed sync process, a dropped connection) resets its socket while the server reads its
+    next request: socketserver would print a traceback for it."""
+    import struct
+
+    with LocalHub(tmp_path / "root", tokens=TOKENS) as hub:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", hub.port), timeout=10) as s:
+                s.sendall(b"GET /api/whoami-v2 HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert s.recv(4096).startswith(b"HTTP/1.1 401")
+                s.sendall(b"GET /api/whoami-v2 HTTP/1.1\r\nHo")  # half of the next request, then a reset
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # the reset reached the handler thread once it is gone: wait for the handlers to end, not for a while
+        deadline = time.monotonic() + 30
+        while hub.open_connections() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not hub.open_connections()
+        assert HfApi(endpoint=hub.url, token="tok-alice-write").whoami()["name"] == "alice"
+    assert "Traceback" not in "".join(capfd.readouterr())
+
+
 def test_malformed_requests_get_400_with_a_short_json_error_and_no_traceback(tmp_path, caplog, capfd):
     caplog.set_level("DEBUG")
     with LocalHub(tmp_path / "root", tokens=TOKENS, quiet=False) as hub:

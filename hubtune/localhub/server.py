@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -67,6 +68,14 @@ class _Server(ThreadingHTTPServer):
         with self.connections_lock:
             self.connections.discard(request)
         super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client that went away while its request was read (a reset, a killed process) is nothing to report;
+        # anything else is a bug in the server and keeps socketserver's traceback
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            logger.debug("client %s went away: %s", client_address, sys.exc_info()[1])
+            return
+        super().handle_error(request, client_address)
 
     def close_connections(self) -> None:
         """Cut idle keep-alive connections so no handler thread outlives the server."""
@@ -300,6 +309,13 @@ class LocalHub:
             self._thread.join(timeout=10)
         self._server = self._thread = None
         self._release_root()
+
+    def open_connections(self) -> int:
+        """How many client connections a handler thread is serving now (keep-alive ones included)."""
+        if self._server is None:
+            return 0
+        with self._server.connections_lock:
+            return len(self._server.connections)
 
     def env(self, token: str | None = None) -> dict[str, str]:
         """Environment variables that point the HF clients at this server (set them before importing the clients)."""
