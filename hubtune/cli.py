@@ -132,7 +132,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hubtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="fine-tune a model (same flags as `accelerate launch hubtune/train.py`)")
+    p = sub.add_parser("train", help="fine-tune a model (same flags as `accelerate launch hubtune/train.py`)",
+                       description="Fine-tune a timm image classifier on a streamed dataset.")
     add_arguments(p)
     p.set_defaults(func=_train)
 

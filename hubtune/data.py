@@ -153,7 +153,9 @@ EVAL_SPLIT_NAMES = ("test", *VAL_SPLIT_NAMES)
 
 def open_eval_split(dataset: str, split: str | None, revision: str | None, image_column: str | None,
                     label_column: str | None) -> tuple[datasets.IterableDataset, DataInfo]:
-    """One split to evaluate on (default: test, else validation) as a stream of {image: {bytes, path}, label}.
+    """One split to evaluate on (default: test, else validation; for a local dataset with neither, its only split:
+    the folder or files the user points at are the evaluation set) as a stream of {image: {bytes, path}, label}.
+    A Hub dataset with only a train split is refused: that is training data.
 
     Raises:
         DataError: the dataset, the split or a column does not exist.
@@ -161,6 +163,8 @@ def open_eval_split(dataset: str, split: str | None, revision: str | None, image
     where = types.SimpleNamespace(dataset=dataset, dataset_revision=revision)
     dsd, pinned = _load(where)
     name = split or next((n for n in EVAL_SPLIT_NAMES if n in dsd), None)
+    if name is None and pinned is None and len(dsd) == 1:  # local: only a Hub dataset has a pinned commit
+        name = next(iter(dsd))
     if name not in dsd:
         wanted = f"no split {split!r}" if split else "no test or validation split"
         raise DataError(f"--dataset {dataset!r} has {wanted}; splits: {', '.join(dsd)} (choose one with --split)")

@@ -15,12 +15,10 @@ refused unless --overwrite-output-dir, as `hubtune train` does.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import logging
 import re
 import time
-import types
 from pathlib import Path
 from typing import Any, cast
 
@@ -84,12 +82,12 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
                                           trust_pickled_weights=args.trust_pickled_weights)
     if args.push and clf.revision is None:
         raise ConfigError(f"--push adds the result to a Hub model repo's card; {args.model!r} is a local directory")
-    only = None if args.split else only_local_split(args.dataset)
-    if only and accelerator.is_main_process:
-        logger.info(f"--dataset {args.dataset!r} is local, with one split ({only!r}) and no test or validation split: "
-                    "evaluating all of it")
-    split, info = data.open_eval_split(args.dataset, args.split or only, args.dataset_revision, args.image_column,
+    split, info = data.open_eval_split(args.dataset, args.split, args.dataset_revision, args.image_column,
                                        args.label_column)
+    chosen = info.val_source.removeprefix("split:")
+    if not args.split and chosen not in data.EVAL_SPLIT_NAMES and accelerator.is_main_process:
+        logger.info(f"--dataset {args.dataset!r} is local, with one split ({chosen!r}) and no test or validation "
+                    "split: evaluating all of it")
     targets = torch.tensor(match_labels(info.class_names, clf.label_names, label_map))
     data_cfg = clf.data_config
     _, eval_tf = model_lib.transforms(data_cfg)
@@ -127,19 +125,6 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
             print(push_result(record, spec.hub_repo_id, branch))
     accelerator.wait_for_everyone()
     return record
-
-
-def only_local_split(dataset: str) -> str | None:
-    """The only split of a local dataset (folder or parquet files) that has no test or validation split; None for
-    a Hub dataset, whose only split is its training data, and for a local one with an evaluation split or several."""
-    from hubtune import data
-
-    local = Path(dataset).expanduser()
-    if not local.exists() and not (any(c in dataset for c in "*?[") and glob.glob(str(local))):
-        return None
-    # data.open_eval_split opens it again; listing a local folder's files twice costs little next to evaluating them
-    names = list(data._load(types.SimpleNamespace(dataset=dataset, dataset_revision=None))[0])
-    return names[0] if len(names) == 1 and names[0] not in data.EVAL_SPLIT_NAMES else None
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:

@@ -84,6 +84,13 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], None], f
     return path
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its closest ancestor that exists (where a folder to be created would go)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def unwritable(path: Path, directory: bool) -> str | None:
     """Why `path`, a directory to create or fill (`directory`) or a file to create or replace, cannot be written;
     None when it can be, as far as can be told without writing (a later write can still fail: a full disk)."""
@@ -91,9 +98,7 @@ def unwritable(path: Path, directory: bool) -> str | None:
         return f"{path} is a file"
     if not directory and path.is_dir():
         return f"{path} is a directory"
-    nearest = path if directory else path.parent
-    while not nearest.exists() and nearest != nearest.parent:
-        nearest = nearest.parent
+    nearest = nearest_existing(path if directory else path.parent)
     if not nearest.is_dir():
         return f"{nearest} is a file"
     if not os.access(nearest, os.W_OK | os.X_OK):

@@ -15,6 +15,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from hubtune import hub_calls
 from hubtune.config import TrainConfig
 from hubtune.errors import DiskFullError, HubtuneError, PushError
+from hubtune.files import nearest_existing
 
 # optimizer state tensors per trainable parameter (timm's optimizers); others keep two, as Adam does
 OPTIMIZER_SLOTS = {"sgd": 1, "momentum": 1, "lion": 1, "rmsprop": 1, "adan": 3}
@@ -71,8 +72,7 @@ def checkpoint_bytes(net: torch.nn.Module, optimizer: str, ema: bool) -> int:
 
 def disk_room(out: Path, needed: int) -> list[HubtuneError]:
     """A DiskFullError when the disk of --output-dir has less free space than `needed` (one checkpoint)."""
-    existing = next(p for p in (out.resolve(), *out.resolve().parents) if p.exists())
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(nearest_existing(out.resolve())).free
     if free >= needed:
         return []
     return [DiskFullError(f"--output-dir {str(out)!r}: {free / 2**20:.1f} MiB free on its disk, one checkpoint of "

@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from hubtune.errors import ModelSourceError
 from hubtune.files import WEIGHTS_FILE
@@ -21,6 +21,15 @@ HUB_PREFIX, LOCAL_PREFIX = "hf-hub:", "local-dir:"
 # ends with ".lock", no control character, space or ~^:?*[\, not "@", not ending in "/" or "."
 REVISION = re.compile(r"^(?!@$)(?![/.])(?!.*(?:\.\.|//|@\{|/\.|\.lock(?:/|$)))[^\x00-\x20\x7f~^:?*\[\\]+(?<![/.])$")
 PICKLED_SUFFIXES = (".bin", ".pth", ".pt", ".pth.tar", ".ckpt")
+
+
+T = TypeVar("T")
+
+
+def _given(value: T | None, problem: str) -> T:
+    if value is None:
+        raise ModelSourceError(problem)
+    return value
 
 
 @dataclass(frozen=True)
@@ -34,38 +43,18 @@ class ModelSpec:
     revision: str | None = None
     name: str | None = None
 
+    # the field of this spec's kind, for callers that checked `kind` (a ModelSourceError for another kind)
     @property
     def local_path(self) -> Path:
-        """`path`, of a local spec.
-
-        Raises:
-            ModelSourceError: the spec is not a local directory.
-        """
-        if self.path is None:
-            raise ModelSourceError(f"{self.spec!r} is not a local model directory")
-        return self.path
+        return _given(self.path, f"{self.spec!r} is not a local model directory")
 
     @property
     def hub_repo_id(self) -> str:
-        """`repo_id`, of a Hub spec.
-
-        Raises:
-            ModelSourceError: the spec is not a Hub repo id.
-        """
-        if self.repo_id is None:
-            raise ModelSourceError(f"{self.spec!r} is not a Hub repo id (org/name, hf-hub:org/name[@rev])")
-        return self.repo_id
+        return _given(self.repo_id, f"{self.spec!r} is not a Hub repo id (org/name, hf-hub:org/name[@rev])")
 
     @property
     def arch_name(self) -> str:
-        """`name`, of a timm architecture spec.
-
-        Raises:
-            ModelSourceError: the spec is not a timm architecture name.
-        """
-        if self.name is None:
-            raise ModelSourceError(f"{self.spec!r} is not a timm architecture name")
-        return self.name
+        return _given(self.name, f"{self.spec!r} is not a timm architecture name")
 
     @property
     def timm_name(self) -> str:

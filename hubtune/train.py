@@ -17,22 +17,11 @@ if __name__ == "__main__":
     _here = str(Path(__file__).resolve().parent)
     sys.path[:] = [p for p in sys.path if p and str(Path(p).resolve()) != _here]
     sys.path.insert(0, str(Path(_here).parent))  # a checkout that is not pip-installed still imports hubtune
-    # flags are parsed before torch and friends are imported: --help and a mistyped flag answer in well under a second
-    from hubtune.config import parse as _parse
-    from hubtune.errors import quiet_broken_pipes as _quiet
-    from hubtune.errors import run_guarded as _guarded
-    from hubtune.errors import setup_logging as _setup
+    # `hubtune train`: flags are parsed before torch and friends are imported (--help and a mistyped flag answer in
+    # well under a second), errors become one line
+    from hubtune.cli import main as _main
 
-    def _run() -> int:
-        cfg = _parse()
-        from hubtune.train import train as _train
-
-        _train(cfg)
-        return 0
-
-    _quiet()
-    _setup()
-    sys.exit(_guarded(_run))
+    sys.exit(_main(["train", *sys.argv[1:]]))
 
 import contextlib
 import itertools
@@ -47,16 +36,13 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from hubtune import checkpoint, device_decode, features, hub, metrics, report, unfreeze
-from hubtune.config import TrainConfig, parse
+from hubtune.config import TrainConfig
 from hubtune.errors import (
     BadDataError,
     CheckpointError,
     DivergedError,
     TrainingInterrupted,
     get_logger,
-    quiet_broken_pipes,
-    run_guarded,
-    setup_logging,
 )
 from hubtune.job import Job, build_job, make_scheduler, steps_per_epoch_hint
 from hubtune.run_state import EpochProgress, EpochRow, EvalMetrics, RunState, StopRequest, save_checkpoint, update_best
@@ -417,7 +403,7 @@ def _progress_bar(cfg: TrainConfig, accelerator: Accelerator, state: RunState) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: parse flags into a TrainConfig, train, turn errors into one-line messages."""
-    quiet_broken_pipes()
-    setup_logging()
-    return run_guarded(lambda: train(parse(argv)) and 0)
+    """Command-line entry: `hubtune train` with `argv` (default: this process's arguments)."""
+    from hubtune.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
