@@ -1,8 +1,7 @@
 """hubtune: fine-tune timm image classifiers on streamed Hugging Face datasets."""
 
-__version__ = "0.1.0"
-
 from hubtune import hub_calls
+from hubtune.version import __version__
 
 hub_calls.install_timeouts(strict=False)  # every Hub call of a process that imports hubtune has a timeout
 

@@ -125,8 +125,8 @@ DELEGATED = [
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The full parser; only the module of the subcommand named in `argv` is imported (torch is slow to load)."""
-    from hubtune import __version__
     from hubtune.config import add_arguments
+    from hubtune.version import __version__
 
     parser = ArgumentParser(prog="hubtune", description="Fine-tune timm image classifiers on the Hub.")
     parser.add_argument("--version", action="version", version=f"hubtune {__version__}")

@@ -33,6 +33,7 @@ from torchvision.transforms.v2 import functional as F
 
 from hubtune.data import DECODE_ERRORS, decode
 from hubtune.errors import ConfigError
+from hubtune.seeding import seeded
 
 logger = logging.getLogger("hubtune")
 
@@ -68,11 +69,9 @@ def plan(data: bytes, transform: Callable, seed: int | None) -> dict[str, Any] |
 
 
 def draw(transform: Callable, w: int, h: int, seed: int | None) -> list[tuple]:
-    """The random parameters `transform` would draw for an upright w x h image under `seed` (as stream._seeded
+    """The random parameters `transform` would draw for an upright w x h image under `seed` (as seeding.seeded
     seeds it), as a list of steps to replay."""
-    from hubtune.stream import _seeded
-
-    return _seeded(lambda size: _draw(transform, *size), (w, h), seed) if seed is not None else _draw(transform, w, h)
+    return seeded(lambda size: _draw(transform, *size), (w, h), seed) if seed is not None else _draw(transform, w, h)
 
 
 def _draw(transform: Callable, w: int, h: int) -> list[tuple]:

@@ -172,7 +172,7 @@ def export_onnx(clf: ImageClassifier, output_dir: Path, *, opset: int | None = N
     """
     import torch
 
-    from hubtune import __version__
+    from hubtune.version import __version__
 
     batch = parity_batch(clf, images, num_images)
     with torch.inference_mode():

@@ -25,7 +25,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from hubtune import __version__, hub_calls
+from hubtune import hub_calls
 from hubtune.background import BackgroundPusher
 from hubtune.errors import ConfigError, DataError, ModelSourceError, PushError
 from hubtune.files import CARD_FILE, METRICS_FILE, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE, WEIGHTS_FILE
@@ -46,6 +46,7 @@ from hubtune.sources import (
     parse_model_spec,
     repo_id_problem,
 )
+from hubtune.version import __version__
 
 logger = logging.getLogger("hubtune")
 

@@ -17,6 +17,7 @@ from timm.optim._param_groups import param_groups_layer_decay, param_groups_weig
 from hubtune import model as model_lib
 from hubtune.config import TrainConfig
 from hubtune.errors import ConfigError, get_logger
+from hubtune.schedule import make_scheduler
 
 if TYPE_CHECKING:
     from hubtune.job import Job
@@ -109,8 +110,6 @@ def apply(job: Job, epoch: int) -> None:
         accelerator._models = [m for m in accelerator._models if m is not old]  # its reducer's hooks go with it
         job.stepped = accelerator.prepare_model(model_lib.unprepared(net))
         del old
-    from hubtune.job import make_scheduler
-
     job.scheduler = make_scheduler(job.optimizer, cfg, job.state)  # a scheduler covers the groups it was built with
     tokens = [token for start, token, _ in job.schedule if start == epoch]
     logger.info(f"epoch {epoch}: {', '.join(tokens)} start(s) to train ({len(starting)} parameter tensors)")

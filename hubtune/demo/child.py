@@ -59,7 +59,7 @@ def publish(workdir: Path, backbone_repo: str, dataset_repo: str, n_images: int,
     import timm
     from huggingface_hub import DatasetCard, HfApi
 
-    from hubtune import __version__
+    from hubtune.version import __version__
 
     api = HfApi(library_name="hubtune-demo", library_version=__version__)
     _log(f"pre-training the backbone (timm test_resnet) on {len(TEXTURES)} synthetic textures {TEXTURES}")
