@@ -71,7 +71,7 @@ def example_transforms(cfg: dict) -> tuple[Callable, Callable]:
 def hubtune_loader(root: Any, tf: Callable, train: bool, batch: int, workers: int, keep_val: bool | None = None,
                    persistent: bool = False):
     """The loader train() builds for its train (shuffled, seeded augmentation) or val stream."""
-    from hubtune import data, stream
+    from hubtune import data, seeding, stream
 
     cfg = SimpleNamespace(dataset=str(root), dataset_revision=None, image_column=None, label_column=None,
                           val_fraction=0.1)
@@ -180,7 +180,7 @@ def diagnostics(root: Any, ds: Any, cfg: dict, tfs: dict[str, Callable]) -> dict
     import datasets
     import torch
 
-    from hubtune import data, stream
+    from hubtune import data, seeding, stream
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per-example costs without the intra-op thread pool (as in a loader worker)
@@ -213,7 +213,7 @@ def diagnostics(root: Any, ds: Any, cfg: dict, tfs: dict[str, Callable]) -> dict
             lambda: [feature.decode_example({"bytes": b, "path": None}).convert("RGB") for b in blobs], k)
         ident = lambda x: x  # noqa: E731
         out["hubtune_per_example_seeding"] = _per_example_us(
-            lambda: [stream._seeded(ident, None, i) for i in range(k)], k)
+            lambda: [seeding.seeded(ident, None, i) for i in range(k)], k)
         imgs = [data.decode(b) for b in blobs]
         for name, tf in tfs.items():
             out[name] = _per_example_us(lambda: [tf(im) for im in imgs], k)

@@ -56,8 +56,9 @@ def machine_line(m: dict[str, Any]) -> str:
 
 def write_readme(results_dir: Path, quick: bool) -> Path:
     """Collect every <name>.json in `results_dir` into README.md."""
-    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
-    order = ["pipeline", "training", "linear_probe", "resume", "memory", "startup"]
+    # (a study that bench/run.py does not run, such as bench/imbalance.py's, has no table rows)
+    results = [r for r in (json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))) if "rows" in r]
+    order = ["pipeline", "training", "recipes", "linear_probe", "resume", "memory", "startup"]
     results.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     parts = [
         "# hubtune benchmarks" + (" (quick run: tiny sizes, not for quoting)" if quick else ""),

@@ -34,7 +34,7 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 from bench.common import BENCHMARKS, FOREIGN, QUIET, Context, machine_info  # noqa: E402
 from bench.report import write_readme  # noqa: E402
 
-ORDER = ["pipeline", "training", "overheads", "hub_checkpoints", "linear_probe", "resume", "memory", "startup"]
+ORDER = ["pipeline", "training", "recipes", "overheads", "hub_checkpoints", "linear_probe", "resume", "memory", "startup"]
 for _module in ORDER:
     importlib.import_module(f"bench.{_module}")  # each module registers its benchmark
 

@@ -41,6 +41,7 @@ class Variant:
     compile: bool = False  # hubtune only: --compile
     report_to: str = "none"  # hubtune only: --report-to (log lines every step here: its worst case)
     model_ema: bool = False  # hubtune only: --model-ema
+    extra: tuple[tuple[str, Any], ...] = ()  # hubtune only: more TrainConfig fields (the recipes benchmark)
 
 
 VARIANTS = [
@@ -90,7 +91,7 @@ def hubtune_steps(root: Path, out: Path, variant: Variant, *, image_size: int, b
                       freeze=variant.freeze, freeze_bn=bool(variant.freeze), mixed_precision=variant.mixed_precision,
                       channels_last=variant.channels_last, compile=variant.compile, output_dir=str(out), log_every=1,
                       progress=False, val_fraction=0.05, seed=0, report_to=variant.report_to,
-                      model_ema=variant.model_ema)
+                      model_ema=variant.model_ema, **dict(variant.extra))
     logger = logging.getLogger(LOGGER)
     clock = StepClock(steps)
     old_level, old_propagate = logger.level, logger.propagate

@@ -238,11 +238,14 @@ def build(outputs: dict[str, Any], repo_id: str | None = None, license: str | No
         "per_class": [{"label": name, **best["per_class"][name]} for name in class_names if name in best["per_class"]],
         "history": history,
         "plots": {"confusion_matrix": plots.CONFUSION_MATRIX if plots.CONFUSION_MATRIX in plot_files else None,
-                  "training_curves": plots.TRAINING_CURVES if plots.TRAINING_CURVES in plot_files else None},
+                  "training_curves": plots.TRAINING_CURVES if plots.TRAINING_CURVES in plot_files else None,
+                  "reliability": plots.RELIABILITY if plots.RELIABILITY in plot_files else None},
+        "calibration": metrics.get("calibration"),  # --calibrate: the temperature and ECE/NLL before and after
         "top_k": min(TOP_K, len(class_names)), "command": run.get("command"), "seed": cfg.get("seed", "unknown"),
         "versions": [(name, (run.get("versions") or {}).get(name)) for name in VERSION_KEYS],
         "small_val_threshold": SMALL_VAL_THRESHOLD,
         "validation": run.get("validation") or {"small_classes": [], "min_per_class": None},
+        "class_balance": _class_balance(run.get("class_balance"), cfg.get("class_weights")),
         "export_fallback": metrics.get("export_fallback"),
         "tensorboard": bool(outputs.get("runs")), "weights": best.get("weights", "model"),
         "ema_decay": cfg.get("model_ema_decay"), "model_ema": bool(cfg.get("model_ema")), "unfreeze_at": cfg.get("unfreeze_at", ""),
@@ -252,6 +255,22 @@ def build(outputs: dict[str, Any], repo_id: str | None = None, license: str | No
     if repo_id:
         context["repo_id"] = repo_id
     return card_data, context
+
+
+def _class_balance(record: dict[str, Any] | None, flag: str | None) -> dict[str, Any] | None:
+    """The training counts, loss weights and draw rates as the card lists them (None for outputs that predate them)."""
+    if not record:
+        return None
+
+    def listed(values: dict[str, float]) -> str:
+        shown = ", ".join(f"`{name}` {value:,}" if isinstance(value, int) else f"`{name}` {value:.4g}"
+                          for name, value in list(values.items())[:MAX_LISTED_LABELS])
+        return shown + (f", ... ({len(values):,} classes)" if len(values) > MAX_LISTED_LABELS else "")
+
+    return {"counts": listed(record["train_counts"]), "complete": record["complete"],
+            "sample_limit": record.get("sample_limit"), "auto": flag == "auto",
+            "weights": listed(record["class_weights"]) if record.get("class_weights") else None,
+            "rates": listed(record["draw_rates"]) if record.get("draw_rates") else None}
 
 
 def _hub_checkpoints(record: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -348,7 +367,8 @@ def write_card(output_dir: str | Path, repo_id: str | None = None, license: str 
 def card_files(output_dir: str | Path) -> list[str]:
     """Paths, relative to output_dir, that the card needs in the Hub repo: README.md and the plots it embeds."""
     out = Path(output_dir)
-    return [CARD_FILE] + [name for name in (plots.CONFUSION_MATRIX, plots.TRAINING_CURVES) if (out / name).is_file()]
+    return [CARD_FILE] + [name for name in (plots.CONFUSION_MATRIX, plots.TRAINING_CURVES, plots.RELIABILITY)
+                          if (out / name).is_file()]
 
 
 def add_card_arguments(parser: argparse.ArgumentParser) -> None:

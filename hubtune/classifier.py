@@ -41,7 +41,7 @@ def _hub_snapshot(repo_id: str, revision: str | None, token: str | None, cache_d
         RevisionNotFoundError,
     )
 
-    from hubtune import __version__
+    from hubtune.version import __version__
 
     where = f"{repo_id}@{revision}" if revision else repo_id
     url = f"{constants.ENDPOINT}/{repo_id}"
@@ -101,10 +101,11 @@ def _load_local(folder: Path, where: str, trust_pickled_weights: bool) -> torch.
 
 
 class ImageClassifier:
-    """A timm classifier in eval mode with its label names and eval preprocessing."""
+    """A timm classifier in eval mode with its label names, eval preprocessing and softmax temperature."""
 
     def __init__(self, model: torch.nn.Module, source: str = "", revision: str | None = None,
-                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> None:
+                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                 temperature: float | None = None) -> None:
         """Wrap a timm model; its pretrained_cfg supplies label names and preprocessing.
 
         Args:
@@ -113,9 +114,11 @@ class ImageClassifier:
             revision: the Hub commit sha it was loaded at; None for local directories.
             device: where to run; CUDA when available, else CPU, by default.
             dtype: the model's floating point type (torch.bfloat16, "float16", ...); float32 by default.
+            temperature: divides the logits before the softmax (`hubtune train --calibrate` fits it); None: 1.
 
         Raises:
-            ConfigError: the device or dtype is unknown, or the label names do not match the number of classes.
+            ConfigError: the device or dtype is unknown, the label names do not match the number of classes, or the
+                temperature is not a positive number.
         """
         import torch
         from timm.data import create_transform
@@ -131,6 +134,7 @@ class ImageClassifier:
         self.dtype = _dtype(dtype)
         self.model = model.to(self.device, self.dtype).eval()
         self.source, self.revision = source, revision
+        self.temperature = check_temperature(temperature, source or "model")
         num_classes, names = as_timm(model).num_classes, as_timm(model).pretrained_cfg.get("label_names")
         if names is not None and len(names) != num_classes:
             raise ConfigError(f"{source or 'model'}: {len(names)} label_names for {num_classes} classes in its config")
@@ -163,20 +167,22 @@ class ImageClassifier:
             if revision is not None:
                 raise ConfigError(f"revision={revision!r} applies to Hub repos only, not the directory {str(spec.path)!r}")
             return cls(_load_local(spec.local_path, str(spec.path), trust_pickled_weights), str(spec.path), None,
-                       device, dtype)
+                       device, dtype, read_temperature(spec.local_path, str(spec.path)))
         if spec.kind == "timm":
             raise ModelSourceError(f"{repo_id_or_path!r} is neither an existing local directory nor a Hub repo id "
                                    "(org/name, hf-hub:org/name[@rev])")
         repo_id = spec.hub_repo_id
         folder, sha = _hub_snapshot(repo_id, spec.revision, token, cache_dir, trust_pickled_weights)
-        return cls(_load_local(folder, f"{repo_id}@{sha[:12]}", trust_pickled_weights), repo_id, sha, device, dtype)
+        where = f"{repo_id}@{sha[:12]}"
+        return cls(_load_local(folder, where, trust_pickled_weights), repo_id, sha, device, dtype,
+                   read_temperature(folder, where))
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the model in timm's Hub format (config.json + model.safetensors) with its labels and preprocessing."""
         from hubtune.model import export
 
         Path(folder).mkdir(parents=True, exist_ok=True)
-        export(self.model, folder, self.label_names, self.data_config)
+        export(self.model, folder, self.label_names, self.data_config, temperature=self.temperature)
         return Path(folder)
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -224,15 +230,17 @@ class ImageClassifier:
             raise ConfigError(f"{name}: not a readable image")
         return img
 
-    def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 1,
-                batch_size: int = 32) -> list[list[dict[str, Any]]]:
-        """Classify images; per image, the `top_k` {"label", "score"} dicts by descending softmax probability.
+    def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 1, batch_size: int = 32,
+                tta: bool = False) -> list[list[dict[str, Any]]]:
+        """Classify images; per image, the `top_k` {"label", "score"} dicts by descending softmax probability (of the
+        logits divided by the model's temperature, when it has one).
 
         Args:
             images: one image or a list of them, each a file path, raw encoded bytes, a PIL image, a numpy array
                 (HxW or HxWxC, uint8 or floats in [0, 1]) or a tensor (HxW or CxHxW, uint8 or floats in [0, 1]).
             top_k: predictions per image, clipped to the number of classes.
             batch_size: images per forward pass.
+            tta: also classify each image flipped left to right and average the two (see `logits`).
 
         Raises:
             ConfigError: top_k or batch_size is below 1, or an image cannot be read (named by path or index).
@@ -249,15 +257,28 @@ class ImageClassifier:
             batch = items[start:start + batch_size]
             names = [str(x) if isinstance(x, (str, Path)) else f"image {start + i}" for i, x in enumerate(batch)]
             out += self.classify(torch.stack([self.transform(self._image(item, n)) for item, n in zip(batch, names)]),
-                                 top_k)
+                                 top_k, tta)
         return out
 
-    def classify(self, pixels: torch.Tensor, top_k: int = 1) -> list[list[dict[str, Any]]]:
-        """Top-k predictions for a batch already transformed by `self.transform` (N x C x H x W floats)."""
+    def logits(self, pixels: torch.Tensor, tta: bool = False, calibrated: bool = True) -> torch.Tensor:
+        """Float32 logits of a normalized batch (N x C x H x W), divided by the temperature when there is one (and
+        `calibrated`).
+
+        With `tta`, the logits of the batch and of its mirror image (flipped left to right) are averaged before the
+        softmax, as timm's train.py --tta reduces its test-time copies (the mean of the model outputs).
+        """
         import torch
 
         with torch.inference_mode():
-            probs = self.model(pixels.to(self.device, self.dtype)).float().softmax(dim=-1)
+            x = pixels.to(self.device, self.dtype)
+            out = self.model(x).float()
+            if tta:
+                out = (out + self.model(x.flip(-1)).float()) / 2
+            return out if self.temperature is None or not calibrated else out / self.temperature
+
+    def classify(self, pixels: torch.Tensor, top_k: int = 1, tta: bool = False) -> list[list[dict[str, Any]]]:
+        """Top-k predictions for a batch already transformed by `self.transform` (N x C x H x W floats)."""
+        probs = self.logits(pixels, tta).softmax(dim=-1)
         scores, indices = probs.topk(min(top_k, self.num_classes), dim=-1)
         return [[{"label": self.label_names[i], "score": s} for s, i in zip(row_s, row_i)]
                 for row_s, row_i in zip(scores.tolist(), indices.tolist())]
@@ -267,7 +288,37 @@ class ImageClassifier:
 
         where = f"{self.source}@{self.revision[:12]}" if self.revision else self.source
         arch = as_timm(self.model).pretrained_cfg.get("architecture", type(self.model).__name__)
-        return f"ImageClassifier({where!r}, {arch}, {self.num_classes} classes, device={self.device})"
+        calibrated = f", temperature={self.temperature:.4g}" if self.temperature is not None else ""
+        return f"ImageClassifier({where!r}, {arch}, {self.num_classes} classes, device={self.device}{calibrated})"
+
+
+def check_temperature(value: Any, where: str) -> float | None:
+    """`value` as a softmax temperature: None, or a finite number > 0.
+
+    Raises:
+        ModelSourceError: anything else (a hand-edited config.json), named with `where`.
+    """
+    import math
+
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ModelSourceError(f"{where}: {CONFIG_NAME} has temperature {value!r}, expected a positive number (the "
+                               f"softmax temperature `hubtune train --calibrate` fits); fix it or remove the key")
+    return float(value)
+
+
+def read_temperature(folder: Path, where: str) -> float | None:
+    """The `temperature` a calibrated export keeps in its config.json (None without one).
+
+    Raises:
+        ModelSourceError: it is there but not a positive number.
+    """
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelSourceError(f"{where}: cannot read {CONFIG_NAME} ({err})") from err
+    return check_temperature(config.get("temperature") if isinstance(config, dict) else None, where)
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:

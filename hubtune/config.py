@@ -22,10 +22,13 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "lamb", "lion", "adan", "rmspr
 COMPILE_BACKENDS = ("inductor", "cudagraphs", "aot_eager", "eager")
 DECODE_DEVICES = ("auto", "cpu", "cuda")
 METRICS = ("val_accuracy", "val_loss", "val_f1")
+MIXUP_MODES = ("batch", "pair", "elem")  # timm Mixup's modes
+ERASE_MODES = ("const", "rand", "pixel")  # timm RandomErasing's modes
 # sane ranges of the integer settings: beyond them a run only exhausts the machine (a 100000 px image is 30 GB)
 UPPER_BOUNDS = {"image_size": 4096, "batch_size": 65536, "epochs": 100_000, "max_steps": 10**9, "grad_accum": 4096,
                 "log_every": 10**9, "shuffle_buffer": 10**7, "cache_views": 1000, "warmup_steps": 10**9,
-                "num_workers": 256}
+                "num_workers": 256, "recount": 100}
+AA_POLICIES = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a")  # first part of timm's --aa strings
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -40,7 +43,7 @@ class TrainConfig:
     model_revision: str | None = _f(None, "base model revision on the Hub (resolved to a commit sha and recorded)")
     pretrained: bool = _f(True, "start from the model's pretrained weights")
     drop_rate: float = _f(0.0, "dropout rate before the classifier (timm create_model drop_rate)")
-    drop_path_rate: float = _f(0.0, "stochastic depth rate (timm create_model drop_path_rate)")
+    drop_path_rate: float = _f(0.0, "stochastic depth rate (timm create_model drop_path_rate)", aliases=("drop_path",))
     dataset: str = _f("microsoft/cats_vs_dogs", "Hub dataset id, or a local imagefolder directory or parquet file(s)")
     dataset_revision: str | None = _f(None, "dataset revision on the Hub (resolved to a commit sha and recorded)")
     image_column: str | None = _f(None, "image column (default: the column with the Image feature)")
@@ -67,6 +70,19 @@ class TrainConfig:
     unfreeze_at: str = _f("", "gradual unfreezing: comma list of GROUP_OR_GLOB=EPOCH (1-based, 'all' for everything) from which parts frozen by --freeze train, e.g. stages.3=2,stages.2=3,all=4")
     unfreeze_lr_scale: float = _f(1.0, "learning-rate scale of the parts --unfreeze-at adds (on top of --layer-decay)")
     augment: bool = _f(True, "random crop, flip and color jitter on training images (off: the eval transform)")
+    aa: str | None = _f(None, "timm auto-augment policy applied per training image, e.g. rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, original, v0 (timm create_transform auto_augment; replaces color jitter, as in timm)")
+    reprob: float = _f(0.0, "random erasing probability per training image (timm RandomErasing, applied to the normalized batch on the device as timm's prefetcher does)")
+    remode: str = _f("pixel", "random erasing fill", choices=ERASE_MODES)
+    recount: int = _f(1, "random erasing regions per image (at most)")
+    mixup: float = _f(0.0, "mixup alpha; mixup is on when > 0 (timm Mixup, with soft-target cross-entropy)")
+    cutmix: float = _f(0.0, "cutmix alpha; cutmix is on when > 0 (timm Mixup)")
+    mixup_prob: float = _f(1.0, "probability of mixing a batch when --mixup or --cutmix is on")
+    mixup_switch_prob: float = _f(0.5, "probability of cutmix instead of mixup when both are on")
+    mixup_mode: str = _f("batch", "how mixup/cutmix parameters are drawn: per batch, pair or element", choices=MIXUP_MODES)
+    smoothing: float = _f(0.0, "label smoothing of the training loss (timm LabelSmoothingCrossEntropy; inside the mixed targets with --mixup/--cutmix)")
+    class_weights: str = _f("none", "weights of the classes in the training loss: none, auto (inverse frequency n/(k*count) of the training split's labels, counted in a pass before training) or CLASS=W,... (unnamed classes weigh 1)")
+    balanced_sampling: bool = _f(False, "draw each epoch's training examples so every class is seen about equally often: an example of a class with `count` of n examples in k classes is drawn n/(k*count) times on average (minority examples repeated with their own augmentation, majority ones thinned; deterministic per seed and epoch; validation is not resampled)")
+    calibrate: bool = _f(False, "after training, fit a softmax temperature on the validation split for the exported weights; stored in config.json, applied by hubtune predict and ImageClassifier (timm and transformers ignore it)")
     cache_features: bool = _f(False, "compute backbone features once and train only the classifier on them (linear probe: needs every other parameter frozen and --freeze-bn)")
     cache_views: int = _f(1, "augmented views per training image kept by --cache-features; epoch e trains on view e mod N")
     feature_cache_dir: str | None = _f(None, "where --cache-features keeps features (default: $HF_HOME/hubtune/features)")
@@ -79,7 +95,7 @@ class TrainConfig:
     overwrite_output_dir: bool = _f(False, "replace an earlier run in --output-dir (its checkpoints and export are deleted) instead of refusing to start")
     save_every: str = _f("epoch", "checkpoint every epoch, or every N optimizer steps (and at each epoch end)")
     keep_last: int = _f(2, "checkpoints kept besides the best one; older ones are deleted once a newer one is complete")
-    metric: str = _f("val_accuracy", "validation metric that picks the best checkpoint", choices=METRICS)
+    metric: str = _f("val_accuracy", "validation metric that picks the best checkpoint (val_f1: macro F1, the unweighted mean of the per-class F1, for imbalanced classes)", choices=METRICS)
     early_stopping_patience: int | None = _f(None, "stop after this many evaluations without improvement")
     early_stopping_min_delta: float = _f(0.0, "smallest change of --metric that counts as an improvement")
     resume: str | None = _f(None, "'latest' (newest complete checkpoint in --output-dir), a checkpoint directory, 'hub' (the newest on the --hub-checkpoints branch of --push-to-hub) or hf://ORG/NAME[@BRANCH][/checkpoints/step-NNNNNN]")
@@ -153,6 +169,34 @@ class TrainConfig:
             bad("clip_grad", "a positive number")
         if not 0.0 < self.model_ema_decay < 1.0:
             bad("model_ema_decay", "a number strictly between 0 and 1")
+        for name, (least, most) in {"reprob": (0, 1), "mixup_prob": (0, 1), "mixup_switch_prob": (0, 1)}.items():
+            if not least <= getattr(self, name) <= most:
+                bad(name, f"a number from {least} to {most}")
+        for name in ("mixup", "cutmix"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                bad(name, "an alpha >= 0 (0: off)")
+        if not 0.0 <= self.smoothing < 1.0:
+            bad("smoothing", "a number from 0 up to (not including) 1")
+        if self.aa is not None and self.aa.split("-")[0] not in AA_POLICIES and not self.aa.startswith("rand"):
+            bad("aa", "a timm auto-augment policy: rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, original, "
+                "originalr, v0, v0r or 3a")
+        if self.aa is not None and not self.augment:
+            bad("aa", "--augment (the auto-augment policy is part of the training augmentation; --no-augment drops it)")
+        if (self.mixup or self.cutmix) and self.batch_size < 2:
+            bad("batch_size", "2 or more with --mixup/--cutmix (examples are mixed with others of their batch)")
+        try:
+            _ = self.class_weight_spec
+        except ValueError as err:
+            problems.append(str(err))
+        if self.decode_device == "cuda" and self.aa:
+            problems.append(f"--aa {self.aa!r} cannot run with --decode-device cuda: the device path replays only "
+                            "timm's crop, flip and color jitter; use --decode-device cpu")
+        cached_away = [flag for flag, on in (("--mixup", self.mixup), ("--cutmix", self.cutmix),
+                                             ("--reprob", self.reprob), ("--balanced-sampling", self.balanced_sampling))
+                       if on]
+        if self.cache_features and cached_away:
+            problems.append(f"--cache-features cannot be combined with {', '.join(cached_away)}: cached features are "
+                            "computed from whole, unmixed and unerased images, each once per view")
         if not (self.unfreeze_lr_scale > 0 and math.isfinite(self.unfreeze_lr_scale)):
             bad("unfreeze_lr_scale", "a positive number")
         try:
@@ -205,6 +249,35 @@ class TrainConfig:
                                  "e.g. stages.3=2,all=4")
             out.append((token.strip(), int(epoch)))
         return out
+
+    @property
+    def class_weight_spec(self) -> str | dict[str, float]:
+        """--class-weights as "none", "auto" or {class name: weight}.
+
+        Raises:
+            ValueError: not none, auto or CLASS=W,... with positive finite weights.
+        """
+        if self.class_weights in ("none", "auto"):
+            return self.class_weights
+        given: dict[str, float] = {}
+        for item in filter(None, (part.strip() for part in self.class_weights.split(","))):
+            name, sep, weight = item.rpartition("=")
+            try:
+                value = float(weight)
+            except ValueError:
+                value = math.nan
+            if not sep or not name.strip() or not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"--class-weights: got {item!r}, expected none, auto or CLASS=WEIGHT,... with "
+                                 "positive weights, e.g. cat=1,dog=3")
+            given[name.strip()] = value
+        if not given:
+            raise ValueError(f"--class-weights: got {self.class_weights!r}, expected none, auto or CLASS=WEIGHT,...")
+        return given
+
+    @property
+    def mixes(self) -> bool:
+        """Whether --mixup or --cutmix mixes training batches."""
+        return bool(self.mixup or self.cutmix)
 
     @property
     def save_steps(self) -> int | None:
@@ -280,15 +353,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per TrainConfig field (plus --config), defaults and help taken from the dataclass."""
     parser.add_argument("--config", metavar="FILE", help="YAML file with TrainConfig fields (flags override it)")
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-") for name in (f.name, *f.metadata.get("aliases", ()))]
         choices = f.metadata.get("choices")
         listed = " {" + ",".join(choices) + "}" if choices else ""
         help_text = f"{f.metadata['help']}{listed} (default: {f.default})"
         if _base_type(f.type) is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(
-                flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text,
+                *flags, dest=f.name, default=None, metavar=f.name.upper(), help=help_text,
                 choices=None,  # choices are checked by validate() so every problem is reported together
             )
 
@@ -298,6 +371,7 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = {}
     problems: list[str] = []
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    aliases = {alias: f.name for f in fields.values() for alias in f.metadata.get("aliases", ())}
     if args.config:
         path = Path(args.config)
         if not path.is_file():
@@ -310,6 +384,7 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
             raise ConfigError(f"--config: {path} must hold a mapping of option: value, got {type(loaded).__name__}")
         for key, raw in loaded.items():
             name = str(key).replace("-", "_")
+            name = aliases.get(name, name)  # timm's names (drop_path) for the same settings
             if name not in fields:
                 close = did_you_mean(name, fields).replace("; ", "", 1)
                 problems.append(f"{path}: unknown key {key!r}" + (f" ({close})" if close else "")

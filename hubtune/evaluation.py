@@ -30,8 +30,11 @@ logger = logging.getLogger("hubtune")
 
 RESULTS_FILE = "eval_results.json"
 CONFUSION_PLOT = "eval_confusion_matrix.png"
-EVAL_FILES = (RESULTS_FILE, CONFUSION_PLOT)  # what an evaluation writes in --output-dir
+RELIABILITY_PLOT = "eval_reliability_diagram.png"
+EVAL_FILES = (RESULTS_FILE, CONFUSION_PLOT, RELIABILITY_PLOT)  # what an evaluation writes in --output-dir
+TTA = "hflip"  # --tta: the image and its mirror image, logits averaged (timm's train.py --tta reduction)
 TASK = ("image-classification", "Image Classification")
+PUSHED_METRICS = (("accuracy", "Accuracy"), ("f1", "F1 (macro)"), ("ece", "ECE"))  # model-index entries of --push
 
 
 def parse_label_map(spec: str | None) -> dict[str, str]:
@@ -98,8 +101,9 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     loader = stream.make_loader(ds, args.batch_size, args.num_workers, accelerator.device.type == "cuda")
     started = time.time()
     with torch.inference_mode():
-        result = metrics.evaluate(lambda b: clf.model(prepare(b["pixel_values"])), loader, accelerator,
-                                  clf.label_names, targets=targets)
+        # raw logits and the temperature apart: the result has the ECE and loss with and without it
+        result = metrics.evaluate(lambda b: clf.logits(prepare(b["pixel_values"]), args.tta, calibrated=False),
+                                  loader, accelerator, clf.label_names, targets=targets, temperature=clf.temperature)
     seen = result["examples"] + result["skipped"]
     if seen and result["skipped"] / seen > args.max_bad_fraction:
         from hubtune.errors import BadDataError
@@ -114,11 +118,19 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         try:
             atomic_write(out / RESULTS_FILE, json.dumps(record, indent=2), fsync=False)
             plots.confusion_matrix(result["confusion_matrix"], clf.label_names, out / CONFUSION_PLOT)
+            calibration = record["calibration"]
+            series = [("model" if clf.temperature is None else f"with temperature {clf.temperature:.3f}",
+                       calibration["bins"], calibration["ece"])]
+            if clf.temperature is not None:
+                series.append(("without the temperature", calibration["uncalibrated"]["bins"],
+                               calibration["uncalibrated"]["ece"]))
+            plots.reliability_diagram(series, out / RELIABILITY_PLOT, f"Reliability on {args.dataset} "
+                                      f"({record['dataset']['split']}){' with flip TTA' if args.tta else ''}")
         except OSError as err:
             raise OutputDirError(f"--output-dir {args.output_dir!r} cannot be written ({err.strerror or err}); give "
                                  "a writable directory") from err
         print(format_table(record))
-        print(f"wrote {out / RESULTS_FILE} and {out / CONFUSION_PLOT}")
+        print(f"wrote {out / RESULTS_FILE}, {out / CONFUSION_PLOT} and {out / RELIABILITY_PLOT}")
         if args.push:
             spec = parse_model_spec(args.model, args.revision)
             branch = spec.revision if spec.revision and not re.fullmatch(r"[0-9a-f]{40}", spec.revision) else None
@@ -150,13 +162,26 @@ def _record(args: argparse.Namespace, clf: Any, info: Any, label_map: dict[str, 
     import timm
     import torch
 
-    from hubtune import __version__
+    from hubtune import metrics as metrics_lib
+    from hubtune.version import __version__
 
+    calibration: dict[str, Any] = {"n_bins": metrics_lib.N_BINS, "ece": result["ece"],
+                                   "bins": metrics_lib.describe_bins(result["calibration_bins"]),
+                                   "temperature": clf.temperature}
+    if "uncalibrated" in result:  # the model's temperature applied: what timm and transformers users get instead
+        raw = result["uncalibrated"]
+        calibration["uncalibrated"] = {"ece": raw["ece"], "loss": raw["loss"],
+                                       "bins": metrics_lib.describe_bins(raw["calibration_bins"])}
+    intervals = metrics_lib.bootstrap_intervals(torch.tensor(result["confusion_matrix"]))
     return {
         "model": {"source": args.model, "revision": clf.revision, "labels": clf.label_names},
         "dataset": {"id": args.dataset, "revision": info.revision, "split": info.val_source.split(":", 1)[1],
                     "labels": info.class_names, "label_map": label_map},
-        "metrics": {"accuracy": result["accuracy"], "f1": result["f1"], "loss": result["loss"]},
+        "metrics": {"accuracy": result["accuracy"], "f1": result["f1"], "loss": result["loss"], "ece": result["ece"]},
+        "confidence_intervals": {"method": "percentile bootstrap over the examples",
+                                 "level": metrics_lib.CONFIDENCE_LEVEL, "resamples": metrics_lib.BOOTSTRAP_RESAMPLES,
+                                 "seed": metrics_lib.BOOTSTRAP_SEED, **intervals},
+        "calibration": calibration, "tta": TTA if args.tta else None,
         "per_class": result["per_class"], "confusion_matrix": result["confusion_matrix"],
         "examples": result["examples"], "skipped_images": result["skipped"], "num_processes": processes,
         "seconds": round(seconds, 2),
@@ -168,11 +193,17 @@ def _record(args: argparse.Namespace, clf: Any, info: Any, label_map: dict[str, 
 
 def format_table(record: dict[str, Any]) -> str:
     """The short summary printed after an evaluation."""
-    m, ds = record["metrics"], record["dataset"]
+    m, ds, ci, cal = record["metrics"], record["dataset"], record["confidence_intervals"], record["calibration"]
+    level = f"{ci['level']:.0%}"
     lines = [(f"{record['model']['source']} on {ds['id']} ({ds['split']}): {record['examples']} images, "
-              f"{record['skipped_images']} skipped"),
-             f"accuracy {m['accuracy']:.4f} | macro F1 {m['f1']:.4f} | loss {m['loss']:.4f}",
-             f"{'class':<24}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
+              f"{record['skipped_images']} skipped" + (" | flip TTA" if record["tta"] else "")),
+             f"accuracy {m['accuracy']:.4f} | macro F1 {m['f1']:.4f} | loss {m['loss']:.4f} | ECE {m['ece']:.4f}",
+             (f"{level} bootstrap intervals: accuracy [{ci['accuracy'][0]:.4f}, {ci['accuracy'][1]:.4f}] | macro F1 "
+              f"[{ci['f1'][0]:.4f}, {ci['f1'][1]:.4f}]")]
+    if cal["temperature"] is not None:
+        lines.append(f"temperature {cal['temperature']:.4f} applied (from the model's config.json); without it: loss "
+                     f"{cal['uncalibrated']['loss']:.4f} | ECE {cal['uncalibrated']['ece']:.4f}")
+    lines.append(f"{'class':<24}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
     lines += [f"{name[:23]:<24}{row['precision']:>10.4f}{row['recall']:>10.4f}{row['f1']:>10.4f}{row['support']:>10}"
               for name, row in record["per_class"].items()]
     return "\n".join(lines)
@@ -204,10 +235,15 @@ def push_result(record: dict[str, Any], repo_id: str, revision: str | None) -> s
     # a ModelCard's data is a ModelCardData (its card_data_class); RepoCard types it as the base CardData
     card_data = cast(ModelCardData, card.data)
     results = list(card_data.eval_results or [])
+    # how the numbers were made, when not by the plain model: flip TTA, the temperature of config.json
+    temperature = record["calibration"]["temperature"]
+    how = ", ".join(([f"tta={record['tta']}"] if record["tta"] else [])
+                    + ([f"temperature={temperature:.4g}"] if temperature is not None else [])) or None
     results += [EvalResult(task_type=TASK[0], task_name=TASK[1], dataset_type=ds["id"], dataset_name=ds["id"],
                            dataset_split=ds["split"], dataset_revision=ds["revision"], metric_type=metric,
-                           metric_name=name, metric_value=round(record["metrics"][metric], 4))
-                for metric, name in (("accuracy", "Accuracy"), ("f1", "F1 (macro)"))]
+                           metric_name=f"{name} ({record['calibration']['n_bins']} bins)" if metric == "ece" else name,
+                           metric_value=round(record["metrics"][metric], 4), metric_config=how)
+                for metric, name in PUSHED_METRICS]
     card_data.eval_results = results
     card_data.model_name = card_data.model_name or repo_id.split("/")[-1]
     url = hub.push_files(repo_id, {CARD_FILE: str(card).encode()}, revision=revision,
@@ -234,6 +270,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite-output-dir", action="store_true",
                         help="replace the eval_results.json and plot of an earlier evaluation in --output-dir instead "
                              "of refusing to start")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the logits of each image and its mirror image (flipped "
+                             "left to right), as timm's --tta averages its copies")
     parser.add_argument("--push", action="store_true",
                         help="add the result to the model repo's card (model-index), in one verified commit")
     parser.add_argument("--trust-pickled-weights", action="store_true",

@@ -7,7 +7,6 @@ optimizer, schedule and the state a resumed run continues from.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import sys
@@ -27,6 +26,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
 from hubtune import (
+    balance,
     checkpoint,
     data,
     device_decode,
@@ -35,6 +35,7 @@ from hubtune import (
     hub_checkpoints,
     hub_sync,
     preflight,
+    recipes,
     report,
     resume_checks,
     stream,
@@ -63,6 +64,7 @@ from hubtune.files import (
     WEIGHTS_FILE,
 )
 from hubtune.run_state import EpochProgress, RunState, resume
+from hubtune.schedule import make_scheduler, steps_per_epoch_hint
 from hubtune.sources import parse_model_spec
 
 logger = get_logger("hubtune")
@@ -101,6 +103,9 @@ class Job:
     frozen: list[str]  # the parameters frozen now (--freeze, less what --unfreeze-at has started to train)
     schedule: unfreeze.Schedule  # --unfreeze-at
     ema: ModelEmaV3 | None  # --model-ema: timm's EMA of the whole model (see save_checkpoint for what is saved)
+    loss: recipes.TrainingLoss  # the training loss (--smoothing, mixed targets, --class-weights); evaluation: plain CE
+    mixup: Any  # --mixup/--cutmix: timm's Mixup, or None
+    eraser: Any  # --reprob: timm's RandomErasing on the device, or None
     scheduler: CosineLRScheduler = field(init=False)  # set by build_job once the state a resume restores is known
     run_info: dict[str, Any] = field(default_factory=dict)  # what the card records
     state: RunState = field(default_factory=RunState)
@@ -113,6 +118,19 @@ class Job:
         """Pre-logits features of a uint8 batch, without gradients (what --cache-features stores)."""
         with torch.no_grad(), self.accelerator.autocast():
             return features.backbone_features(self.net, self.prepare(pixels))
+
+    def train_inputs(self, batch: dict, view: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model inputs, targets) of a training batch: normalized, erased and mixed images (or cached features) and
+        the labels, or the soft mixed targets with --mixup/--cutmix."""
+        y = batch["labels"].to(self.accelerator.device, non_blocking=True)
+        if self.cache is not None:
+            return self.cache.features(view, batch, self.backbone, self.accelerator.device), y
+        x = self.prepare(batch["pixel_values"])
+        if self.eraser is not None:  # before mixing, as in timm (its loader erases, its loop mixes)
+            x = self.eraser(x)
+        if self.mixup is not None:
+            x, y = recipes.mix(self.mixup, x, y)
+        return x, y
 
     def logits(self, module: torch.nn.Module, batch: dict, view: str) -> torch.Tensor:
         """The batch's logits through `module`: `stepped` in training, the bare `head` in evaluation."""
@@ -222,24 +240,6 @@ def _cpu_only_launch() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def steps_per_epoch_hint(cfg: TrainConfig, info: data.DataInfo, world_size: int) -> int | None:
-    if info.train_size_hint is None:
-        return None
-    n = info.train_size_hint * (1 - cfg.val_fraction if info.val_source.startswith("hash") else 1)
-    return max(1, math.ceil(n / (cfg.batch_size * world_size * cfg.grad_accum)))
-
-
-def make_scheduler(optimizer: Any, cfg: TrainConfig, state: RunState) -> CosineLRScheduler:
-    """Warmup + cosine over optimizer steps, positioned at state.global_step."""
-    total = cfg.max_steps or (state.steps_per_epoch * cfg.epochs if state.steps_per_epoch else None)
-    # an unknown length (no split size in the metadata) holds the peak lr until the first epoch has counted it
-    scheduler = CosineLRScheduler(optimizer, t_initial=total or 10**9, warmup_t=cfg.warmup_steps,
-                                  warmup_lr_init=0.0, t_in_epochs=False, lr_min=0.0)
-    if state.global_step:
-        scheduler.step_update(num_updates=state.global_step)
-    return scheduler
-
-
 def _streams(cfg: TrainConfig, info: data.DataInfo, train_src: Any, val_src: Any, train_tf: Any, eval_tf: Any,
              rank: int, world_size: int) -> tuple[stream.ExampleStream, stream.ExampleStream]:
     """This process's training and validation streams (the validation split cut by content hash if needed)."""
@@ -306,6 +306,7 @@ def build_job(cfg: TrainConfig) -> Job:
     with found.check():
         train_src, val_src, info = data.open_splits(cfg)
         logger.info(f"dataset {cfg.dataset}: classes {info.class_names}, validation from {info.val_source}")
+        balance.check_class_names(cfg.class_weight_spec, info.class_names)
     net: torch.nn.Module | None = None
     with found.check():
         spec = parse_model_spec(cfg.model)
@@ -336,7 +337,7 @@ def build_job(cfg: TrainConfig) -> Job:
 
     data_cfg = model_lib.data_config(net, cfg.image_size)
     check_input_size(cfg, net, data_cfg, accelerator.device)
-    train_tf, eval_tf = model_lib.transforms(data_cfg)  # uint8 tensors; `prepare` normalizes whole batches
+    train_tf, eval_tf = model_lib.transforms(data_cfg, cfg.aa)  # uint8 tensors; `prepare` normalizes whole batches
     train_tf = train_tf if cfg.augment else eval_tf
     # (resolve_device_settings has replaced an unset --channels-last by the device's default)
     prepare = model_lib.Normalize(data_cfg, accelerator.device, channels_last=bool(cfg.channels_last))
@@ -344,6 +345,9 @@ def build_job(cfg: TrainConfig) -> Job:
         net = net.to(memory_format=torch.channels_last)
     rank, world = accelerator.process_index, accelerator.num_processes
     train_ds, val_ds = _streams(cfg, info, train_src, val_src, train_tf, eval_tf, rank, world)
+    # counted at every start (a resumed run included): the draw rates must be known before the first epoch's pass
+    imbalance = balance.resolve(train_ds, info.class_names, cfg.class_weight_spec, cfg.balanced_sampling, accelerator)
+    train_ds.draw_rates = imbalance.draw_rates
     cache = None
     if cfg.cache_features:
         cache = features.FeatureCache(Path(cfg.feature_cache_dir or features.default_dir()),
@@ -374,6 +378,8 @@ def build_job(cfg: TrainConfig) -> Job:
               optimizer=optimizer, prepare=prepare, data_cfg=data_cfg, train_ds=train_ds, val_ds=val_ds,
               train_loader=train_loader, val_loader=val_loader, cache=cache, run=run,
               command=report.resume_command(cfg.mixed_precision), frozen=frozen, schedule=schedule, ema=ema,
+              loss=recipes.TrainingLoss(cfg.smoothing, imbalance.loss_weights), mixup=recipes.make_mixup(cfg, len(info.class_names)),
+              eraser=recipes.make_eraser(cfg, accelerator.device),
               state=RunState(steps_per_epoch=steps_per_epoch_hint(cfg, info, world)))
     if resume_from is not None:  # one that does not fit this model falls back to an older one, unless named
         resume_from = resume(job, resume_from, named=named_checkpoint(cfg))
@@ -385,7 +391,7 @@ def build_job(cfg: TrainConfig) -> Job:
     accelerator.wait_for_everyone()
     job.scheduler = make_scheduler(job.optimizer, cfg, job.state)
     job.run_info = {**report.run_info(cfg, accelerator, net, frozen, base_model, info, job.command),
-                    "validation": validation}
+                    "validation": validation, "class_balance": imbalance.record()}
     job.pusher = _background_pusher(cfg) if cfg.push_every_save and accelerator.is_main_process else None
     if cfg.hub_checkpoints and accelerator.is_main_process:
         job.uploader = hub_sync.Uploader(cfg.push_repo, cfg.hub_checkpoints_branch, out, cfg.private,

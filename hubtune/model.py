@@ -100,14 +100,20 @@ def data_config(model: torch.nn.Module, image_size: int | None) -> dict[str, Any
     return resolve_data_config(args, model=model)
 
 
-def transforms(cfg: dict[str, Any]) -> tuple[Callable, Callable]:
+def transforms(cfg: dict[str, Any], auto_augment: str | None = None) -> tuple[Callable, Callable]:
     """timm's (train, eval) transforms for this data config, ending in uint8 CHW tensors; see `Normalize`.
+
+    `auto_augment` is timm's --aa policy (RandAugment, AugMix, AutoAugment), which replaces color jitter as in timm.
 
     These are timm's prefetcher transforms (its PrefetchLoader normalizes on the device): loader workers skip the
     per-image float conversion and ship 4x fewer bytes. The eval resize/crop runs on the uint8 tensor, where
     torch's antialiased kernels are about 2x faster than PIL's and agree with them to within 2/255 (rounding).
     """
-    train = create_transform(**cfg, is_training=True, use_prefetcher=True)
+    try:
+        train = create_transform(**cfg, is_training=True, use_prefetcher=True, auto_augment=auto_augment)
+    except (AssertionError, KeyError, ValueError, IndexError) as err:  # timm's parsers assert on what they reject
+        raise ConfigError(f"--aa {auto_augment!r} is not a policy timm accepts ({err or type(err).__name__}); e.g. "
+                          "rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original-mstd0.5, v0") from err
     return train, _resize_as_tensor(create_transform(**cfg, is_training=False, use_prefetcher=True))
 
 
@@ -344,9 +350,13 @@ def format_table(rows: list[tuple[str, int, int, int]]) -> str:
     return "\n".join(lines)
 
 
-def export(model: torch.nn.Module, out_dir: str | Path, label_names: list[str], data_cfg: dict[str, Any]) -> None:
+def export(model: torch.nn.Module, out_dir: str | Path, label_names: list[str], data_cfg: dict[str, Any],
+           temperature: float | None = None) -> None:
     """Write config.json + model.safetensors in timm's Hub format: plain timm.create_model loads it, and so do
-    transformers' AutoModelForImageClassification and pipeline("image-classification") (TimmWrapper)."""
+    transformers' AutoModelForImageClassification and pipeline("image-classification") (TimmWrapper).
+
+    A `temperature` (--calibrate) goes into config.json at the top level, which only hubtune reads: timm and
+    transformers load the same weights and ignore it."""
     if any(not t.is_contiguous() for t in model.state_dict().values()):  # --channels-last; safetensors needs
         model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)  # contiguous tensors
     timm.models.save_for_hf(
@@ -355,4 +365,7 @@ def export(model: torch.nn.Module, out_dir: str | Path, label_names: list[str], 
                      if k in data_cfg},
     )
     path = Path(out_dir) / MODEL_CONFIG_FILE
-    path.write_text(json.dumps(loadable_config(json.loads(path.read_text())), indent=2))
+    config = loadable_config(json.loads(path.read_text()))
+    if temperature is not None:
+        config["temperature"] = temperature
+    path.write_text(json.dumps(config, indent=2))

@@ -1,4 +1,4 @@
-"""PNG figures for the model card: the best epoch's confusion matrix and the training curves.
+"""PNG figures for the model card and `hubtune evaluate`: confusion matrix, training curves, reliability diagram.
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no global state, no display needed) and
 saved without the "Software" PNG text chunk, so re-rendering the same metrics gives the same bytes.
@@ -16,6 +16,7 @@ from matplotlib.ticker import MaxNLocator
 PLOTS_DIR = "plots"
 CONFUSION_MATRIX = f"{PLOTS_DIR}/confusion_matrix.png"
 TRAINING_CURVES = f"{PLOTS_DIR}/training_curves.png"
+RELIABILITY = f"{PLOTS_DIR}/reliability_diagram.png"
 MAX_ANNOTATED_CLASSES = 20  # above this, cell counts would overlap; the colours still show the pattern
 MAX_TICK_LABELS = 50
 DPI = 100
@@ -87,6 +88,45 @@ def training_curves(history: list[dict[str, Any]], path: str | Path, best_epoch:
     return _save(fig, Path(path))
 
 
+def reliability_diagram(series: list[tuple[str, list[dict[str, Any]], float]], path: str | Path, title: str) -> Path:
+    """Draw accuracy against mean confidence per confidence bin, with the examples per bin below; return the path.
+
+    Args:
+        series: (name, bins, ECE) per curve, bins as `metrics.describe_bins` writes them (the last one holds the
+            confidences of exactly 1.0, drawn with the bin below it).
+        path: where to write the PNG.
+        title: what was evaluated, for the figure's title.
+    """
+    fig = Figure(figsize=(6, 6.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    top.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    width = 1.0 / max(len(series[0][1]) - 1, 1) if series else 1.0
+    for i, (name, bins, ece) in enumerate(series):
+        merged = [dict(row) for row in bins[:-1]]
+        last, exact = merged[-1], bins[-1]
+        if exact["count"]:
+            n = last["count"] + exact["count"]
+            for key in ("confidence", "accuracy"):
+                last[key] = ((last[key] or 0.0) * last["count"] + exact[key] * exact["count"]) / n
+            last["count"] = n
+        shown = [row for row in merged if row["count"]]
+        top.plot([row["confidence"] for row in shown], [row["accuracy"] for row in shown], marker="o",
+                 label=f"{name} (ECE {ece:.4f})")
+        offset = (i - (len(series) - 1) / 2) * width / max(len(series), 1)
+        bottom.bar([row["lower"] + width / 2 + offset for row in merged], [row["count"] for row in merged],
+                   width=width / max(len(series), 1), alpha=0.7, label=name)
+    top.set_xlim(-0.01, 1.01)  # points at confidence 1.0 stay whole
+    top.set_ylim(0, 1.02)
+    top.set_ylabel("accuracy")
+    top.set_title(title)
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left")
+    bottom.set_xlabel("confidence (top-1 softmax probability)")
+    bottom.set_ylabel("images")
+    bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return _save(fig, Path(path))
+
+
 def write_plots(metrics: dict[str, Any], output_dir: str | Path) -> list[str]:
     """Write every figure the card embeds into `output_dir`; return their paths relative to it.
 
@@ -103,4 +143,11 @@ def write_plots(metrics: dict[str, Any], output_dir: str | Path) -> list[str]:
     if history:
         training_curves(history, out / TRAINING_CURVES, best.get("epoch"))
         written.append(TRAINING_CURVES)
+    calibration = metrics.get("calibration")
+    if calibration:
+        reliability_diagram([("before", calibration["bins_before"], calibration["ece_before"]),
+                             (f"after (T = {calibration['temperature']:.3f})", calibration["bins_after"],
+                              calibration["ece_after"])],
+                            out / RELIABILITY, "Reliability on the validation split (--calibrate)")
+        written.append(RELIABILITY)
     return written

@@ -71,8 +71,9 @@ def _collate(items: list[tuple[int, Any, str | None]]) -> list[tuple[int, Any, s
 
 
 def predictions(classifier: Any, files: list[Path], top_k: int, batch_size: int,
-                num_workers: int) -> Iterator[dict[str, Any]]:
-    """{"image", "predictions"} or {"image", "error"} per file, in the order of `files`."""
+                num_workers: int, tta: bool = False) -> Iterator[dict[str, Any]]:
+    """{"image", "predictions"} or {"image", "error"} per file, in the order of `files` (`tta`: see
+    `ImageClassifier.logits`; the model's temperature, if any, is applied)."""
     import torch
     from torch.utils.data import DataLoader, Dataset
 
@@ -83,8 +84,8 @@ def predictions(classifier: Any, files: list[Path], top_k: int, batch_size: int,
                         generator=torch.Generator().manual_seed(0))
     for batch in loader:
         good = [(i, x) for i, x, _ in batch if x is not None]
-        preds = dict(zip((i for i, _ in good), classifier.classify(torch.stack([x for _, x in good]), top_k))) if good \
-            else {}
+        preds = dict(zip((i for i, _ in good), classifier.classify(torch.stack([x for _, x in good]), top_k, tta))) \
+            if good else {}
         for i, _, error in batch:
             row = {"image": str(files[i])}
             row.update({"predictions": preds[i]} if error is None else {"error": error})
@@ -134,6 +135,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
                              "they can run code, so only for sources you trust")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--num-workers", type=int, default=0, help="loader worker processes that decode images")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the logits of each image and its mirror image (flipped "
+                             "left to right), as timm's --tta averages its copies")
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -154,7 +158,7 @@ def run_predict(args: argparse.Namespace) -> int:
     logging.getLogger("timm").setLevel(logging.WARNING)  # its per-load INFO lines would drown the predictions
     classifier = ImageClassifier.from_pretrained(args.source, args.revision,
                                                  trust_pickled_weights=args.trust_pickled_weights)
-    rows = list(predictions(classifier, files, args.top_k, args.batch_size, args.num_workers))
+    rows = list(predictions(classifier, files, args.top_k, args.batch_size, args.num_workers, args.tta))
     write_rows(rows, output, args.json)
     failed = sum("error" in row for row in rows)
     if failed:

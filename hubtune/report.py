@@ -25,7 +25,8 @@ def write_outputs(folder: Path, net: Any, cfg: TrainConfig, data_cfg: dict, resu
     """The Hub-ready folder: timm export, metrics.json, train_config.yaml and the model card with its plots."""
     from hubtune import card
 
-    model_lib.export(net, folder, result["class_names"], data_cfg)
+    model_lib.export(net, folder, result["class_names"], data_cfg,
+                     temperature=(result.get("calibration") or {}).get("temperature"))
     (folder / METRICS_FILE).write_text(json.dumps(result, indent=2))
     cfg.save(folder / TRAIN_CONFIG_FILE)
     card.write_card(folder, repo_id=cfg.push_to_hub, license=cfg.license)
@@ -39,7 +40,7 @@ def run_info(cfg: TrainConfig, accelerator: Accelerator, net: Any, frozen: list[
     import huggingface_hub
     import timm
 
-    from hubtune import __version__
+    from hubtune.version import __version__
 
     total = model_lib.parameter_table(net)[-1]
     groups = model_lib.param_groups(net)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from accelerate.utils import gather_object
 
-from hubtune import checkpoint, resume_checks
+from hubtune import checkpoint, resume_checks, unfreeze
 from hubtune.config import TrainConfig
 from hubtune.errors import CheckpointError, ConfigError, get_logger
 
@@ -24,7 +24,9 @@ logger = get_logger("hubtune")
 # Config fields whose change would make a resumed run a different run.
 RESUME_MUST_MATCH = ("model", "dataset", "image_size", "val_fraction", "freeze", "freeze_bn", "batch_size",
                      "grad_accum", "seed", "shuffle_buffer", "num_workers", "drop_rate", "drop_path_rate",
-                     "unfreeze_at", "unfreeze_lr_scale", "model_ema", "model_ema_decay", "model_ema_warmup")
+                     "unfreeze_at", "unfreeze_lr_scale", "model_ema", "model_ema_decay", "model_ema_warmup",
+                     "aa", "reprob", "remode", "recount", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob",
+                     "mixup_mode", "smoothing", "class_weights", "balanced_sampling")
 
 
 class EvalMetrics(TypedDict):
@@ -242,8 +244,6 @@ def restore(job: Job, path: Path) -> None:
         CheckpointError: the checkpoint does not fit this model or its optimizer, or cannot be loaded.
         ConfigError: it is of another run.
     """
-    from hubtune import unfreeze
-
     saved, model_tensors, opt_tensors, rank_tensors = checkpoint.read(path)
     resume_checks.check_state(path, saved, opt_tensors, rank_tensors)
     accelerator = job.accelerator

@@ -5,6 +5,10 @@ would skip what was in it). Here the stream is cut into blocks of `shuffle_buffe
 a generator seeded from (seed, epoch, worker, block). A position is (datasets' state at the block start, block,
 offset): resuming re-reads at most one block, however far into the epoch the run was. Augmentation is seeded
 per example from (seed, epoch, image content), so it does not depend on worker count, process count or resume.
+
+With draw rates (--balanced-sampling, see hubtune.balance), each example of a block is drawn `copies` times, a
+number decided by (seed, epoch, image content) alone, and the block's list of draws is permuted: the offset of a
+position indexes that list, so a checkpoint taken between two copies of an image resumes between them.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import functools
 import hashlib
 import importlib
 import os
-import random
 import signal
 import warnings
 import weakref
@@ -31,6 +34,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from hubtune import device_decode
 from hubtune.data import decode
+from hubtune.seeding import seeded
 
 # torchdata 0.11 calls a deprecated torch API on every iterator; nothing for users to act on
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -41,34 +45,20 @@ def content_key(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8, person=b"hubtune-val").digest(), "big")
 
 
+def copies(rate: float, seed: int, epoch: int, key: int) -> int:
+    """How often the image with content key `key` is drawn in `epoch` at draw rate `rate`: the whole part of the
+    rate, plus one with the probability of its fraction. Decided by (seed, epoch, key) alone, so the same in every
+    process, worker count and resume, and different from epoch to epoch."""
+    whole, fraction = divmod(rate, 1.0)
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8, person=b"hubtune-draw").digest()
+    return int(whole) + (int.from_bytes(digest, "big") / 2**64 < fraction)
+
+
 def in_val(key: int, fraction: float) -> bool:
     """Whether the image with this content key is held out for validation: the same in every run, process count
     and shuffle order. Each image is cut off independently, so a class keeps `fraction` of its examples only on
     average (a small class can get none); identical images always land on the same side."""
     return key / 2**64 < fraction
-
-
-def _seeded(transform: Callable, img: Any, seed: int) -> Any:
-    """Run `transform` with python/numpy/torch CPU RNGs seeded by `seed`, leaving the global RNG streams untouched.
-
-    Only the CPU generator is seeded: torch.manual_seed also visits every accelerator generator, which costs more
-    than a small image's augmentation, and transforms draw from the CPU generator. In a DataLoader worker the
-    global streams serve nothing but these transforms, so they are not saved and restored (numpy's state alone
-    takes ~140 us per image).
-    """
-    keep = torch.utils.data.get_worker_info() is None
-    if keep:
-        py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    torch.default_generator.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
-        return transform(img)
-    finally:
-        if keep:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-            torch.set_rng_state(torch_state)
 
 
 class ExampleStream(torch.utils.data.IterableDataset):
@@ -96,6 +86,8 @@ class ExampleStream(torch.utils.data.IterableDataset):
         self.views: int | None = None
         self.draft: int | None = None  # JPEG draft decoding down to this size (hubtune.data.decode)
         self.planned = False  # --decode-device cuda: JPEGs leave the workers as bytes and a plan (device_decode)
+        # --balanced-sampling: expected draws per epoch of an example of each class (by label); None: each once
+        self.draw_rates: tuple[float, ...] | None = None
         self._resume: dict | None = None
         self._position: dict | None = None
 
@@ -112,17 +104,18 @@ class ExampleStream(torch.utils.data.IterableDataset):
 
         The epoch is not among them: it lives in shared memory.
         """
-        return self.images, self.known_keys, self.views, self.draft, self.planned
+        return self.images, self.known_keys, self.views, self.draft, self.planned, self.draw_rates
 
     def labels(self) -> Generator[int, None, None]:
-        """The labels of this process's examples in stream order, read without decoding (a pass over the keys)."""
-        saved = self.images, self.known_keys
-        self.images, self.known_keys = False, frozenset()
+        """The labels of this process's examples in stream order, read without decoding (a pass over the keys), each
+        example once (draw rates are not applied)."""
+        saved = self.images, self.known_keys, self.draw_rates
+        self.images, self.known_keys, self.draw_rates = False, frozenset(), None
         try:
             for example in self:
                 yield example["label"]
         finally:
-            self.images, self.known_keys = saved
+            self.images, self.known_keys, self.draw_rates = saved
 
     def state_dict(self) -> dict:
         # a pass's position carries its own epoch: a worker may still be finishing one when the next is set
@@ -132,14 +125,15 @@ class ExampleStream(torch.utils.data.IterableDataset):
         self.set_epoch(state["epoch"])
         self._resume = state
 
-    def _process(self, example: dict, view: int) -> dict | None:
+    def _process(self, example: dict, view: int, repeat: int = 0) -> dict | None:
         data = example["data"]
         key = content_key(data)
         if self.keep_val is not None and in_val(key, self.val_fraction) != self.keep_val:
             return None
         if not self.images:
             return {"pixel_values": None, "label": example["label"], "key": key, "ok": key in self.known_keys}
-        seed = None if self.seed is None else hash((self.seed, view, key)) % 2**63
+        # a repeated image (--balanced-sampling) is augmented differently each time; its first copy as without it
+        seed = None if self.seed is None else hash((self.seed, view, key, *((repeat,) if repeat else ()))) % 2**63
         if self.planned:
             planned = device_decode.plan(data, self.transform, seed)
             if planned is not None:
@@ -150,7 +144,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
         elif seed is None:
             pixels = self.transform(img)
         else:
-            pixels = _seeded(self.transform, img, seed)
+            pixels = seeded(self.transform, img, seed)
         out = {"pixel_values": pixels, "label": example["label"], "key": key, "ok": pixels is not None}
         if self.planned:
             out["fallback"] = True  # decoded here although the device was asked to
@@ -184,16 +178,32 @@ class ExampleStream(torch.utils.data.IterableDataset):
             items = list(islice(it, self.block))
             if not items:
                 return
-            order: range | np.ndarray = range(len(items))
+            draws = self._draws(items, epoch)
+            order: range | np.ndarray = range(len(draws))
             if self.seed is not None:
-                order = np.random.default_rng([self.seed, epoch, worker_id, block_idx]).permutation(len(items))
-            for j in range(offset, len(items)):
+                order = np.random.default_rng([self.seed, epoch, worker_id, block_idx]).permutation(len(draws))
+            for j in range(offset, len(draws)):
                 self._position = {"epoch": epoch, "source": start, "block": block_idx, "offset": j + 1}
-                out = self._process(items[order[j]], view)
+                index, repeat = draws[order[j]]
+                out = self._process(items[index], view, repeat)
                 if out is not None:
                     yield out
             block_idx, offset = block_idx + 1, 0
             start = source.state_dict()
+
+
+    def _draws(self, items: list[dict], epoch: int) -> list[tuple[int, int]]:
+        """(item index, repeat number) of every draw from a block, in item order: each item once without draw rates;
+        with them, `copies` of each training example (none of one held out for validation)."""
+        if self.draw_rates is None or self.seed is None:  # never for validation or evaluation streams
+            return [(i, 0) for i in range(len(items))]
+        draws = []
+        for i, example in enumerate(items):
+            key = content_key(example["data"])
+            if self.keep_val is not None and in_val(key, self.val_fraction) != self.keep_val:
+                continue
+            draws += [(i, c) for c in range(copies(self.draw_rates[example["label"]], self.seed, epoch, key))]
+        return draws
 
 
 def collate(batch: list[dict]) -> dict[str, Any]:

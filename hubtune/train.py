@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 
-from hubtune import checkpoint, device_decode, features, hub, metrics, report, unfreeze
+from hubtune import calibration, checkpoint, device_decode, features, hub, metrics, report, unfreeze
 from hubtune.config import TrainConfig
 from hubtune.errors import (
     BadDataError,
@@ -44,8 +43,9 @@ from hubtune.errors import (
     TrainingInterrupted,
     get_logger,
 )
-from hubtune.job import Job, build_job, make_scheduler, steps_per_epoch_hint
+from hubtune.job import Job, build_job
 from hubtune.run_state import EpochProgress, EpochRow, EvalMetrics, RunState, StopRequest, save_checkpoint, update_best
+from hubtune.schedule import make_scheduler, steps_per_epoch_hint
 
 logger = get_logger("hubtune")
 
@@ -72,15 +72,16 @@ def train(cfg: TrainConfig) -> TrainResult:
             bar = _progress_bar(cfg, accelerator, state)
             t0, micro, waited, whole_pass = time.time(), 0, 0.0, False
             fetched = EpochProgress(bad=job.progress.bad, seen=job.progress.seen)
-            for batch, is_last in synced_batches(job.train_loader, accelerator, fetched):
-                y = batch["labels"].to(accelerator.device, non_blocking=True)
+            smallest = 2 if job.cache is None and trains_batchnorm(job.stepped) else 1
+            for batch, is_last in synced_batches(job.train_loader, accelerator, fetched, smallest):
                 micro += 1
                 sync = micro % cfg.grad_accum == 0 or is_last
                 with contextlib.nullcontext() if sync else accelerator.no_sync(job.stepped):
-                    loss = F.cross_entropy(job.logits(job.stepped, batch, view).float(), y)
+                    inputs, targets = job.train_inputs(batch, view)
+                    loss = job.loss(job.stepped(inputs), targets)
                     accelerator.backward(loss / cfg.grad_accum)
                 mean_loss, requested = agree_on_step(accelerator, loss, stop.signum, state)
-                job.progress.add(loss.item(), len(y))
+                job.progress.add(loss.item(), len(targets))
                 if not sync:
                     continue
                 if cfg.clip_grad:
@@ -146,8 +147,19 @@ def begin_epoch(job: Job) -> str:
     return view
 
 
-def synced_batches(loader: Any, accelerator: Accelerator, fetched: EpochProgress) -> Iterator[tuple[dict, bool]]:
+def trains_batchnorm(module: torch.nn.Module) -> bool:
+    """Whether a forward pass of `module` in training updates BatchNorm statistics (which one image cannot give)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules())
+
+
+def synced_batches(loader: Any, accelerator: Accelerator, fetched: EpochProgress,
+                   smallest: int = 1) -> Iterator[tuple[dict, bool]]:
     """Yield (batch, is_last) and stop on every process as soon as any process runs out of data.
+
+    A batch of fewer than `smallest` images is passed over (its images are counted as fetched, not trained on): a
+    BatchNorm in training cannot normalize a single image, and timm's loaders drop their last, partial batch. Such a
+    batch is the last of a shard whose length leaves one image, or what is left of one whose images did not decode;
+    each process passes over its own, as deterministically as it reads them (a resumed run does the same).
 
     Shards of a stream hold different numbers of examples, so processes agree before each step that all
     of them have a batch; otherwise DDP would wait forever for the process that has finished. Each batch
@@ -161,7 +173,10 @@ def synced_batches(loader: Any, accelerator: Accelerator, fetched: EpochProgress
         for batch in it:
             fetched.bad += batch["n_bad"]
             fetched.seen += batch["n_bad"] + len(batch["labels"])
-            if len(batch["labels"]):
+            if 0 < len(batch["labels"]) < smallest:
+                logger.info(f"passed over a training batch of {len(batch['labels'])} image(s): BatchNorm cannot train "
+                            "on a single image")
+            elif len(batch["labels"]):
                 batch["position"] = {"loader": loader.state_dict(), "bad": fetched.bad, "seen": fetched.seen}
                 batch["waited"] = time.perf_counter() - start
                 return batch
@@ -318,6 +333,11 @@ def export_best(job: Job, result: dict[str, Any]) -> None:
                                      "exported": path.name, "reason": str(err)}
         weights = checkpoint.load_weights(path, ema=row.get("weights") == "ema")
     job.net.load_state_dict(weights)
+    if cfg.calibrate:
+        # only here is it known which weights are exported (the best intact checkpoint), and only on the main
+        # process: it reads the whole validation split itself, while the others wait as they do for the push
+        loader = calibration.validation_loader(cfg, job.info, job.data_cfg, job.accelerator.device.type == "cuda")
+        result["calibration"] = calibration.calibrate(job.net, job.prepare, loader)
     if job.pusher is not None:  # the final push supersedes a waiting snapshot and cancels one in flight
         job.pusher.close(timeout=30)
         result["background_pushes"] = {"pushed": job.pusher.pushed, "failed": job.pusher.failed}
@@ -400,10 +420,3 @@ def _progress_bar(cfg: TrainConfig, accelerator: Accelerator, state: RunState) -
 
     return tqdm(total=state.steps_per_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", unit="step",
                 dynamic_ncols=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: `hubtune train` with `argv` (default: this process's arguments)."""
-    from hubtune.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])

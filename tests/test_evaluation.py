@@ -183,8 +183,9 @@ def test_evaluate_push_adds_model_index_entries_and_keeps_the_card(hub, export, 
     results = card.data.eval_results
     assert results[:len(before.data.eval_results)] == before.data.eval_results  # the training results stay
     added = results[len(before.data.eval_results):]
-    assert [(r.metric_type, r.dataset_split) for r in added] == [("accuracy", "test"), ("f1", "test")] * 2
-    assert added[0].metric_value + added[2].metric_value == pytest.approx(1.0, abs=1e-3)  # swapped labels
+    assert [(r.metric_type, r.dataset_split) for r in added] == [("accuracy", "test"), ("f1", "test"),
+                                                                 ("ece", "test")] * 2
+    assert added[0].metric_value + added[3].metric_value == pytest.approx(1.0, abs=1e-3)  # swapped labels
     assert "## How to use" in card.text and card.text == before.text
     monkeypatch.setenv("HF_TOKEN", "tok-alice-read")
     with pytest.raises(PushError, match=rf"push to {repo_id} refused \(403\): your token cannot write"):
@@ -231,12 +232,14 @@ def test_a_second_evaluation_into_the_same_folder_is_refused_and_keeps_the_first
     command = ("evaluate", str(export), "--dataset", str(photos), "--num-workers", "0")
     assert error_line(hubtune(*command, cwd=tmp_path)) == (
         "hubtune: error: --output-dir 'evaluation' holds an earlier evaluation (eval_results.json, "
-        "eval_confusion_matrix.png); pass --overwrite-output-dir to replace it, or give another --output-dir")
+        "eval_confusion_matrix.png, eval_reliability_diagram.png); pass --overwrite-output-dir to replace it, or give "
+        "another --output-dir")
     assert {name: (tmp_path / "evaluation" / name).read_bytes() for name in EVAL_FILES} == kept
     assert json.loads(kept[RESULTS_FILE])["dataset"]["id"] == first["dataset"]["id"] == str(renamed_test_set)
     proc = hubtune(*command, "--overwrite-output-dir", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.splitlines()[-1] == "wrote evaluation/eval_results.json and evaluation/eval_confusion_matrix.png"
+    assert proc.stdout.splitlines()[-1] == ("wrote evaluation/eval_results.json, evaluation/eval_confusion_matrix.png "
+                                            "and evaluation/eval_reliability_diagram.png")
     assert json.loads((tmp_path / "evaluation" / RESULTS_FILE).read_text())["dataset"]["id"] == str(photos)
 
 

@@ -166,13 +166,13 @@ def test_gradient_accumulation_counts_optimizer_steps(two_class_folder, tmp_path
 
 ACTIVATION_DTYPES = """
 import json, sys, torch
-from hubtune.train import main
+from hubtune.cli import main
 seen = {}
 def record(module, args, output):
     if isinstance(module, torch.nn.Conv2d) and module.training:
         seen[str(output.dtype)] = seen.get(str(output.dtype), 0) + 1
 torch.nn.modules.module.register_module_forward_hook(record)
-code = main(sys.argv[1:])
+code = main(["train", *sys.argv[1:]])
 print(json.dumps(seen))
 sys.exit(code)
 """
