@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHMARKS = {"pipeline", "training", "overheads", "hub_checkpoints", "linear_probe", "resume", "memory", "startup"}
+BENCHMARKS = {"pipeline", "training", "recipes", "overheads", "hub_checkpoints", "linear_probe", "resume", "memory",
+              "startup"}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_quick_run_writes_every_result(tmp_path):
     out = tmp_path / "results"

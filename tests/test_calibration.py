@@ -111,6 +111,7 @@ def test_calibration_bins_of_uneven_shards_add_up_to_those_of_the_whole():
                                                                        abs=1e-12)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_ece_bins_and_intervals_of_one(calibrated, held_out, tmp_path):
     single = evaluate(str(calibrated), "--dataset", str(held_out), "--output-dir", str(tmp_path / "one"), "--tta")
     proc = subprocess.run(
@@ -234,6 +235,7 @@ def test_predict_and_image_classifier_divide_the_logits_by_the_temperature(calib
     assert json.loads((saved / "config.json").read_text())["temperature"] == temperature
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["hot", -1.0, 0, True, float("inf")])
 def test_a_temperature_that_is_not_a_positive_number_is_refused_in_one_line(calibrated, tmp_path, value):
     edited = tmp_path / "edited"

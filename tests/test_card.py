@@ -240,6 +240,7 @@ def test_outputs_without_run_info_render_unknown(run_dir):
     assert "2 process(es), device type unknown" in card.text
 
 
+@pytest.mark.slow
 def test_wheel_ships_template(tmp_path):
     """A non-editable install (a built wheel) contains the template and renders cards from it."""
     src = tmp_path / "src"

@@ -101,6 +101,7 @@ def assert_same_run(out: Path, reference: Path) -> None:
         assert [step for step, _ in points] == [step for step, _ in ref_curves[tag]], tag
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kills", [1, 2])
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(kills, two_class_folder, tmp_path, reference):
     args = flags(two_class_folder, tmp_path, "--num-workers", "1")
@@ -115,6 +116,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(kills, two_class
     assert_same_run(tmp_path, reference)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_step_reached_and_exits_with_resume_hint(two_class_folder, tmp_path, reference):
     args = flags(two_class_folder, tmp_path, "--num-workers", "1")
     code, log = run_until(args, "step 9 |", signal.SIGTERM)
@@ -129,6 +131,7 @@ def test_sigterm_saves_at_the_step_reached_and_exits_with_resume_hint(two_class_
     assert_same_run(tmp_path, reference)
 
 
+@pytest.mark.slow
 def test_damaged_latest_falls_back_to_previous_and_partial_saves_are_invisible(reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
@@ -143,12 +146,14 @@ def test_damaged_latest_falls_back_to_previous_and_partial_saves_are_invisible(r
         checkpoint.find_resume(out, str(newest))
 
 
+@pytest.mark.slow
 def test_resume_path_that_does_not_exist_lists_the_checkpoints(reference):
     names = [p.name for p in checkpoint.listing(reference)]
     with pytest.raises(checkpoint.CheckpointError, match=f"does not exist; checkpoints in .*: {names[0]}"):
         checkpoint.find_resume(reference, str(reference / "checkpoints" / "step-424242"))
 
 
+@pytest.mark.slow
 def test_retention_keeps_last_k_and_best(reference):
     metrics = json.loads((reference / "metrics.json").read_text())
     names = [p.name for p in checkpoint.listing(reference)]
@@ -222,6 +227,7 @@ def tiny(dataset, out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_export_is_best_not_last_and_early_stopping_counter_survives_resume(two_class_folder, tmp_path):
     # nothing can improve val_accuracy by more than 0.5 after the first epoch: epoch 1 stays the best
     cfg = tiny(two_class_folder, tmp_path, epochs=2, early_stopping_patience=2, early_stopping_min_delta=0.5)
@@ -259,6 +265,7 @@ def test_resume_latest_without_checkpoints_starts_fresh(two_class_folder, tmp_pa
     assert result.metrics["global_step"] > 0
 
 
+@pytest.mark.slow
 def test_checkpoints_command_marks_best_and_latest(reference):
     proc = subprocess.run([sys.executable, "-m", "hubtune.cli", "checkpoints", str(reference)], capture_output=True,
                           text=True, check=True)
@@ -354,6 +361,7 @@ def flip_byte(path: Path, offset: int = -100) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
 def test_a_damaged_best_checkpoint_is_never_exported(damage, two_class_folder, tmp_path):
     # epoch 1 stays the best (nothing improves val_accuracy by 0.5); its checkpoint is damaged before the run ends
@@ -418,6 +426,7 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_no_partial_checkpoint(small_
     checkpoint.verify(first)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("small_disk", ["12m"], indirect=True)
 def test_a_run_that_fills_its_disk_stops_with_one_line_and_keeps_its_checkpoints(small_disk, two_class_folder):
     out = small_disk / "run"

@@ -28,6 +28,7 @@ def flags(dataset, out, *extra):
     [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
      "--mixed_precision", "no", "--dynamo_backend", "no", "hubtune/train.py"],
 ], ids=["python-m", "hubtune-train", "accelerate-launch"])
+@pytest.mark.slow
 def test_same_flags_work_through_every_entry_point(entry, two_class_folder, tmp_path):
     proc = run(entry + flags(two_class_folder, tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -44,6 +45,7 @@ ENTRY_POINTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_every_entry_point_turns_user_errors_into_one_line(entry, two_class_folder, tmp_path):
     """The same error path whichever way training is started (train.py run as a script once had its own copy
@@ -69,6 +71,7 @@ def test_every_entry_point_turns_user_errors_into_one_line(entry, two_class_fold
     (["--label-column", "breed"], "--label-column 'breed' is not in the dataset; columns: image (Image), label (ClassLabel)"),
     (["--freeze", "stages.7"], "--freeze 'stages.7' matches no parameters"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_error_without_traceback(extra, message, two_class_folder, tmp_path):
     proc = run(HUBTUNE + ["train", *flags(two_class_folder, tmp_path / "out", *extra)])
     assert proc.returncode == 2
@@ -77,12 +80,14 @@ def test_bad_input_is_one_line_error_without_traceback(extra, message, two_class
     assert len([line for line in proc.stderr.splitlines() if line.startswith("hubtune: error")]) == 1
 
 
+@pytest.mark.slow
 def test_unknown_model_is_named(two_class_folder, tmp_path):
     proc = run(HUBTUNE + ["train", *flags(two_class_folder, tmp_path / "o"), "--model", "resnet_nope"])
     assert proc.returncode == 2 and "--model 'resnet_nope' is not a timm architecture" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_summary_prints_group_table_and_layers():
     proc = run(HUBTUNE + ["summary", "test_resnet", "--freeze", "stem,stages.0-1", "--freeze-bn", "--image-size", "64"])
     assert proc.returncode == 0, proc.stderr
@@ -95,6 +100,7 @@ def test_summary_prints_group_table_and_layers():
     assert "input (3, 64, 64)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_help_lists_every_command_from_one_table():
     proc = run(HUBTUNE + ["--help"])
     assert proc.returncode == 0
@@ -112,6 +118,7 @@ def test_push_of_a_folder_that_is_not_an_export_is_one_line(tmp_path):
     assert proc.stderr.strip() == f"hubtune: error: {tmp_path} is not a hubtune export: config.json is missing (train first)"
 
 
+@pytest.mark.slow
 def test_predict_command_on_a_trained_folder(two_class_folder, tmp_path):
     out = tmp_path / "out"
     assert run(HUBTUNE + ["train", *flags(two_class_folder, out)]).returncode == 0

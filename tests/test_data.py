@@ -134,6 +134,7 @@ assert loader.num_workers == 2
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("persistent", ["persistent", "fresh"])
 def test_loaders_left_open_or_collected_do_not_hang_the_interpreter_at_exit(two_row_groups, persistent):
     # workers ignore SIGTERM (the main process saves first), and SIGTERM is how multiprocessing stops them at exit
@@ -156,6 +157,7 @@ print("left them", flush=True)
     assert proc.returncode == 0 and "left them" in proc.stdout, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_workers_leave_a_sigterm_to_the_main_process_while_their_iterator_is_open(two_row_groups):
     """A scheduler's SIGTERM to every process must not kill the workers before the main process has saved."""
     script = LOADER_SCRIPT + """
@@ -211,6 +213,7 @@ print(json.dumps(sorted(members)))
 """
 
 
+@pytest.mark.slow
 def test_the_validation_split_is_the_same_in_every_process_and_process_count(two_class_parquet):
     """Python's own hash() is salted per process: a split keyed on it would differ between runs and ranks."""
     import json

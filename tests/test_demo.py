@@ -47,6 +47,9 @@ def newcomer_env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith("HF_")}, **extra}
 
 
+pytestmark = pytest.mark.slow  # every test here reads the one demo run (a minute) or runs parts of it
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """Run `hubtune demo` once, as typed, from an empty folder; (exit code, output, workdir, summary, folder)."""

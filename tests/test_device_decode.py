@@ -162,6 +162,7 @@ def test_what_the_device_path_cannot_replay_or_run_on_is_refused_in_one_line():
         TrainConfig(model="m", dataset="d", decode_device="gpu").validate()
 
 
+@pytest.mark.slow
 def test_a_run_on_the_device_path_resumes_from_a_mid_epoch_checkpoint_exactly(two_class_folder, tmp_path,
                                                                             monkeypatch, caplog):
     """The whole loop with the batch decoder (on the CPU device here: the code CUDA runs), images the device decoder

@@ -80,6 +80,7 @@ def evaluate(*argv: str) -> dict:
     return json.loads((Path(args.output_dir) / RESULTS_FILE).read_text())
 
 
+@pytest.mark.slow
 def test_exports_load_in_transformers_exactly_as_in_timm(hub, export, tmp_path):
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
@@ -123,6 +124,7 @@ def test_exports_of_the_old_format_still_load_and_a_push_rewrites_their_config(h
     assert json.loads((old / "config.json").read_text()) == config  # the local folder is left as it was
 
 
+@pytest.mark.slow
 def test_evaluate_matches_labels_by_name_skips_broken_images_and_refuses_unknown_labels(export, renamed_test_set,
                                                                                          tmp_path):
     with pytest.raises(DataError, match=r"dataset labels 'kitty', 'puppy' are not labels of the model; dataset labels:"
@@ -153,6 +155,7 @@ def test_evaluate_matches_labels_by_name_skips_broken_images_and_refuses_unknown
         evaluate(str(export), "--dataset", str(same), "--output-dir", str(tmp_path / "strict"))
 
 
+@pytest.mark.slow
 def test_two_processes_count_every_example_once(export, renamed_test_set, tmp_path):
     single = evaluate(str(export), "--dataset", str(renamed_test_set), "--label-map", "kitty=cat,puppy=dog",
                       "--max-bad-fraction", "0.2", "--output-dir", str(tmp_path / "one"))
@@ -170,6 +173,7 @@ def test_two_processes_count_every_example_once(export, renamed_test_set, tmp_pa
     assert "accuracy" in proc.stdout and proc.stdout.count("wrote ") == 1  # the main process reports, once
 
 
+@pytest.mark.slow
 def test_evaluate_push_adds_model_index_entries_and_keeps_the_card(hub, export, renamed_test_set, tmp_path,
                                                                    monkeypatch):
     repo_id = f"alice/evaluated-{uuid.uuid4().hex[:8]}"
@@ -194,6 +198,7 @@ def test_evaluate_push_adds_model_index_entries_and_keeps_the_card(hub, export, 
     assert (tmp_path / "readonly" / RESULTS_FILE).is_file()  # the result is kept even when the push is refused
 
 
+@pytest.mark.slow
 def test_a_local_folder_of_class_subfolders_is_evaluated_whole_and_a_hub_train_split_is_still_refused(
         hub, export, photos, tmp_path):
     proc = hubtune("evaluate", str(export), "--dataset", str(photos), "--num-workers", "0", cwd=tmp_path)
@@ -224,6 +229,7 @@ def test_a_local_folder_of_class_subfolders_is_evaluated_whole_and_a_hub_train_s
     assert not (tmp_path / "hub_eval").exists()
 
 
+@pytest.mark.slow
 def test_a_second_evaluation_into_the_same_folder_is_refused_and_keeps_the_first_unless_asked(
         export, photos, renamed_test_set, tmp_path):
     first = evaluate(str(export), "--dataset", str(renamed_test_set), "--label-map", "kitty=cat,puppy=dog",
@@ -243,6 +249,7 @@ def test_a_second_evaluation_into_the_same_folder_is_refused_and_keeps_the_first
     assert json.loads((tmp_path / "evaluation" / RESULTS_FILE).read_text())["dataset"]["id"] == str(photos)
 
 
+@pytest.mark.slow
 def test_pushes_say_1_file_or_n_files(hub, export, photos, tmp_path):
     def pushed(proc: subprocess.CompletedProcess) -> list[tuple[int, str]]:
         assert proc.returncode == 0, proc.stderr[-3000:]

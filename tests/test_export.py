@@ -93,6 +93,7 @@ def resnet_dir(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("resnet"), "test_resnet", 32)
 
 
+@pytest.mark.slow
 def test_export_writes_a_graph_and_preprocessing_that_match_pytorch_at_two_batch_sizes(resnet_dir, tmp_path, capsys):
     out = tmp_path / "onnx"
     assert export(str(resnet_dir), "--output-dir", str(out), "--quantize", "int8") == 0
@@ -135,6 +136,7 @@ def test_export_writes_a_graph_and_preprocessing_that_match_pytorch_at_two_batch
     assert "top-1 agreement drop" in stdout
 
 
+@pytest.mark.slow
 def test_static_export_takes_one_image_at_a_time_and_checks_given_images(resnet_dir, tmp_path, capsys):
     photos = images(tmp_path / "photos", 4)
     out = tmp_path / "static"
@@ -147,6 +149,7 @@ def test_static_export_takes_one_image_at_a_time_and_checks_given_images(resnet_
     assert f"(opset {prep['export']['opset']}, batch size 1)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_failed_parity_check_refuses_the_export_and_writes_nothing(resnet_dir, tmp_path, capsys):
     out = tmp_path / "onnx"
     out.mkdir()
@@ -166,6 +169,7 @@ def _card(repo_id: str) -> str:
     return Path(hf_hub_download(repo_id, "README.md")).read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,size", ARCHITECTURES)
 def test_push_adds_onnx_in_one_verified_commit_and_the_card_snippet_runs(hub, arch, size, tmp_path, monkeypatch):
     repo_id = f"alice/onnx-{uuid.uuid4().hex[:8]}"
@@ -202,6 +206,7 @@ def test_push_adds_onnx_in_one_verified_commit_and_the_card_snippet_runs(hub, ar
     assert [score for _, score in got] == pytest.approx([p["score"] for p in expected], abs=2e-4)
 
 
+@pytest.mark.slow
 def test_a_second_export_replaces_the_section_keeps_human_edits_and_removes_a_stale_int8(hub, tmp_path, monkeypatch):
     repo_id = f"alice/onnx-again-{uuid.uuid4().hex[:8]}"
     hub_lib.push(make_model_dir(tmp_path / "run", "test_resnet", 32, repo_id), repo_id, token=TOKEN)
@@ -221,6 +226,7 @@ def test_a_second_export_replaces_the_section_keeps_human_edits_and_removes_a_st
     assert not (tmp_path / "onnx" / "model_int8.onnx").exists()
 
 
+@pytest.mark.slow
 def test_missing_extra_is_a_one_line_error_naming_it(resnet_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", "import sys; sys.modules['onnxruntime'] = None; from hubtune.cli import main; "

@@ -34,6 +34,7 @@ def assert_same_run(a, b) -> None:
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_cached_epochs_replay_without_decoding_and_equal_the_uncached_run(two_class_parquet, backbone, tmp_path,
                                                                            monkeypatch):
     kw = dict(augment=False, epochs=3)
@@ -55,6 +56,7 @@ def test_cached_epochs_replay_without_decoding_and_equal_the_uncached_run(two_cl
     assert sum(replayed.history[0]["skipped_images"].values()) > 0
 
 
+@pytest.mark.slow
 def test_augmented_views_are_cached_per_epoch_and_replayed(two_class_parquet, backbone, tmp_path, monkeypatch):
     kw = dict(augment=True, epochs=2, cache_views=2)
     uncached = train(probe(two_class_parquet, tmp_path / "plain", backbone, **kw))
@@ -122,6 +124,7 @@ def test_an_unwritable_cache_dir_only_costs_the_replay(two_class_parquet, backbo
     assert "could not store train" in caplog.text
 
 
+@pytest.mark.slow
 def test_two_processes_share_the_work_and_any_process_count_replays_it(two_class_parquet, backbone, tmp_path,
                                                                          monkeypatch):
     cache = tmp_path / "cache"

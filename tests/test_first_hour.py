@@ -36,6 +36,7 @@ def error_lines(proc) -> list[str]:
     return [ln for ln in proc.stderr.splitlines() if ln.strip()]
 
 
+@pytest.mark.slow
 def test_a_run_that_could_not_push_lists_it_with_every_other_problem_before_training(hub, tmp_path):
     """No token, a missing dataset and an --output-dir that is a file: one run, three problems, nothing trained."""
     taken = tmp_path / "taken"
@@ -76,6 +77,7 @@ def test_a_token_that_can_write_passes(hub, monkeypatch):
     assert preflight.write_access(TrainConfig()) == []  # nothing to push, nothing to check
 
 
+@pytest.mark.slow
 def test_a_hub_that_does_not_answer_is_one_line_before_training(two_class_folder, tmp_path):
     """A dead endpoint (nothing listens on the port) for a Hub dataset: one line, no traceback."""
     with socket.socket() as s:
@@ -90,6 +92,7 @@ def test_a_hub_that_does_not_answer_is_one_line_before_training(two_class_folder
     assert "could not be reached" in last and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_disk_without_room_for_one_checkpoint_is_refused_before_training(two_class_folder, small_disk):
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 64 * 1024))
@@ -120,6 +123,7 @@ def test_problems_are_listed_one_under_another_with_their_own_lines_indented_und
         only.raise_all("before training")
 
 
+@pytest.mark.slow
 def test_typos_get_the_closest_flag_command_or_value_and_the_subcommands_help():
     cases = [
         ([sys.executable, "-m", "hubtune.train", "--freze", "stem"],
@@ -137,6 +141,7 @@ def test_typos_get_the_closest_flag_command_or_value_and_the_subcommands_help():
     assert "did you mean train?" in run(HUBTUNE + ["trian"]).stderr
 
 
+@pytest.mark.slow
 def test_a_mistyped_yaml_key_gets_a_suggestion(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("epochs: 2\nbatch_sise: 8\n")
@@ -153,6 +158,7 @@ def test_help_and_flag_errors_answer_before_torch_is_imported():
         assert imported and not imported & {"torch", "timm", "accelerate", "datasets"}, sorted(imported)[:20]
 
 
+@pytest.mark.slow
 def test_readme_launch_after_accelerate_config_default_has_no_contradicting_warning_and_uses_its_precision(
         two_class_folder, tmp_path):
     """README: `accelerate config default` once; the launcher's --mixed_precision is the run's unless the flag is
@@ -182,6 +188,7 @@ def test_a_launcher_precision_hubtune_does_not_support_is_one_line():
         resolve_device_settings(TrainConfig(), torch.device("cpu"), "fp8")
 
 
+@pytest.mark.slow
 def test_ema_that_cannot_average_over_a_short_run_warns_and_the_card_names_the_exported_weights(
         two_class_folder, tmp_path):
     out = tmp_path / "ema"

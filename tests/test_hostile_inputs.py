@@ -96,6 +96,7 @@ def test_hostile_hf_addresses_are_refused_naming_the_value_and_the_accepted_form
     assert "hf://ORG/NAME[@BRANCH][/checkpoints/step-NNNNNN]" in message
 
 
+@pytest.mark.slow
 def test_hostile_hub_names_end_with_one_line_before_anything_is_built(small_folder, finished_run, tmp_path):
     out = tmp_path / "out"
     assert "--resume 'hf://alice/x@..': '..' is not a valid branch" in one_line_error(hubtune(
@@ -248,6 +249,7 @@ def test_resume_hub_passes_over_a_hostile_newest_checkpoint_on_the_branch_for_th
         train(tiny(small_folder, tmp_path / "named", resume=f"hf://{repo}/checkpoints/{newest}"))
 
 
+@pytest.mark.slow
 def test_a_hostile_checkpoint_named_on_the_command_line_ends_with_one_line(finished_run, small_folder, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
@@ -319,6 +321,7 @@ def sparse_image(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_predict_reports_a_12_gb_sparse_file_as_one_error_row_without_reading_it(finished_run, small_folder,
                                                                                 tmp_path):
     folder = tmp_path / "images"
@@ -343,6 +346,7 @@ def test_image_classifier_refuses_a_12_gb_sparse_file_in_one_line_without_readin
         ImageClassifier.from_pretrained(str(finished_run)).predict([huge])
 
 
+@pytest.mark.slow
 def test_evaluate_skips_and_counts_a_12_gb_sparse_file_without_reading_it(finished_run, small_folder, tmp_path):
     dataset = tmp_path / "theirs"
     for name in ("cat", "dog"):
@@ -381,6 +385,7 @@ def empty_datasets(tmp_path) -> dict[str, Path]:
     return {"an empty directory": empty, "empty class directories": classes}
 
 
+@pytest.mark.slow
 def test_empty_datasets_are_one_line_errors_for_train_evaluate_and_predict(finished_run, empty_datasets, tmp_path):
     for folder in empty_datasets.values():
         says = re.escape(f"--dataset '{folder}': this directory holds no image or parquet files")

@@ -85,6 +85,7 @@ print(json.dumps({"hubtune": preds, "timm": timm_preds}))
 """
 
 
+@pytest.mark.slow
 def test_acceptance_train_from_hub_push_and_load_in_a_clean_process(hub, published, tmp_path):
     target = unique("finetuned")
     out = tmp_path / "run"
@@ -212,6 +213,7 @@ def test_card_edited_on_the_hub_is_kept_unless_overwrite(hub, finished_run):
     assert "My own words" not in Path(api.hf_hub_download(target, "README.md")).read_text()
 
 
+@pytest.mark.slow
 def test_prefetch_then_offline_run_without_a_server(hub, published, tmp_path):
     home = tmp_path / "home"
     pre = subprocess.run([sys.executable, "-m", "hubtune.cli", "prefetch", "--model", published["backbone"],
@@ -227,6 +229,7 @@ def test_prefetch_then_offline_run_without_a_server(hub, published, tmp_path):
     assert cfg["dataset_revision"] == HfApi(token=TOKEN).dataset_info(published["dataset"]).sha
 
 
+@pytest.mark.slow
 def test_background_pushes_coalesce_and_failures_never_stop_training(published, tmp_path, monkeypatch):
     from hubtune.config import TrainConfig
     from hubtune.train import train
@@ -291,6 +294,7 @@ def test_push_to_a_private_branch_and_the_card_loads_back(hub, finished_run):
     assert card.data.base_model == json.loads((finished_run / "metrics.json").read_text())["run_info"]["base_model"]["id"]
 
 
+@pytest.mark.slow
 def test_missing_hub_model_is_one_line_error(published, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hubtune.cli", "train",
                            *train_flags(published, tmp_path), "--model", "alice/no-such-backbone"],
@@ -351,6 +355,7 @@ def test_a_corrupted_object_on_the_server_fails_verification_naming_the_file(hub
         stored.write_bytes(original)
 
 
+@pytest.mark.slow
 def test_a_server_that_holds_the_commit_times_out_with_one_line(hub, finished_run, tmp_path):
     from faultproxy import FaultProxy
 
@@ -368,6 +373,7 @@ def test_a_server_that_holds_the_commit_times_out_with_one_line(hub, finished_ru
     assert f"push to {target} failed at upload after 2 attempts (ReadTimeout" in lines[0]
 
 
+@pytest.mark.slow
 def test_a_background_push_that_crashes_never_hangs_the_run(hub, published, tmp_path):
     """Every file upload refused: the background pushes fail (huggingface_hub wraps that in a RuntimeError), training
     still runs to the end, the final push fails with one line, and the process exits."""
@@ -414,6 +420,7 @@ def _python_blocks(card: str) -> dict[str, str]:
     return blocks
 
 
+@pytest.mark.slow
 def test_the_cards_timm_snippet_sees_images_as_hubtune_does(hub, finished_run, tmp_path):
     """EXIF rotation and transparency: plain `.convert("RGB")` would disagree with hubtune on both."""
     import random
@@ -473,6 +480,7 @@ def test_background_uploads_run_one_at_a_time_and_only_the_newest_waits(tmp_path
     assert not pusher._thread.is_alive()
 
 
+@pytest.mark.slow
 def test_every_usage_snippet_of_the_card_runs_against_the_hub(hub, finished_run, tmp_path):
     """timm, hubtune and transformers, as a reader pastes them: an empty cache, no token, the pushed repo."""
     import random
@@ -508,6 +516,7 @@ def test_every_usage_snippet_of_the_card_runs_against_the_hub(hub, finished_run,
     assert proc.returncode == 0 and proc.stdout.startswith(f"{image}: "), proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_upload_urls_signed_before_a_server_restart_are_renewed_and_the_token_is_not_blamed(finished_run, tmp_path,
                                                                                                caplog):
     """A Hub restarted mid-upload refuses the upload URLs it signed before (403): the push asks for new ones and
@@ -550,6 +559,7 @@ def test_a_403_on_a_signed_url_is_transient_but_a_403_on_the_api_blames_the_toke
         hub_lib.push(finished_run, "bob/not-yours", token=TOKEN, retries=0)
 
 
+@pytest.mark.slow
 def test_a_push_that_cannot_succeed_ends_within_its_bound_with_the_error_last_naming_hubtune_push(
         hub, two_class_folder, tmp_path):
     """A Hub that answers 500 to every upload, through README's launch command with --push-every-save: training
@@ -583,6 +593,7 @@ def test_a_push_that_cannot_succeed_ends_within_its_bound_with_the_error_last_na
     assert took < 150, took
 
 
+@pytest.mark.slow
 def test_every_entry_point_gives_up_on_a_hub_that_hangs_with_one_line(hub, tmp_path):
     """A Hub that accepts connections and never answers: `from_pretrained`, `predict REPO`, `prefetch`, `reproduce`
     and `evaluate` each end with one error line naming the Hub and the timeout, whatever call they make first

@@ -107,6 +107,7 @@ def reference(two_class_folder, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_a_run_killed_on_one_machine_resumes_exactly_on_another(sig, hub, two_class_folder, reference, tmp_path):
     repo = unique("preempted")
@@ -154,6 +155,7 @@ def test_a_run_killed_on_one_machine_resumes_exactly_on_another(sig, hub, two_cl
     assert "plus `--resume hub`" in card
 
 
+@pytest.mark.slow
 def test_uploads_fail_while_the_server_is_down_and_resume_after_it_returns(two_class_folder, tmp_path):
     """A requeued job runs the same command from its first attempt on: `--resume hub` with no repo yet starts fresh."""
     port = free_port()
@@ -213,6 +215,7 @@ def on_the_hub(hub, reference):
     return repo, names
 
 
+@pytest.mark.slow
 def test_a_corrupted_checkpoint_on_the_hub_is_skipped_and_listed_as_damaged(on_the_hub, tmp_path, monkeypatch,
                                                                             caplog):
     repo, names = on_the_hub
@@ -243,6 +246,7 @@ def test_a_corrupted_checkpoint_on_the_hub_is_skipped_and_listed_as_damaged(on_t
         f"hubtune: error: hubtune checkpoints {repo}: no checkpoints at {repo}@no-such-branch")
 
 
+@pytest.mark.slow
 def test_resume_hub_offline_uses_only_the_hf_cache(on_the_hub, tmp_path, monkeypatch):
     import huggingface_hub
 
@@ -280,6 +284,7 @@ def test_resume_hub_with_nothing_there_starts_fresh_and_an_unreadable_repo_is_an
         hub_checkpoints.parse_resume("hf://alice", None, "checkpoints")
 
 
+@pytest.mark.slow
 def test_two_processes_resume_from_the_hub_with_only_the_main_one_downloading(hub, two_class_folder, tmp_path):
     repo = unique("ddp")
 

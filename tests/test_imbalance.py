@@ -196,6 +196,7 @@ def run(args: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kw)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_with_balanced_sampling_then_resume_equals_the_uninterrupted_run(three_to_one, tmp_path):
     hubtune = [sys.executable, "-m", "hubtune.cli", "train"]
     reference = run([*hubtune, *cli_flags(three_to_one, tmp_path / "reference", "--num-workers", "1")])
@@ -224,6 +225,7 @@ def test_sigkill_mid_epoch_with_balanced_sampling_then_resume_equals_the_uninter
     assert "- **Training images per class:** `cat` " in card and "- **Balanced sampling:**" in card
 
 
+@pytest.mark.slow
 def test_two_processes_with_both_flags_count_over_both_shards(three_to_one, tmp_path):
     out = tmp_path / "ddp"
     flags = ["--model", "test_resnet", "--no-pretrained", "--dataset", str(three_to_one), "--image-size", "32",

@@ -151,6 +151,7 @@ def test_timms_drop_path_name_sets_the_stochastic_depth_rate_from_flags_and_yaml
     (["--mixup", "0.2", "--batch-size", "1"], "--batch-size: got 1, expected 2 or more with --mixup/--cutmix"),
     (["--mixup-mode", "pairs"], "--mixup-mode: got 'pairs', expected one of batch, pair, elem; did you mean pair?"),
 ])
+@pytest.mark.slow
 def test_recipes_refuse_what_they_cannot_do_in_one_line(extra, message, two_class_folder, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "hubtune.cli", "train", "--model", "test_resnet", "--no-pretrained",
@@ -175,6 +176,7 @@ def recipe_reference(two_class_folder, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_run_with_every_recipe_killed_mid_epoch_resumes_bitwise_equal(two_class_folder, tmp_path,
                                                                        recipe_reference):
     """SIGKILL to `accelerate launch hubtune/train.py`'s whole process group (a lost machine) after a mid-epoch
@@ -202,6 +204,7 @@ def test_a_run_with_every_recipe_killed_mid_epoch_resumes_bitwise_equal(two_clas
     assert_same_run(tmp_path, recipe_reference)
 
 
+@pytest.mark.slow
 def test_two_processes_train_with_every_recipe_and_the_card_and_reproduce_carry_them(two_class_folder, tmp_path):
     from hubtune.reproduce import fetch_record, plan
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from faultproxy import FaultProxy
 from test_checkpoint import assert_same_run, flags
 from test_hub_checkpoints import (  # noqa: F401 (reference: a fixture)
@@ -66,6 +67,7 @@ def assert_one_clean_stop(log: str) -> None:
     assert "Traceback" not in log and "BrokenPipeError" not in log, log[-3000:]
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_uploads_the_checkpoint_within_the_grace_period_and_resumes_on_another_machine(
         hub, two_class_folder, reference, tmp_path):
     repo = unique("container")
@@ -94,6 +96,7 @@ def test_sigterm_to_the_launcher_uploads_the_checkpoint_within_the_grace_period_
     lose_machine(b)
 
 
+@pytest.mark.slow
 def test_sigterm_to_every_process_at_once_still_uploads_the_checkpoint(hub, two_class_folder, tmp_path):
     """Slurm at the time limit, a preemptible VM shutting down: the launcher, the trainer, its loader workers and the
     sync process all get SIGTERM at the same instant."""
@@ -118,6 +121,7 @@ def test_sigterm_to_every_process_at_once_still_uploads_the_checkpoint(hub, two_
     shutil.rmtree(tmp_path / "hf")
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_uploads_the_checkpoint_of_the_main_process(hub, two_class_folder, tmp_path):
     """Two processes (gloo on CPU) under torchrun's agent: SIGTERM to the launcher, which stops its workers."""
     repo = unique("torchrun")

@@ -122,6 +122,7 @@ def _launch(args: list[str], env_extra: dict | None = None, timeout: int = 300) 
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_two_process_run_matches_single_process_eval_of_its_export(two_class_folder, tmp_path):
     out = tmp_path / "ddp"
     flags = ["--model", "test_resnet", "--no-pretrained", "--dataset", str(two_class_folder), "--image-size", "32",
@@ -178,6 +179,7 @@ sys.exit(code)
 """
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_on_cpu_computes_in_bf16_and_exports_fp32(two_class_folder, tmp_path):
     # a process of its own: Accelerate keeps one precision per process
     flags = ["--model", "test_resnet", "--no-pretrained", "--dataset", str(two_class_folder), "--image-size", "32",
@@ -193,6 +195,7 @@ def test_bf16_mixed_precision_on_cpu_computes_in_bf16_and_exports_fp32(two_class
     assert all(t.dtype in (torch.float32, torch.int64) for t in weights.values())
 
 
+@pytest.mark.slow
 def test_compiled_channels_last_run_writes_plain_checkpoints_that_resume_uncompiled(two_class_folder, tmp_path):
     # aot_eager goes through dynamo capture and Accelerate's compile wrapper as inductor does, minus code generation
     # (minutes on 2 cores); a process of its own, since Accelerate sets compilation up once per process
@@ -211,6 +214,7 @@ def test_compiled_channels_last_run_writes_plain_checkpoints_that_resume_uncompi
     assert [row["epoch"] for row in resumed.history] == [1, 2]
 
 
+@pytest.mark.slow
 def test_jpeg_draft_validation_uses_the_eval_resize_as_the_floor(two_class_folder, tmp_path):
     plain = train(tiny_config(two_class_folder, tmp_path / "plain", epochs=1))
     drafted = train(tiny_config(two_class_folder, tmp_path / "draft", epochs=1, jpeg_draft=True))
@@ -219,6 +223,7 @@ def test_jpeg_draft_validation_uses_the_eval_resize_as_the_floor(two_class_folde
     assert drafted.history[0]["val_loss"] == plain.history[0]["val_loss"]
 
 
+@pytest.mark.slow
 def test_a_new_run_never_overwrites_an_earlier_one_without_being_told(two_class_folder, tmp_path):
     from hubtune.errors import ConfigError, OutputDirError
 
@@ -290,6 +295,7 @@ def test_pickled_base_models_and_one_class_datasets_are_refused_with_the_fix(two
         train(tiny_config(one_class, tmp_path / "b"))
 
 
+@pytest.mark.slow
 def test_gradual_unfreezing_under_two_processes_trains_each_part_from_its_epoch(two_class_folder, backbone, tmp_path):
     """Two gloo processes: a part that starts to train in epoch 2 must join DDP's gradient synchronisation (the run
     checks that every process holds the same weights after each epoch) and must not move before its epoch."""
@@ -319,6 +325,7 @@ def test_gradual_unfreezing_under_two_processes_trains_each_part_from_its_epoch(
     assert any(not torch.equal(second[k], start[k]) for k in bn_means)  # and updating once the part trains
 
 
+@pytest.mark.slow
 def test_trackers_that_are_missing_or_cannot_start_cost_a_warning_not_the_run(two_class_folder, tmp_path, caplog):
     import importlib.util
 
@@ -334,6 +341,7 @@ def test_trackers_that_are_missing_or_cannot_start_cost_a_warning_not_the_run(tw
     assert "--report-to tensorboard: could not start (" in caplog.text and "training goes on without it" in caplog.text
 
 
+@pytest.mark.slow
 def test_summary_prints_the_unfreezing_schedule_per_epoch():
     proc = _launch([sys.executable, "-m", "hubtune.cli", "summary", "test_resnet", "--num-classes", "2", "--freeze",
                     "stem,stages", "--unfreeze-at", "stages.3=2,all=3"])
