@@ -23,7 +23,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hubtune import plots
-from hubtune.config import TrainConfig
+from hubtune.config import TrainConfig, policy_fields
 from hubtune.errors import ConfigError
 from hubtune.files import CARD_FILE, METRICS_FILE, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE
 from hubtune.sources import parse_model_spec
@@ -41,9 +41,6 @@ TASK = ("image-classification", "Image Classification")
 EVAL_METRICS = (("accuracy", "Accuracy", "val_accuracy"), ("f1", "F1 (macro)", "val_f1"), ("loss", "Loss", "val_loss"))
 VERSION_KEYS = ("torch", "timm", "accelerate", "datasets", "huggingface_hub", "hubtune")
 # where the run wrote to, how it reported and where it was shared: not what was trained
-HIDDEN_OPTIONS = ("output_dir", "overwrite_output_dir", "resume", "progress", "log_every", "push_to_hub", "private", "revision",
-                  "commit_message", "push_checkpoints", "push_every_save", "overwrite_card", "license", "report_to",
-                  "hub_checkpoints", "hub_checkpoints_branch", "hub_checkpoints_timeout")
 # absent when unknown (license comes from the metadata, which drops empty fields), or only given by `hubtune export`
 # (onnx); defaulted in the template
 OPTIONAL_VARIABLES = frozenset({"repo_id", "license", "onnx"})
@@ -124,11 +121,12 @@ def _hyperparameters(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
     # a field whose unset value is resolved at run time (the launcher's precision) shows what it means without one
     defaults = {f.name: f.metadata.get("unset_means", f.default) for f in dataclasses.fields(TrainConfig)}
+    hidden = policy_fields("card")  # where and how a run writes, not what it trains
     return [
         {"flag": name.replace("_", "-"), "value": show(value),
          "default": show(defaults[name]) if name in defaults else "unknown",
          "changed": name in defaults and value != defaults[name]}
-        for name, value in cfg.items() if name not in HIDDEN_OPTIONS  # in the saved file's order
+        for name, value in cfg.items() if name not in hidden  # in the saved file's order
     ]
 
 

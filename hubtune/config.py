@@ -31,94 +31,111 @@ UPPER_BOUNDS = {"image_size": 4096, "batch_size": 65536, "epochs": 100_000, "max
 AA_POLICIES = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a")  # first part of timm's --aa strings
 
 
+MUST_MATCH = "must match"
+
+
 def _f(default: Any, help: str, **extra: Any) -> Any:
+    """A TrainConfig field: its default, its help, and what else it declares about itself in its metadata:
+    choices, aliases (other flag and YAML names), unset_means (what the card shows as the default of an unset value),
+    and its policies (see `policy_fields`)."""
     return field(default=default, metadata={"help": help, **extra})
 
 
-@dataclass
+def policy_fields(policy: str) -> dict[str, Any]:
+    """{field name: what it declares} for the TrainConfig fields whose metadata names `policy`.
+
+    The policies: "resume" (MUST_MATCH: a --resume with another value is refused), "card" (False: left out of the
+    card's hyperparameter table, as it changes where and how a run writes, not what it trains), "reproduce" (the value
+    `hubtune reproduce` resets it to: a rerun pushes nowhere and resumes nothing) and "cache_key" (True: part of the
+    --cache-features key).
+    """
+    return {f.name: f.metadata[policy] for f in dataclasses.fields(TrainConfig) if policy in f.metadata}
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a fine-tuning run."""
 
-    model: str = _f("timm/resnet50.a1_in1k", "timm model: Hub id (org/name, hf-hub:org/name[@rev]), local-dir:PATH or a timm architecture name")
-    model_revision: str | None = _f(None, "base model revision on the Hub (resolved to a commit sha and recorded)")
-    pretrained: bool = _f(True, "start from the model's pretrained weights")
-    drop_rate: float = _f(0.0, "dropout rate before the classifier (timm create_model drop_rate)")
-    drop_path_rate: float = _f(0.0, "stochastic depth rate (timm create_model drop_path_rate)", aliases=("drop_path",))
-    dataset: str = _f("microsoft/cats_vs_dogs", "Hub dataset id, or a local imagefolder directory or parquet file(s)")
-    dataset_revision: str | None = _f(None, "dataset revision on the Hub (resolved to a commit sha and recorded)")
-    image_column: str | None = _f(None, "image column (default: the column with the Image feature)")
+    model: str = _f("timm/resnet50.a1_in1k", "timm model: Hub id (org/name, hf-hub:org/name[@rev]), local-dir:PATH or a timm architecture name", resume=MUST_MATCH, cache_key=True)
+    model_revision: str | None = _f(None, "base model revision on the Hub (resolved to a commit sha and recorded)", cache_key=True)
+    pretrained: bool = _f(True, "start from the model's pretrained weights", cache_key=True)
+    drop_rate: float = _f(0.0, "dropout rate before the classifier (timm create_model drop_rate)", resume=MUST_MATCH)
+    drop_path_rate: float = _f(0.0, "stochastic depth rate (timm create_model drop_path_rate)", aliases=("drop_path",), resume=MUST_MATCH)
+    dataset: str = _f("microsoft/cats_vs_dogs", "Hub dataset id, or a local imagefolder directory or parquet file(s)", resume=MUST_MATCH, cache_key=True)
+    dataset_revision: str | None = _f(None, "dataset revision on the Hub (resolved to a commit sha and recorded)", cache_key=True)
+    image_column: str | None = _f(None, "image column (default: the column with the Image feature)", cache_key=True)
     label_column: str | None = _f(None, "label column (default: the column with the ClassLabel feature)")
-    val_fraction: float = _f(0.1, "fraction held out for validation when the dataset has no validation/test split")
+    val_fraction: float = _f(0.1, "fraction held out for validation when the dataset has no validation/test split", resume=MUST_MATCH)
     max_bad_fraction: float = _f(0.01, "stop if more than this fraction of images cannot be decoded")
-    image_size: int | None = _f(None, "train/eval resolution in pixels (default: the model's pretrained_cfg)")
-    shuffle_buffer: int = _f(1000, "examples held in the streaming shuffle buffer")
+    image_size: int | None = _f(None, "train/eval resolution in pixels (default: the model's pretrained_cfg)", resume=MUST_MATCH)
+    shuffle_buffer: int = _f(1000, "examples held in the streaming shuffle buffer", resume=MUST_MATCH)
     epochs: int = _f(3, "passes over the training split")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides the length given by --epochs)")
-    batch_size: int = _f(32, "images per process per forward pass")
+    batch_size: int = _f(32, "images per process per forward pass", resume=MUST_MATCH)
     lr: float = _f(5e-4, "peak learning rate")
     weight_decay: float = _f(0.05, "weight decay")
     optimizer: str = _f("adamw", "timm optimizer name", choices=OPTIMIZERS)
     layer_decay: float | None = _f(None, "layer-wise learning-rate decay (timm), e.g. 0.75")
     warmup_steps: int = _f(0, "linear warmup steps before the cosine decay")
-    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step", resume=MUST_MATCH)
     clip_grad: float | None = _f(None, "clip the gradient norm to this value")
     mixed_precision: str | None = _f(None, "mixed precision mode; unset: what `accelerate launch --mixed_precision` or "
                                            "`accelerate config` chose, else no (the resolved mode is recorded)",
-                                     choices=MIXED_PRECISION, unset_means="no")
-    freeze: str = _f("", "comma list of timm groups (stem, stages.0-2, blocks.1) and module globs (layer1.*) to freeze")
-    freeze_bn: bool = _f(False, "also fix BatchNorm statistics in the frozen parts (held in eval mode)")
-    unfreeze_at: str = _f("", "gradual unfreezing: comma list of GROUP_OR_GLOB=EPOCH (1-based, 'all' for everything) from which parts frozen by --freeze train, e.g. stages.3=2,stages.2=3,all=4")
-    unfreeze_lr_scale: float = _f(1.0, "learning-rate scale of the parts --unfreeze-at adds (on top of --layer-decay)")
+                                     choices=MIXED_PRECISION, unset_means="no", cache_key=True)
+    freeze: str = _f("", "comma list of timm groups (stem, stages.0-2, blocks.1) and module globs (layer1.*) to freeze", resume=MUST_MATCH)
+    freeze_bn: bool = _f(False, "also fix BatchNorm statistics in the frozen parts (held in eval mode)", resume=MUST_MATCH)
+    unfreeze_at: str = _f("", "gradual unfreezing: comma list of GROUP_OR_GLOB=EPOCH (1-based, 'all' for everything) from which parts frozen by --freeze train, e.g. stages.3=2,stages.2=3,all=4", resume=MUST_MATCH)
+    unfreeze_lr_scale: float = _f(1.0, "learning-rate scale of the parts --unfreeze-at adds (on top of --layer-decay)", resume=MUST_MATCH)
     augment: bool = _f(True, "random crop, flip and color jitter on training images (off: the eval transform)")
-    aa: str | None = _f(None, "timm auto-augment policy applied per training image, e.g. rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, original, v0 (timm create_transform auto_augment; replaces color jitter, as in timm)")
-    reprob: float = _f(0.0, "random erasing probability per training image (timm RandomErasing, applied to the normalized batch on the device as timm's prefetcher does)")
-    remode: str = _f("pixel", "random erasing fill", choices=ERASE_MODES)
-    recount: int = _f(1, "random erasing regions per image (at most)")
-    mixup: float = _f(0.0, "mixup alpha; mixup is on when > 0 (timm Mixup, with soft-target cross-entropy)")
-    cutmix: float = _f(0.0, "cutmix alpha; cutmix is on when > 0 (timm Mixup)")
-    mixup_prob: float = _f(1.0, "probability of mixing a batch when --mixup or --cutmix is on")
-    mixup_switch_prob: float = _f(0.5, "probability of cutmix instead of mixup when both are on")
-    mixup_mode: str = _f("batch", "how mixup/cutmix parameters are drawn: per batch, pair or element", choices=MIXUP_MODES)
-    smoothing: float = _f(0.0, "label smoothing of the training loss (timm LabelSmoothingCrossEntropy; inside the mixed targets with --mixup/--cutmix)")
-    class_weights: str = _f("none", "weights of the classes in the training loss: none, auto (inverse frequency n/(k*count) of the training split's labels, counted in a pass before training) or CLASS=W,... (unnamed classes weigh 1)")
-    balanced_sampling: bool = _f(False, "draw each epoch's training examples so every class is seen about equally often: an example of a class with `count` of n examples in k classes is drawn n/(k*count) times on average (minority examples repeated with their own augmentation, majority ones thinned; deterministic per seed and epoch; validation is not resampled)")
+    aa: str | None = _f(None, "timm auto-augment policy applied per training image, e.g. rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, original, v0 (timm create_transform auto_augment; replaces color jitter, as in timm)", resume=MUST_MATCH)
+    reprob: float = _f(0.0, "random erasing probability per training image (timm RandomErasing, applied to the normalized batch on the device as timm's prefetcher does)", resume=MUST_MATCH)
+    remode: str = _f("pixel", "random erasing fill", choices=ERASE_MODES, resume=MUST_MATCH)
+    recount: int = _f(1, "random erasing regions per image (at most)", resume=MUST_MATCH)
+    mixup: float = _f(0.0, "mixup alpha; mixup is on when > 0 (timm Mixup, with soft-target cross-entropy)", resume=MUST_MATCH)
+    cutmix: float = _f(0.0, "cutmix alpha; cutmix is on when > 0 (timm Mixup)", resume=MUST_MATCH)
+    mixup_prob: float = _f(1.0, "probability of mixing a batch when --mixup or --cutmix is on", resume=MUST_MATCH)
+    mixup_switch_prob: float = _f(0.5, "probability of cutmix instead of mixup when both are on", resume=MUST_MATCH)
+    mixup_mode: str = _f("batch", "how mixup/cutmix parameters are drawn: per batch, pair or element", choices=MIXUP_MODES, resume=MUST_MATCH)
+    smoothing: float = _f(0.0, "label smoothing of the training loss (timm LabelSmoothingCrossEntropy; inside the mixed targets with --mixup/--cutmix)", resume=MUST_MATCH)
+    class_weights: str = _f("none", "weights of the classes in the training loss: none, auto (inverse frequency n/(k*count) of the training split's labels, counted in a pass before training) or CLASS=W,... (unnamed classes weigh 1)", resume=MUST_MATCH)
+    balanced_sampling: bool = _f(False, "draw each epoch's training examples so every class is seen about equally often: an example of a class with `count` of n examples in k classes is drawn n/(k*count) times on average (minority examples repeated with their own augmentation, majority ones thinned; deterministic per seed and epoch; validation is not resampled)", resume=MUST_MATCH)
     calibrate: bool = _f(False, "after training, fit a softmax temperature on the validation split for the exported weights; stored in config.json, applied by hubtune predict and ImageClassifier (timm and transformers ignore it)")
     cache_features: bool = _f(False, "compute backbone features once and train only the classifier on them (linear probe: needs every other parameter frozen and --freeze-bn)")
     cache_views: int = _f(1, "augmented views per training image kept by --cache-features; epoch e trains on view e mod N")
     feature_cache_dir: str | None = _f(None, "where --cache-features keeps features (default: $HF_HOME/hubtune/features)")
-    jpeg_draft: bool = _f(False, "decode validation JPEGs at a reduced scale (libjpeg DCT scaling) when they are 2x+ the eval size: faster on large photos, pixels differ slightly")
-    decode_device: str = _f("auto", "where JPEGs are decoded and augmented: cpu (PIL in the loader workers), cuda (the workers only read bytes; decode and augment run per batch on the GPU, other images fall back to the CPU) or auto (cpu for now: cuda has not yet been measured on a GPU)", choices=DECODE_DEVICES)
-    channels_last: bool | None = _f(None, "run the model in channels_last memory format; unset: on when training on CUDA (faster convolutions on recent GPUs), off elsewhere; --no-channels-last turns it off")
+    jpeg_draft: bool = _f(False, "decode validation JPEGs at a reduced scale (libjpeg DCT scaling) when they are 2x+ the eval size: faster on large photos, pixels differ slightly", cache_key=True)
+    decode_device: str = _f("auto", "where JPEGs are decoded and augmented: cpu (PIL in the loader workers), cuda (the workers only read bytes; decode and augment run per batch on the GPU, other images fall back to the CPU) or auto (cpu for now: cuda has not yet been measured on a GPU)", choices=DECODE_DEVICES, cache_key=True)
+    channels_last: bool | None = _f(None, "run the model in channels_last memory format; unset: on when training on CUDA (faster convolutions on recent GPUs), off elsewhere; --no-channels-last turns it off", cache_key=True)
     compile: bool = _f(False, "compile the model with torch.compile (through Accelerate)")
     compile_backend: str = _f("inductor", "torch.compile backend for --compile", choices=COMPILE_BACKENDS)
-    output_dir: str = _f("outputs", "where the checkpoints, metrics and Hub-ready export are written")
-    overwrite_output_dir: bool = _f(False, "replace an earlier run in --output-dir (its checkpoints and export are deleted) instead of refusing to start")
+    output_dir: str = _f("outputs", "where the checkpoints, metrics and Hub-ready export are written", card=False)
+    overwrite_output_dir: bool = _f(False, "replace an earlier run in --output-dir (its checkpoints and export are deleted) instead of refusing to start", card=False)
     save_every: str = _f("epoch", "checkpoint every epoch, or every N optimizer steps (and at each epoch end)")
     keep_last: int = _f(2, "checkpoints kept besides the best one; older ones are deleted once a newer one is complete")
     metric: str = _f("val_accuracy", "validation metric that picks the best checkpoint (val_f1: macro F1, the unweighted mean of the per-class F1, for imbalanced classes)", choices=METRICS)
     early_stopping_patience: int | None = _f(None, "stop after this many evaluations without improvement")
     early_stopping_min_delta: float = _f(0.0, "smallest change of --metric that counts as an improvement")
-    resume: str | None = _f(None, "'latest' (newest complete checkpoint in --output-dir), a checkpoint directory, 'hub' (the newest on the --hub-checkpoints branch of --push-to-hub) or hf://ORG/NAME[@BRANCH][/checkpoints/step-NNNNNN]")
-    push_to_hub: str | None = _f(None, "Hub repo (user/name) to push the best model, card and metrics to at the end")
-    private: bool = _f(False, "create the pushed repo as private")
-    revision: str | None = _f(None, "branch of the pushed repo (created if missing)")
-    commit_message: str | None = _f(None, "commit message of the push")
-    push_checkpoints: bool = _f(False, "also push checkpoints/ (optimizer state included)")
-    push_every_save: bool = _f(False, "also push each new best model in the background while training")
-    hub_checkpoints: bool = _f(False, "upload every checkpoint in the background to a branch of --push-to-hub, so another machine can --resume hub")
-    hub_checkpoints_branch: str = _f("checkpoints", "branch of --push-to-hub that --hub-checkpoints uploads to and --resume hub reads")
-    hub_checkpoints_timeout: float = _f(120.0, "seconds a run stopped by SIGTERM/Ctrl-C (or ending) waits for its last checkpoint to reach the Hub")
-    overwrite_card: bool = _f(False, "replace a README.md that was edited on the Hub")
-    license: str | None = _f(None, "license for the card when the base model's card declares none")
-    seed: int = _f(42, "random seed")
-    num_workers: int = _f(2, "data loader worker processes per training process")
+    resume: str | None = _f(None, "'latest' (newest complete checkpoint in --output-dir), a checkpoint directory, 'hub' (the newest on the --hub-checkpoints branch of --push-to-hub) or hf://ORG/NAME[@BRANCH][/checkpoints/step-NNNNNN]", card=False, reproduce=None)
+    push_to_hub: str | None = _f(None, "Hub repo (user/name) to push the best model, card and metrics to at the end", card=False, reproduce=None)
+    private: bool = _f(False, "create the pushed repo as private", card=False)
+    revision: str | None = _f(None, "branch of the pushed repo (created if missing)", card=False)
+    commit_message: str | None = _f(None, "commit message of the push", card=False)
+    push_checkpoints: bool = _f(False, "also push checkpoints/ (optimizer state included)", card=False, reproduce=False)
+    push_every_save: bool = _f(False, "also push each new best model in the background while training", card=False, reproduce=False)
+    hub_checkpoints: bool = _f(False, "upload every checkpoint in the background to a branch of --push-to-hub, so another machine can --resume hub", card=False, reproduce=False)
+    hub_checkpoints_branch: str = _f("checkpoints", "branch of --push-to-hub that --hub-checkpoints uploads to and --resume hub reads", card=False)
+    hub_checkpoints_timeout: float = _f(120.0, "seconds a run stopped by SIGTERM/Ctrl-C (or ending) waits for its last checkpoint to reach the Hub", card=False)
+    overwrite_card: bool = _f(False, "replace a README.md that was edited on the Hub", card=False)
+    license: str | None = _f(None, "license for the card when the base model's card declares none", card=False)
+    seed: int = _f(42, "random seed", resume=MUST_MATCH)
+    num_workers: int = _f(2, "data loader worker processes per training process", resume=MUST_MATCH)
     persistent_workers: bool = _f(True, "keep the data loader workers between epochs instead of starting new ones")
-    model_ema: bool = _f(False, "keep an exponential moving average of the weights (timm ModelEmaV3), evaluated each epoch beside them; --metric picks the best of both")
-    model_ema_decay: float = _f(0.9998, "decay of --model-ema per optimizer step")
-    model_ema_warmup: bool = _f(False, "ramp the --model-ema decay up over the first steps (timm's EMA warmup)")
-    log_every: int = _f(20, "optimizer steps between log lines")
-    report_to: str = _f(default_report_to(), "experiment trackers through Accelerate: comma list of tensorboard, trackio, wandb, mlflow, comet_ml, aim, or all / none (the default is tensorboard when it is installed, else none)")
-    progress: bool = _f(True, "show a progress bar (main process, terminals only)")
+    model_ema: bool = _f(False, "keep an exponential moving average of the weights (timm ModelEmaV3), evaluated each epoch beside them; --metric picks the best of both", resume=MUST_MATCH)
+    model_ema_decay: float = _f(0.9998, "decay of --model-ema per optimizer step", resume=MUST_MATCH)
+    model_ema_warmup: bool = _f(False, "ramp the --model-ema decay up over the first steps (timm's EMA warmup)", resume=MUST_MATCH)
+    log_every: int = _f(20, "optimizer steps between log lines", card=False)
+    report_to: str = _f(default_report_to(), "experiment trackers through Accelerate: comma list of tensorboard, trackio, wandb, mlflow, comet_ml, aim, or all / none (the default is tensorboard when it is installed, else none)", card=False)
+    progress: bool = _f(True, "show a progress bar (main process, terminals only)", card=False)
 
     def validate(self) -> None:
         """Raise one ConfigError listing every problem, each naming the flag, the bad value and what is accepted."""

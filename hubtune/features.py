@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hubtune import model as model_lib
+from hubtune.config import policy_fields
 from hubtune.errors import ConfigError
 from hubtune.files import atomic_write
 
@@ -78,14 +79,11 @@ def weights_digest(net: torch.nn.Module) -> str:
 def fingerprint(cfg: Any, net: torch.nn.Module, data_cfg: dict, train_tf: Callable, eval_tf: Callable) -> dict:
     """Everything the cached features depend on; its hash names the cache folder."""
     return {
-        "format": FORMAT, "model": cfg.model, "model_revision": cfg.model_revision, "pretrained": cfg.pretrained,
-        "weights": weights_digest(net), "data_config": {k: list(v) if isinstance(v, tuple) else v
+        **{name: getattr(cfg, name) for name in policy_fields("cache_key")},  # the settings that declare they are
+        "format": FORMAT, "weights": weights_digest(net), "data_config": {k: list(v) if isinstance(v, tuple) else v
                                                         for k, v in data_cfg.items()},
         "train_transform": repr(train_tf), "eval_transform": repr(eval_tf),
         "seed": cfg.seed if cfg.augment else None,  # augmentation draws from it; the eval transform does not
-        "dataset": cfg.dataset, "dataset_revision": cfg.dataset_revision, "image_column": cfg.image_column,
-        "mixed_precision": cfg.mixed_precision, "channels_last": cfg.channels_last, "jpeg_draft": cfg.jpeg_draft,
-        "decode_device": cfg.decode_device,
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
     }
 

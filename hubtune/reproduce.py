@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from hubtune.config import TrainConfig
+from hubtune.config import TrainConfig, policy_fields
 from hubtune.errors import ConfigError
 from hubtune.files import CARD_FILE, METRICS_FILE, TRAIN_CONFIG_FILE
 from hubtune.sources import parse_model_spec
@@ -18,8 +18,6 @@ from hubtune.sources import parse_model_spec
 logger = logging.getLogger("hubtune")
 COMPARED = ("val_accuracy", "val_f1", "val_loss", "train_loss")
 # What a reproduction must not do on its own: push somewhere or continue someone else's checkpoints.
-NOT_REPRODUCED = {"push_to_hub": None, "push_every_save": False, "push_checkpoints": False, "resume": None,
-                  "hub_checkpoints": False}
 
 
 def fetch_record(source: str, revision: str | None = None) -> tuple[dict, dict, dict | None]:
@@ -68,7 +66,7 @@ def _card_results(readme: Path) -> dict | None:
 def plan(config: dict, metrics: dict, output_dir: str) -> tuple[TrainConfig, str, list[str]]:
     """The config to rerun, the equivalent command line, and what it will download."""
     known = {k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(**{**known, **NOT_REPRODUCED, "output_dir": output_dir})
+    cfg = TrainConfig(**{**known, **policy_fields("reproduce"), "output_dir": output_dir})
     cfg.validate()
     procs = metrics.get("num_processes", 1)
     launcher = (f"accelerate launch --num_processes {procs} hubtune/train.py" if procs > 1 else "hubtune train")

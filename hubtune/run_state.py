@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from accelerate.utils import gather_object
 
 from hubtune import checkpoint, resume_checks, unfreeze
-from hubtune.config import TrainConfig
+from hubtune.config import TrainConfig, policy_fields
 from hubtune.errors import CheckpointError, ConfigError, get_logger
 
 if TYPE_CHECKING:
@@ -22,11 +22,6 @@ if TYPE_CHECKING:
 logger = get_logger("hubtune")
 
 # Config fields whose change would make a resumed run a different run.
-RESUME_MUST_MATCH = ("model", "dataset", "image_size", "val_fraction", "freeze", "freeze_bn", "batch_size",
-                     "grad_accum", "seed", "shuffle_buffer", "num_workers", "drop_rate", "drop_path_rate",
-                     "unfreeze_at", "unfreeze_lr_scale", "model_ema", "model_ema_decay", "model_ema_warmup",
-                     "aa", "reprob", "remode", "recount", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob",
-                     "mixup_mode", "smoothing", "class_weights", "balanced_sampling")
 
 
 class EvalMetrics(TypedDict):
@@ -142,7 +137,7 @@ def resume_differences(saved: dict[str, Any], cfg: TrainConfig, run: dict[str, A
     """What differs between a checkpoint's run and this one, one message per difference."""
     diffs = []
     old_cfg = saved["config"]
-    for key in RESUME_MUST_MATCH:
+    for key in policy_fields("resume"):  # the fields that declare they must match
         old = old_cfg.get(key, TrainConfig.__dataclass_fields__[key].default)  # older checkpoints: the default
         if old != getattr(cfg, key):
             diffs.append(f"--{key.replace('_', '-')}: checkpoint has {old!r}, this run has "

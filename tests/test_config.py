@@ -61,3 +61,22 @@ def test_every_field_is_documented_in_help():
         assert f"(default: {f.default})" in text, f.name
     for flag in ("--pretrained", "--no-pretrained", "--config"):
         assert flag in text
+
+
+def test_the_config_is_frozen_and_each_setting_declares_its_own_policies():
+    """What must match on --resume, what the card leaves out, what `hubtune reproduce` resets and what keys the
+    feature cache is declared by each field (no list elsewhere to forget a new field in), consistently."""
+    import dataclasses
+
+    from hubtune.config import MUST_MATCH, policy_fields
+
+    cfg = TrainConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0  # type: ignore[misc]
+    resume, hidden, reset, cache = (policy_fields(p) for p in ("resume", "card", "reproduce", "cache_key"))
+    assert set(resume.values()) == {MUST_MATCH} and {"model", "seed", "mixup", "balanced_sampling"} <= set(resume)
+    assert not set(resume) & set(hidden)  # what changes the training is always in the card
+    assert set(reset) <= set(hidden) and reset["push_to_hub"] is None and reset["resume"] is None
+    assert {"model", "dataset", "mixed_precision"} <= set(cache)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(resume) | set(hidden) | set(reset) | set(cache) <= fields
