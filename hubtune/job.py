@@ -88,10 +88,10 @@ class Job:
     out: Path
     info: data.DataInfo
     net: torch.nn.Module
-    head: torch.nn.Module  # what is evaluated: `net`, or its classifier when features are cached
+    evaluated: torch.nn.Module  # what validation runs: `net`, or only its classifier when features are cached
     stepped: torch.nn.Module
     optimizer: Any
-    prepare: model_lib.Normalize
+    normalize: model_lib.Normalize  # uint8 loader batches to normalized floats on the device
     data_cfg: dict[str, Any]
     train_ds: stream.ExampleStream
     val_ds: stream.ExampleStream
@@ -117,7 +117,7 @@ class Job:
     def backbone(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pre-logits features of a uint8 batch, without gradients (what --cache-features stores)."""
         with torch.no_grad(), self.accelerator.autocast():
-            return features.backbone_features(self.net, self.prepare(pixels))
+            return features.backbone_features(self.net, self.normalize(pixels))
 
     def train_inputs(self, batch: dict, view: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(model inputs, targets) of a training batch: normalized, erased and mixed images (or cached features) and
@@ -125,7 +125,7 @@ class Job:
         y = batch["labels"].to(self.accelerator.device, non_blocking=True)
         if self.cache is not None:
             return self.cache.features(view, batch, self.backbone, self.accelerator.device), y
-        x = self.prepare(batch["pixel_values"])
+        x = self.normalize(batch["pixel_values"])
         if self.eraser is not None:  # before mixing, as in timm (its loader erases, its loop mixes)
             x = self.eraser(x)
         if self.mixup is not None:
@@ -133,9 +133,9 @@ class Job:
         return x, y
 
     def logits(self, module: torch.nn.Module, batch: dict, view: str) -> torch.Tensor:
-        """The batch's logits through `module`: `stepped` in training, the bare `head` in evaluation."""
+        """The batch's logits through `module`: `stepped` in training, the bare `evaluated` in validation."""
         if self.cache is None:
-            return module(self.prepare(batch["pixel_values"]))
+            return module(self.normalize(batch["pixel_values"]))
         return module(self.cache.features(view, batch, self.backbone, self.accelerator.device))
 
 
@@ -374,8 +374,8 @@ def build_job(cfg: TrainConfig) -> Job:
     ema = ModelEmaV3(net, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None
     run = {"dataset_revision": info.revision, "class_names": info.class_names, "val_source": info.val_source,
            "num_processes": world, "frozen_parameters": frozen, "model_revision": cfg.model_revision}
-    job = Job(cfg=cfg, accelerator=accelerator, out=out, info=info, net=net, head=head, stepped=stepped,
-              optimizer=optimizer, prepare=prepare, data_cfg=data_cfg, train_ds=train_ds, val_ds=val_ds,
+    job = Job(cfg=cfg, accelerator=accelerator, out=out, info=info, net=net, evaluated=head, stepped=stepped,
+              optimizer=optimizer, normalize=prepare, data_cfg=data_cfg, train_ds=train_ds, val_ds=val_ds,
               train_loader=train_loader, val_loader=val_loader, cache=cache, run=run,
               command=report.resume_command(cfg.mixed_precision), frozen=frozen, schedule=schedule, ema=ema,
               loss=recipes.TrainingLoss(cfg.smoothing, imbalance.loss_weights), mixup=recipes.make_mixup(cfg, len(info.class_names)),

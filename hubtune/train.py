@@ -242,8 +242,8 @@ def end_epoch(job: Job, fetched: EpochProgress, seconds: float) -> None:
         job.scheduler = make_scheduler(job.optimizer, cfg, state)
     if job.cache:
         job.cache.begin("val", job.val_ds, accelerator)
-    job.net.eval()  # `head` is unwrapped: DDP would sync buffers on every forward, and shards end unevenly
-    val = metrics.evaluate(lambda b: job.logits(job.head, b, "val"), job.val_loader, accelerator,
+    job.net.eval()  # `evaluated` is unwrapped: DDP would sync buffers on every forward, and shards end unevenly
+    val = metrics.evaluate(lambda b: job.logits(job.evaluated, b, "val"), job.val_loader, accelerator,
                            job.info.class_names)
     ema = None
     if job.ema is not None:
@@ -337,7 +337,7 @@ def export_best(job: Job, result: dict[str, Any]) -> None:
         # only here is it known which weights are exported (the best intact checkpoint), and only on the main
         # process: it reads the whole validation split itself, while the others wait as they do for the push
         loader = calibration.validation_loader(cfg, job.info, job.data_cfg, job.accelerator.device.type == "cuda")
-        result["calibration"] = calibration.calibrate(job.net, job.prepare, loader)
+        result["calibration"] = calibration.calibrate(job.net, job.normalize, loader)
     if job.pusher is not None:  # the final push supersedes a waiting snapshot and cancels one in flight
         job.pusher.close(timeout=30)
         result["background_pushes"] = {"pushed": job.pusher.pushed, "failed": job.pusher.failed}

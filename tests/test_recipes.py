@@ -61,14 +61,14 @@ def test_mixed_and_erased_batch_equals_timms_random_erasing_then_mixup_for_the_s
         seed_all(seed)
         x, targets = job.train_inputs(batch, "0")
         seed_all(seed)
-        expected = job.prepare(batch["pixel_values"])
+        expected = job.normalize(batch["pixel_values"])
         expected = RandomErasing(probability=0.5, mode="pixel", max_count=2, device="cpu")(expected)
         timm_mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode="batch",
                            label_smoothing=0.1, num_classes=2)
         expected, expected_targets = timm_mixup(expected, batch["labels"])
         assert torch.equal(x, expected)
         assert torch.equal(targets, expected_targets)
-        assert not torch.equal(x, job.prepare(batch["pixel_values"]))  # something was mixed
+        assert not torch.equal(x, job.normalize(batch["pixel_values"]))  # something was mixed
         assert targets.dtype.is_floating_point and targets.shape == (8, 2)
         assert torch.allclose(targets.sum(1), torch.ones(8))
 
