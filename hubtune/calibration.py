@@ -19,6 +19,7 @@ from hubtune import data, metrics, stream
 from hubtune import model as model_lib
 from hubtune.config import TrainConfig
 from hubtune.errors import DataError, get_logger
+from hubtune.job import val_stream
 
 logger = get_logger("hubtune")
 
@@ -46,12 +47,7 @@ def validation_loader(cfg: TrainConfig, info: data.DataInfo, data_cfg: dict[str,
     stream per process, each with its own shard)."""
     _, val_src, _ = data.open_splits(cfg)
     _, eval_tf = model_lib.transforms(data_cfg)
-    hashed = info.val_source.startswith("hash")
-    ds = stream.ExampleStream(data.process_source(val_src, info, rank=0, world_size=1, shuffle_seed=None), eval_tf,
-                              keep_val=True if hashed else None, val_fraction=cfg.val_fraction, seed=None,
-                              shuffle_buffer=cfg.shuffle_buffer)
-    if cfg.jpeg_draft:
-        ds.draft = model_lib.resize_size(eval_tf)
+    ds = val_stream(cfg, info, val_src, eval_tf, rank=0, world_size=1)  # all of it, as one process
     return stream.make_loader(ds, cfg.batch_size, cfg.num_workers, pin_memory)
 
 

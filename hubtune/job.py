@@ -248,12 +248,20 @@ def _streams(cfg: TrainConfig, info: data.DataInfo, train_src: Any, val_src: Any
     train_ds = stream.ExampleStream(data.process_source(train_src, info, shuffle_seed=cfg.seed, **where), train_tf,
                                     keep_val=False if hashed else None, val_fraction=cfg.val_fraction,
                                     seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
-    val_ds = stream.ExampleStream(data.process_source(val_src, info, shuffle_seed=None, **where), eval_tf,
+    return train_ds, val_stream(cfg, info, val_src, eval_tf, rank, world_size)
+
+
+def val_stream(cfg: TrainConfig, info: data.DataInfo, val_src: Any, eval_tf: Any, rank: int,
+               world_size: int) -> stream.ExampleStream:
+    """This process's validation stream, in order, with the eval transform (cut by content hash if needed)."""
+    hashed = info.val_source.startswith("hash")
+    val_ds = stream.ExampleStream(data.process_source(val_src, info, rank=rank, world_size=world_size,
+                                                      shuffle_seed=None), eval_tf,
                                   keep_val=True if hashed else None, val_fraction=cfg.val_fraction, seed=None,
                                   shuffle_buffer=cfg.shuffle_buffer)
     if cfg.jpeg_draft:
         val_ds.draft = model_lib.resize_size(eval_tf)
-    return train_ds, val_ds
+    return val_ds
 
 
 def resolve_device_settings(cfg: TrainConfig, device: torch.device, mixed_precision: str = "no") -> TrainConfig:
