@@ -223,9 +223,8 @@ def run(ctx: Context) -> dict:
     counter = iter(range(10**6))
 
     def frozen() -> float:
-        times = training.hubtune_steps(root, ctx.scratch / f"probe-{next(counter)}", variant, image_size=image_size,
-                                       batch_size=batch_size, steps=warm + measure)
-        return training.window_rate(times, warm, measure, batch_size)
+        return training.hubtune_rate(root, ctx.scratch / f"probe-{next(counter)}", variant, image_size=image_size,
+                                     batch_size=batch_size, warm=warm, measure=measure)
 
     res = alternate(ctx.reps, {"hubtune": frozen}, ctx.log, "frozen backbone")
     epoch = CATS_VS_DOGS_TRAIN

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from bench import data as bench_data
 from bench.common import Context, alternate, benchmark, row, single
-from bench.training import Variant, hubtune_steps, warm_up, window_rate
+from bench.training import Variant, rate_runners, warm_up
 
 BASE = Variant("full fine-tune, fp32", "", "no")
 TRACKED = Variant("full fine-tune, fp32, --report-to tensorboard", "", "no", report_to="tensorboard")
@@ -43,17 +43,9 @@ def run(ctx: Context) -> dict:
     n, shards, image_size, batch_size, warm, measure = ctx.pick((64, 2, 64, 8, 1, 2), (2400, 8, 160, 32, 1, 8))
     root = bench_data.dataset(n, shards)
     warm_up(image_size, batch_size)
-    counter = iter(range(10**6))
-
-    def runner(variant: Variant):
-        def timed() -> float:
-            times = hubtune_steps(root, ctx.scratch / f"overheads-{next(counter)}", variant, image_size=image_size,
-                                  batch_size=batch_size, steps=warm + measure)
-            return window_rate(times, warm, measure, batch_size)
-        return timed
-
-    results = alternate(ctx.reps, {"plain": runner(BASE), "tensorboard": runner(TRACKED), "ema": runner(EMA)},
-                        ctx.log, "overheads")
+    runners = rate_runners(ctx, root, "overheads", {"plain": BASE, "tensorboard": TRACKED, "ema": EMA},
+                           image_size=image_size, batch_size=batch_size, warm=warm, measure=measure)
+    results = alternate(ctx.reps, runners, ctx.log, "overheads")
     rows = [row(f"training step rate with {what}, resnet18 full fine-tune fp32", "img/s", results[key],
                 results["plain"], comparison_name="hubtune --report-to none", goal=(">=", 0.97),
                 note="ratio = rate with it / rate without: within 3% is the goal")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from bench import data as bench_data
 from bench.common import Context, alternate, benchmark, row
-from bench.training import Variant, hubtune_steps, warm_up, window_rate
+from bench.training import Variant, rate_runners, warm_up
 
 BASE = "default augmentation (crop, flip, color jitter)"
 RECIPES = {
@@ -32,16 +32,9 @@ def run(ctx: Context) -> dict:
     variants = {BASE: Variant(BASE, "", "no")} | {name: Variant(name, "", "no", extra=extra)
                                                   for name, extra in RECIPES.items()}
     names = list(variants)[:2] if ctx.quick else list(variants)
-    counter = iter(range(10**6))
-
-    def runner(variant: Variant):
-        def go() -> float:
-            times = hubtune_steps(root, ctx.scratch / f"recipes-{next(counter)}", variant, image_size=image_size,
-                                  batch_size=batch_size, steps=warm + measure)
-            return window_rate(times, warm, measure, batch_size)
-        return go
-
-    results = alternate(ctx.reps, {name: runner(variants[name]) for name in names}, ctx.log, "recipes")
+    runners = rate_runners(ctx, root, "recipes", {name: variants[name] for name in names}, image_size=image_size,
+                           batch_size=batch_size, warm=warm, measure=measure)
+    results = alternate(ctx.reps, runners, ctx.log, "recipes")
     base = results[BASE]
     rows = [row(f"recipes, {name}", "img/s", results[name], base, comparison_name=BASE,
                 ratio_of="with the recipe / without", note="" if name == BASE else

@@ -20,6 +20,7 @@ import gc
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,26 @@ def hubtune_steps(root: Path, out: Path, variant: Variant, *, image_size: int, b
     return clock.times
 
 
+def hubtune_rate(root: Path, out: Path, variant: Variant, *, image_size: int, batch_size: int, warm: int,
+                 measure: int) -> float:
+    """Images/s of hubtune's train() on `variant` in the window of `measure` steps after `warm` (hubtune_steps)."""
+    times = hubtune_steps(root, out, variant, image_size=image_size, batch_size=batch_size, steps=warm + measure)
+    return window_rate(times, warm, measure, batch_size)
+
+
+def rate_runners(ctx: Context, root: Path, tag: str, variants: dict[str, Variant], *, image_size: int,
+                 batch_size: int, warm: int, measure: int) -> dict[str, Callable[[], float]]:
+    """{name: runner} for `alternate`: each call trains `variants[name]` afresh (a folder of its own) and returns its
+    images/s (hubtune_rate)."""
+    counter = iter(range(10**6))
+
+    def runner(variant: Variant) -> Callable[[], float]:
+        return lambda: hubtune_rate(root, ctx.scratch / f"{tag}-{next(counter)}", variant, image_size=image_size,
+                                    batch_size=batch_size, warm=warm, measure=measure)
+
+    return {name: runner(variant) for name, variant in variants.items()}
+
+
 def window_rate(times: dict[int, float] | list[float], warm: int, measure: int, batch_size: int) -> float:
     """Images/s between the end of step `warm` and the end of step `warm + measure` (steps counted from 1)."""
     if isinstance(times, list):
@@ -151,9 +172,8 @@ def pair(ctx: Context, root: Path, files: list[str], variant: Variant, *, image_
     counter = iter(range(10**6))
 
     def hub() -> float:
-        times = hubtune_steps(root, ctx.scratch / f"{tag}-{next(counter)}", variant, image_size=image_size,
-                              batch_size=batch_size, steps=steps)
-        return window_rate(times, warm, measure, batch_size)
+        return hubtune_rate(root, ctx.scratch / f"{tag}-{next(counter)}", variant, image_size=image_size,
+                            batch_size=batch_size, warm=warm, measure=measure)
 
     def plain() -> float:
         times = accelerate_loop.train_steps(files, image_size=image_size, batch_size=batch_size, steps=steps,
