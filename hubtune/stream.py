@@ -125,9 +125,9 @@ class ExampleStream(torch.utils.data.IterableDataset):
         self.set_epoch(state["epoch"])
         self._resume = state
 
-    def _process(self, example: dict, view: int, repeat: int = 0) -> dict | None:
+    def _process(self, example: dict, view: int, repeat: int = 0, key: int | None = None) -> dict | None:
         data = example["data"]
-        key = content_key(data)
+        key = content_key(data) if key is None else key  # (given by _draws, which hashed the bytes already)
         if self.keep_val is not None and in_val(key, self.val_fraction) != self.keep_val:
             return None
         if not self.images:
@@ -184,25 +184,24 @@ class ExampleStream(torch.utils.data.IterableDataset):
                 order = np.random.default_rng([self.seed, epoch, worker_id, block_idx]).permutation(len(draws))
             for j in range(offset, len(draws)):
                 self._position = {"epoch": epoch, "source": start, "block": block_idx, "offset": j + 1}
-                index, repeat = draws[order[j]]
-                out = self._process(items[index], view, repeat)
+                index, repeat, key = draws[order[j]]
+                out = self._process(items[index], view, repeat, key)
                 if out is not None:
                     yield out
             block_idx, offset = block_idx + 1, 0
             start = source.state_dict()
 
-
-    def _draws(self, items: list[dict], epoch: int) -> list[tuple[int, int]]:
-        """(item index, repeat number) of every draw from a block, in item order: each item once without draw rates;
-        with them, `copies` of each training example (none of one held out for validation)."""
+    def _draws(self, items: list[dict], epoch: int) -> list[tuple[int, int, int | None]]:
+        """(item index, repeat number, content key or None) of every draw from a block, in item order: each item once
+        without draw rates; with them, `copies` of each training example (none of one held out for validation)."""
         if self.draw_rates is None or self.seed is None:  # never for validation or evaluation streams
-            return [(i, 0) for i in range(len(items))]
-        draws = []
+            return [(i, 0, None) for i in range(len(items))]
+        draws: list[tuple[int, int, int | None]] = []
         for i, example in enumerate(items):
             key = content_key(example["data"])
             if self.keep_val is not None and in_val(key, self.val_fraction) != self.keep_val:
                 continue
-            draws += [(i, c) for c in range(copies(self.draw_rates[example["label"]], self.seed, epoch, key))]
+            draws += [(i, c, key) for c in range(copies(self.draw_rates[example["label"]], self.seed, epoch, key))]
         return draws
 
 
