@@ -199,7 +199,7 @@ class TrainConfig:
                 "originalr, v0, v0r or 3a")
         if self.aa is not None and not self.augment:
             bad("aa", "--augment (the auto-augment policy is part of the training augmentation; --no-augment drops it)")
-        if (self.mixup or self.cutmix) and self.batch_size < 2:
+        if self.mixes and self.batch_size < 2:
             bad("batch_size", "2 or more with --mixup/--cutmix (examples are mixed with others of their batch)")
         try:
             _ = self.class_weight_spec

@@ -20,7 +20,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 def make_mixup(cfg: Any, num_classes: int) -> Mixup | None:
     """timm's Mixup for --mixup/--cutmix (None when both are off); --smoothing goes into its targets, as in timm."""
-    if not (cfg.mixup or cfg.cutmix):
+    if not cfg.mixes:
         return None
     return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
                  switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
