@@ -233,7 +233,8 @@ def hubtune_run(args: argparse.Namespace, data_dir: Path, out_dir: Path, **overr
     res["peak_gpu_mem_gib"] = peak_gib()
     checks: dict[str, Any] = {}
     if result is not None:
-        hist = result.history
+        hist = [row.to_json() for row in result.history]  # metrics.json's rows
+        record = result.metrics.to_json()
         checks["model_safetensors"] = (out_dir / "model.safetensors").is_file()
         checks["metrics_json"] = (out_dir / "metrics.json").is_file()
         checks["train_loss"] = hist[-1]["train_loss"] if hist else None
@@ -241,8 +242,8 @@ def hubtune_run(args: argparse.Namespace, data_dir: Path, out_dir: Path, **overr
         checks["val_examples"] = hist[-1]["val_examples"] if hist else None
         checks["losses_finite"] = bool(hist) and all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"])
                                                      for r in hist)
-        checks["global_step"] = result.metrics.get("global_step")
-        params = result.metrics.get("run_info", {}).get("parameters")
+        checks["global_step"] = record.get("global_step")
+        params = record.get("run_info", {}).get("parameters")
         if params:
             checks["parameters"] = params
     if result is not None:
@@ -309,10 +310,11 @@ def hubtune_loader_rate(args: argparse.Namespace, data_dir: Path) -> dict:
     from hubtune import data, stream
     from hubtune import model as model_lib
     from hubtune.config import TrainConfig
+    from hubtune.job import dataset_source
 
     cfg = TrainConfig(model=args.model, pretrained=False, dataset=str(data_dir), image_size=args.image_size,
                       batch_size=args.batch_size, num_workers=args.workers, val_fraction=args.val_fraction, seed=0)
-    train_src, _, info = data.open_splits(cfg)
+    train_src, _, info = data.open_splits(dataset_source(cfg))
     net = timm.create_model(args.model, pretrained=False, num_classes=len(info.class_names))
     train_tf, _ = model_lib.transforms(model_lib.data_config(net, args.image_size))
     ds = stream.ExampleStream(data.process_source(train_src, info, shuffle_seed=cfg.seed, rank=0, world_size=1),
@@ -328,7 +330,7 @@ def hubtune_loader_rate(args: argparse.Namespace, data_dir: Path) -> dict:
         except StopIteration:
             break
         now = time.perf_counter()
-        times.append(now), waits.append(now - start), sizes.append(len(batch["labels"]))
+        times.append(now), waits.append(now - start), sizes.append(len(batch.labels))
     del it, loader
     gc.collect()
     out = window(times, waits, sizes, args.warm)

@@ -72,7 +72,7 @@ def one_run(dataset: Path, out: Path, seed: int, mode: str) -> dict:
 
     started = time.monotonic()
     result = train(TrainConfig(**SETTINGS, **MODES[mode], dataset=str(dataset), output_dir=str(out), seed=seed))
-    last = result.history[-1]
+    last = result.history[-1].to_json()  # metrics.json's row
     return {"seed": seed, "rare_f1": round(last["per_class"]["rare"]["f1"], 4),
             "rare_recall": round(last["per_class"]["rare"]["recall"], 4), "macro_f1": round(last["val_f1"], 4),
             "accuracy": round(last["val_accuracy"], 4), "train_examples_last_epoch": last["train_examples"],

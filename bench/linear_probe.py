@@ -72,7 +72,7 @@ def prototype(root: Path, image_size: int, batch_size: int, epochs: int, workers
     for _ in range(epochs):
         start = time.perf_counter()
         for batch in hubtune_loader(root, eval_tf, False, batch_size, workers):
-            step(opt, net(prepare(batch["pixel_values"])), batch["labels"])
+            step(opt, net(prepare(batch.pixel_values)), batch.labels)
         uncached_s.append(time.perf_counter() - start)
     uncached_w = copy.deepcopy(head.state_dict())
 
@@ -81,9 +81,9 @@ def prototype(root: Path, image_size: int, batch_size: int, epochs: int, workers
     start = time.perf_counter()
     for batch in hubtune_loader(root, eval_tf, False, batch_size, workers):
         with torch.no_grad():
-            feats = net.forward_head(net.forward_features(prepare(batch["pixel_values"])), pre_logits=True)
-        cache.append((feats, batch["labels"]))
-        step(opt, head(feats), batch["labels"])
+            feats = net.forward_head(net.forward_features(prepare(batch.pixel_values)), pre_logits=True)
+        cache.append((feats, batch.labels))
+        step(opt, head(feats), batch.labels)
     cached_s.append(time.perf_counter() - start)
     for _ in range(epochs - 1):
         start = time.perf_counter()
@@ -162,14 +162,13 @@ def probe_run(root: Path, out: Path, *, cache: bool, image_size: int, batch_size
         logger.setLevel(old_level)
         logger.propagate = old_propagate
     times = [start] + [clock.times[e] for e in range(1, epochs + 1)]
-    last = max((p for p in (out / "run" / checkpoint.CHECKPOINTS).iterdir() if checkpoint.NAME.match(p.name)),
-               key=lambda p: int(checkpoint.NAME.match(p.name).group(1)))
+    last = checkpoint.listing(out / "run")[-1]  # the newest
     weights = load_file(str(last / checkpoint.MODEL_FILE))
     head = timm.create_model("resnet18", pretrained=False, num_classes=2).pretrained_cfg["classifier"]
     return {"end_to_end_s": end_to_end, "epoch_s": [b - a for a, b in zip(times, times[1:])],
             "head": {k: v for k, v in weights.items() if k.startswith(head + ".")},
-            "history": [{k: r[k] for k in ("epoch", "step", "train_loss", "val_loss", "val_accuracy", "train_examples",
-                                           "val_examples")} for r in result.history],
+            "history": [{k: row[k] for k in ("epoch", "step", "train_loss", "val_loss", "val_accuracy", "train_examples",
+                                             "val_examples")} for row in (r.to_json() for r in result.history)],
             "freeze": freeze, "torch_threads": torch.get_num_threads()}
 
 

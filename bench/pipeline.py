@@ -16,7 +16,6 @@ from __future__ import annotations
 import random
 import time
 from contextlib import contextmanager
-from types import SimpleNamespace
 from typing import Any, Callable
 
 from bench import data as bench_data
@@ -73,9 +72,7 @@ def hubtune_loader(root: Any, tf: Callable, train: bool, batch: int, workers: in
     """The loader train() builds for its train (shuffled, seeded augmentation) or val stream."""
     from hubtune import data, seeding, stream
 
-    cfg = SimpleNamespace(dataset=str(root), dataset_revision=None, image_column=None, label_column=None,
-                          val_fraction=0.1)
-    train_src, _, info = data.open_splits(cfg)
+    train_src, _, info = data.open_splits(data.DatasetSource(str(root), val_fraction=0.1))
     src = data.process_source(train_src, info, rank=0, world_size=1, shuffle_seed=SEED if train else None)
     ds = stream.ExampleStream(src, tf, keep_val=keep_val, val_fraction=0.1, seed=SEED if train else None,
                               shuffle_buffer=1000)
@@ -114,9 +111,9 @@ def images_per_s(make_loader: Callable[[], Any], prepare: Callable | None = None
     n = 0
     start = time.perf_counter()
     for batch in loader:
-        if prepare is not None:
-            prepare(batch["pixel_values"])
-        n += len(batch["labels"])
+        if prepare is not None:  # (hubtune's loader: stream.Batch records; the example's: dicts)
+            prepare(batch.pixel_values)
+        n += len(batch["labels"] if isinstance(batch, dict) else batch.labels)
     rate = n / (time.perf_counter() - start)
     del loader
     return rate
@@ -129,8 +126,8 @@ def epochs_images_per_s(loader: Any, epochs: int, prepare: Callable) -> float:
     for epoch in range(epochs):
         loader.dataset.set_epoch(epoch)
         for batch in loader:
-            prepare(batch["pixel_values"])
-            n += len(batch["labels"])
+            prepare(batch.pixel_values)
+            n += len(batch.labels)
     rate = n / (time.perf_counter() - start)
     del loader
     return rate
@@ -185,10 +182,8 @@ def diagnostics(root: Any, ds: Any, cfg: dict, tfs: dict[str, Callable]) -> dict
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per-example costs without the intra-op thread pool (as in a loader worker)
     try:
-        src_cfg = SimpleNamespace(dataset=str(root), dataset_revision=None, image_column=None, label_column=None,
-                                  val_fraction=0.1)
         out: dict[str, Any] = {}
-        train_src, _, info = data.open_splits(src_cfg)
+        train_src, _, info = data.open_splits(data.DatasetSource(str(root), val_fraction=0.1))
         n = len(ds)
         with stream_end_sleeps() as sleeps, Timer() as t:
             shuffled = data.process_source(train_src, info, rank=0, world_size=1, shuffle_seed=SEED)
@@ -224,7 +219,7 @@ def diagnostics(root: Any, ds: Any, cfg: dict, tfs: dict[str, Callable]) -> dict
         out["hubtune_collate_uint8"] = _per_example_us(
             lambda: [stream.collate(examples[i:i + 32]) for i in range(0, k, 32)], k)
         prepare = hubtune_prepare(cfg)
-        out["hubtune_normalize_per_batch"] = _per_example_us(lambda: [prepare(b["pixel_values"]) for b in batches],
+        out["hubtune_normalize_per_batch"] = _per_example_us(lambda: [prepare(b.pixel_values) for b in batches],
                                                              k)
         out["example_collate_float"] = _per_example_us(
             lambda: [torch.stack(ex_px[i:i + 32]) for i in range(0, k, 32)], k)

@@ -33,9 +33,10 @@ def loader(root: Any, tf: Callable, batch_size: int, workers: int, block: int, s
 
     from hubtune import data, stream
     from hubtune.config import TrainConfig
+    from hubtune.job import dataset_source
 
     cfg = TrainConfig(dataset=str(root))
-    train_src, _, info = data.open_splits(cfg)
+    train_src, _, info = data.open_splits(dataset_source(cfg))
     ds = stream.ExampleStream(data.process_source(train_src, info, rank=0, world_size=1, shuffle_seed=SEED), tf,
                               keep_val=False, val_fraction=cfg.val_fraction, seed=SEED, shuffle_buffer=block)
     if stateful:
@@ -57,7 +58,7 @@ def take(ld: Any, batches: int, state: bool = False, prepare: Callable | None = 
         if state:
             return copy.deepcopy(ld.state_dict())
         if prepare is not None:
-            prepare(batch["pixel_values"])
+            prepare(batch.pixel_values)
         return time.perf_counter()
     finally:
         if hasattr(it, "_shutdown_workers"):

@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     n = 0
     for batch in loader:  # a full pass: the workers exit at its end
-        if prepare is not None:
-            prepare(batch["pixel_values"])
-        n += len(batch["labels"])
+        if prepare is not None:  # (hubtune's loader: stream.Batch records; the example's: dicts)
+            prepare(batch.pixel_values)
+        n += len(batch["labels"] if isinstance(batch, dict) else batch.labels)
     seconds = time.perf_counter() - start
     workers = [json.loads(p.read_text())["peak_rss_mb"] for p in Path(peaks).glob("*.json")]
     shutil.rmtree(peaks, ignore_errors=True)

@@ -7,6 +7,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from hubtune.records import BackgroundPushes, Failure
+
 logger = logging.getLogger("hubtune")
 
 
@@ -33,6 +35,10 @@ class BackgroundPusher:
         self._abandoned = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+
+    def report(self) -> BackgroundPushes:
+        """What metrics.json records: the pushes that went through and those that failed, with why."""
+        return BackgroundPushes(tuple(self.pushed), tuple(Failure(f["item"], f["error"]) for f in self.failed))
 
     def submit(self, item: Path) -> None:
         """Queue `item` (owned by the pusher from now on), replacing a waiting older one."""

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from hubtune import data, metrics, stream
 from hubtune import model as model_lib
-from hubtune.config import TrainConfig
 from hubtune.errors import DataError, get_logger
 from hubtune.job import val_stream
+from hubtune.records import Calibration
 
 logger = get_logger("hubtune")
 
@@ -42,16 +42,17 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return math.exp(min(max(log_t.item(), LOG_T_BOUNDS[0]), LOG_T_BOUNDS[1]))
 
 
-def validation_loader(cfg: TrainConfig, info: data.DataInfo, data_cfg: dict[str, Any], pin_memory: bool) -> Any:
+def validation_loader(source: data.DatasetSource, reading: stream.ReadSettings, info: data.DataInfo,
+                      data_cfg: dict[str, Any], pin_memory: bool) -> Any:
     """The whole validation split in one process's loader, cut as training cuts it (hubtune.job builds the same
     stream per process, each with its own shard)."""
-    _, val_src, _ = data.open_splits(cfg)
+    _, val_src, _ = data.open_splits(source)
     _, eval_tf = model_lib.transforms(data_cfg)
-    ds = val_stream(cfg, info, val_src, eval_tf, rank=0, world_size=1)  # all of it, as one process
-    return stream.make_loader(ds, cfg.batch_size, cfg.num_workers, pin_memory)
+    ds = val_stream(reading, info, val_src, eval_tf, rank=0, world_size=1)  # all of it, as one process
+    return stream.make_loader(ds, reading.batch_size, reading.num_workers, pin_memory)
 
 
-def calibrate(net: torch.nn.Module, prepare: Callable[[torch.Tensor], torch.Tensor], loader: Any) -> dict[str, Any]:
+def calibrate(net: torch.nn.Module, prepare: Callable[[torch.Tensor], torch.Tensor], loader: Any) -> Calibration:
     """Fit the temperature of `net` on every example of `loader`; the metrics.json record of it.
 
     Args:
@@ -67,24 +68,24 @@ def calibrate(net: torch.nn.Module, prepare: Callable[[torch.Tensor], torch.Tens
     outputs, targets = [], []
     with torch.inference_mode():
         for batch in loader:
-            if len(batch["labels"]):
-                outputs.append(net(prepare(batch["pixel_values"])).float().cpu())
-                targets.append(batch["labels"].cpu())
+            if len(batch.labels):
+                outputs.append(net(prepare(batch.images())).float().cpu())
+                targets.append(batch.labels.cpu())
     net.train(was_training)
     if not outputs:
         raise DataError("--calibrate: the validation split has no decodable image to fit the temperature on")
     logits, labels = torch.cat(outputs), torch.cat(targets)
     temperature = fit_temperature(logits, labels)
     before, after = metrics.calibration_bins(logits, labels), metrics.calibration_bins(logits / temperature, labels)
-    record = {
-        "temperature": temperature, "examples": len(labels), "n_bins": metrics.N_BINS,
-        "ece_before": metrics.expected_calibration_error(before),
-        "ece_after": metrics.expected_calibration_error(after),
-        "nll_before": F.cross_entropy(logits, labels).item(),
-        "nll_after": F.cross_entropy(logits / temperature, labels).item(),
-        "bins_before": metrics.describe_bins(before), "bins_after": metrics.describe_bins(after),
-    }
+    record = Calibration(
+        temperature=temperature, examples=len(labels), n_bins=metrics.N_BINS,
+        ece_before=metrics.expected_calibration_error(before),
+        ece_after=metrics.expected_calibration_error(after),
+        nll_before=F.cross_entropy(logits, labels).item(),
+        nll_after=F.cross_entropy(logits / temperature, labels).item(),
+        bins_before=metrics.describe_bins(before), bins_after=metrics.describe_bins(after),
+    )
     logger.info(f"--calibrate: temperature {temperature:.4f} on {len(labels)} validation images; ECE "
-                f"{record['ece_before']:.4f} -> {record['ece_after']:.4f}, NLL {record['nll_before']:.4f} -> "
-                f"{record['nll_after']:.4f}")
+                f"{record.ece_before:.4f} -> {record.ece_after:.4f}, NLL {record.nll_before:.4f} -> "
+                f"{record.nll_after:.4f}")
     return record

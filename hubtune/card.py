@@ -24,9 +24,12 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hubtune import plots
 from hubtune.config import TrainConfig, policy_fields
+from hubtune.data import ValSplit
 from hubtune.errors import ConfigError
 from hubtune.files import CARD_FILE, METRICS_FILE, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE
+from hubtune.records import BestRecord, CheckpointUploads, RunInfo, RunRecord
 from hubtune.sources import parse_model_spec
+from hubtune.tracking import RUNS_DIR
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -87,9 +90,9 @@ def load_outputs(output_dir: str | Path) -> dict[str, Any]:
                          f"{' and '.join(missing)}; pass the run's --output-dir after training completed")
     config_path = out / TRAIN_CONFIG_FILE
     return {
-        "runs": sorted(p.relative_to(out).as_posix() for p in (out / "runs").rglob("*tfevents*")),
+        "runs": sorted(p.relative_to(out).as_posix() for p in (out / RUNS_DIR).rglob("*tfevents*")),
         "model_config": json.loads((out / MODEL_CONFIG_FILE).read_text()),
-        "metrics": json.loads((out / METRICS_FILE).read_text()),
+        "metrics": RunRecord.from_json(json.loads((out / METRICS_FILE).read_text())),
         "train_config": (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {},
     }
 
@@ -145,16 +148,15 @@ def _wall_time(seconds: float | None, segments: int = 1) -> str:
 
 
 def _val_split(source: str | None) -> dict[str, Any]:
-    kind, _, value = (source or "").partition(":")
-    if kind == "hash":
-        return {"kind": "hash", "fraction": float(value), "name": None}
-    if kind == "split":
-        return {"kind": "split", "fraction": None, "name": value}
-    return {"kind": None, "fraction": None, "name": None}
+    try:
+        split = ValSplit.from_json(source or "")
+    except ValueError:  # a record from before the split was recorded
+        return {"kind": None, "fraction": None, "name": None}
+    return {"kind": "hash" if split.hashed else "split", "fraction": split.fraction, "name": split.name}
 
 
-def _base_model(run: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
-    base = dict(run.get("base_model") or {})
+def _base_model(run: RunInfo, cfg: dict[str, Any]) -> dict[str, Any]:
+    base = dict(run.base_model or {})
     base.setdefault("spec", cfg.get("model"))
     spec_id, spec_revision = _hub_model(base["spec"] or "")
     base.setdefault("id", spec_id)
@@ -167,10 +169,10 @@ def _base_model(run: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def _dataset(run: dict[str, Any], cfg: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    dataset = dict(run.get("dataset") or {})
+def _dataset(run: RunInfo, cfg: dict[str, Any], metrics: RunRecord) -> dict[str, Any]:
+    dataset = dict(run.dataset or {})
     dataset.setdefault("id", cfg.get("dataset"))
-    dataset.setdefault("revision", metrics.get("dataset_revision"))
+    dataset.setdefault("revision", metrics.dataset_revision)
     dataset.setdefault("is_hub", dataset["revision"] is not None)  # only Hub datasets get a revision
     dataset["name"] = dataset["id"] if dataset["is_hub"] else Path(dataset["id"] or "unknown").name
     dataset.update(link=f"{HUB_URL}/datasets/{dataset['id']}",
@@ -178,7 +180,7 @@ def _dataset(run: dict[str, Any], cfg: dict[str, Any], metrics: dict[str, Any]) 
     return dataset
 
 
-def _eval_results(best: dict[str, Any], dataset: dict[str, Any], val_split: dict[str, Any]) -> list[EvalResult]:
+def _eval_results(best: BestRecord, dataset: dict[str, Any], val_split: dict[str, Any]) -> list[EvalResult]:
     """The best epoch's validation metrics as model-index entries, so the Hub shows them."""
     if val_split["kind"] == "hash":
         split = f"train ({val_split['fraction'] * 100:g}% held out)"
@@ -187,7 +189,7 @@ def _eval_results(best: dict[str, Any], dataset: dict[str, Any], val_split: dict
     return [
         EvalResult(task_type=TASK[0], task_name=TASK[1], dataset_type=dataset["name"], dataset_name=dataset["name"],
                    dataset_split=split, dataset_revision=dataset["revision"], metric_type=metric, metric_name=name,
-                   metric_value=round(best[key], 4))
+                   metric_value=round(best.metrics.score(key), 4))
         for metric, name, key in EVAL_METRICS
     ]
 
@@ -195,12 +197,15 @@ def _eval_results(best: dict[str, Any], dataset: dict[str, Any], val_split: dict
 def build(outputs: dict[str, Any], repo_id: str | None = None, license: str | None = None,
           plot_files: list[str] | None = None) -> tuple[ModelCardData, dict[str, Any]]:
     """The card's metadata and the template variables (besides those from the metadata) for loaded outputs."""
-    metrics, cfg, model_config = outputs["metrics"], outputs["train_config"], outputs["model_config"]
-    run = metrics.get("run_info") or {}
+    metrics: RunRecord = outputs["metrics"]
+    cfg, model_config = outputs["train_config"], outputs["model_config"]
+    run = metrics.run_info
     repo_id = repo_id or cfg.get("push_to_hub")  # the repo the run was pushed to, if any
-    best, history, class_names = metrics["best"], metrics["history"], list(metrics["class_names"])
+    best, class_names = metrics.best, list(metrics.class_names)
+    if best is None:
+        raise ConfigError("metrics.json records no evaluation (its best is empty): the run did not finish an epoch")
     base, dataset = _base_model(run, cfg), _dataset(run, cfg, metrics)
-    val_split = _val_split(run.get("val_source"))
+    val_split = _val_split(run.val_source)
     license_id, license_source = resolve_license(base["license"], license or cfg.get("license"))
     architecture = model_config.get("architecture", "unknown")
     title = repo_id.split("/")[-1] if repo_id else f"{architecture} on {dataset['name']}"
@@ -213,42 +218,46 @@ def build(outputs: dict[str, Any], repo_id: str | None = None, license: str | No
 
     pcfg = model_config.get("pretrained_cfg", {})
     size = pcfg.get("input_size")
-    stopped = metrics.get("stopped") or {"reason": None, "epoch": None, "detail": None}
+    stopped = metrics.stopped.to_json() if metrics.stopped else {"reason": None, "epoch": None, "detail": None}
+    skipped = metrics.skipped.to_json() if metrics.skipped else {"train": None, "val": None}
     plot_files = plot_files or []
     context = {
         "title": title, "architecture": architecture, "label_names": class_names, "num_classes": len(class_names),
         "max_listed_labels": MAX_LISTED_LABELS, "input_size": f"{size[-1]}x{size[-2]}" if size else "unknown",
         **{key: pcfg.get(key, "unknown") for key in ("interpolation", "crop_pct", "mean", "std")},
         "base": base, "dataset": dataset, "val_split": val_split, "license_source": license_source,
-        "train_examples": metrics.get("train_examples"), "val_examples": metrics.get("val_examples"),
-        "skipped": metrics.get("skipped_images") or {"train": None, "val": None},
-        "parameters": run.get("parameters") or {"total": None, "trainable": None, "frozen": None},
-        "frozen_groups": run.get("frozen_groups"), "freeze": run.get("freeze", cfg.get("freeze", "")),
-        "freeze_bn": run.get("freeze_bn", cfg.get("freeze_bn")), "hyperparameters": _hyperparameters(cfg),
-        "effective_batch_size": run.get("effective_batch_size") or (
-            cfg["batch_size"] * cfg.get("grad_accum", 1) * (metrics.get("num_processes") or 1)
+        "train_examples": metrics.train_examples, "val_examples": metrics.val_examples, "skipped": skipped,
+        "parameters": run.parameters or {"total": None, "trainable": None, "frozen": None},
+        "frozen_groups": run.frozen_groups,
+        "freeze": run.freeze if run.freeze is not None else cfg.get("freeze", ""),
+        "freeze_bn": run.freeze_bn if run.freeze_bn is not None else cfg.get("freeze_bn"),
+        "hyperparameters": _hyperparameters(cfg),
+        "effective_batch_size": run.effective_batch_size or (
+            cfg["batch_size"] * cfg.get("grad_accum", 1) * (metrics.num_processes or 1)
             if "batch_size" in cfg else None),
-        "mixed_precision": run.get("mixed_precision") or cfg.get("mixed_precision"),
-        "devices": run.get("devices") or {"type": None, "count": metrics.get("num_processes"), "name": None},
-        "wall_time": _wall_time(metrics.get("wall_time_s"), metrics.get("segments", 1)), "stopped": stopped,
-        "epochs_run": stopped.get("epoch") or len(history), "epochs_max": cfg.get("epochs"),
-        "global_step": metrics.get("global_step"), "metric": cfg.get("metric", "val_accuracy"), "best": best,
-        "per_class": [{"label": name, **best["per_class"][name]} for name in class_names if name in best["per_class"]],
-        "history": history,
+        "mixed_precision": run.mixed_precision or cfg.get("mixed_precision"),
+        "devices": run.devices or {"type": None, "count": metrics.num_processes, "name": None},
+        "wall_time": _wall_time(metrics.wall_time_s, metrics.segments), "stopped": stopped,
+        "epochs_run": stopped.get("epoch") or len(metrics.history), "epochs_max": cfg.get("epochs"),
+        "global_step": metrics.global_step, "metric": cfg.get("metric", "val_accuracy"), "best": best.to_json(),
+        "per_class": [{"label": name, **best.metrics.per_class[name].to_json()} for name in class_names
+                      if name in best.metrics.per_class],
+        "history": [row.to_json() for row in metrics.history],
         "plots": {"confusion_matrix": plots.CONFUSION_MATRIX if plots.CONFUSION_MATRIX in plot_files else None,
                   "training_curves": plots.TRAINING_CURVES if plots.TRAINING_CURVES in plot_files else None,
                   "reliability": plots.RELIABILITY if plots.RELIABILITY in plot_files else None},
-        "calibration": metrics.get("calibration"),  # --calibrate: the temperature and ECE/NLL before and after
-        "top_k": min(TOP_K, len(class_names)), "command": run.get("command"), "seed": cfg.get("seed", "unknown"),
-        "versions": [(name, (run.get("versions") or {}).get(name)) for name in VERSION_KEYS],
+        # --calibrate: the temperature and ECE/NLL before and after
+        "calibration": metrics.calibration.to_json() if metrics.calibration else None,
+        "top_k": min(TOP_K, len(class_names)), "command": run.command, "seed": cfg.get("seed", "unknown"),
+        "versions": [(name, (run.versions or {}).get(name)) for name in VERSION_KEYS],
         "small_val_threshold": SMALL_VAL_THRESHOLD,
-        "validation": run.get("validation") or {"small_classes": [], "min_per_class": None},
-        "class_balance": _class_balance(run.get("class_balance"), cfg.get("class_weights")),
-        "export_fallback": metrics.get("export_fallback"),
-        "tensorboard": bool(outputs.get("runs")), "weights": best.get("weights", "model"),
+        "validation": run.validation or {"small_classes": [], "min_per_class": None},
+        "class_balance": _class_balance(run.class_balance, cfg.get("class_weights")),
+        "export_fallback": metrics.export_fallback.to_json() if metrics.export_fallback else None,
+        "tensorboard": bool(outputs.get("runs")), "weights": best.weights or "model",
         "ema_decay": cfg.get("model_ema_decay"), "model_ema": bool(cfg.get("model_ema")), "unfreeze_at": cfg.get("unfreeze_at", ""),
         "pushed": bool(cfg.get("push_to_hub")),  # reproducing must not push to this repo again
-        "hub_checkpoints": _hub_checkpoints(metrics.get("hub_checkpoints")),
+        "hub_checkpoints": _hub_checkpoints(metrics.hub_checkpoints),
     }
     if repo_id:
         context["repo_id"] = repo_id
@@ -271,11 +280,11 @@ def _class_balance(record: dict[str, Any] | None, flag: str | None) -> dict[str,
             "rates": listed(record["draw_rates"]) if record.get("draw_rates") else None}
 
 
-def _hub_checkpoints(record: dict[str, Any] | None) -> dict[str, Any] | None:
+def _hub_checkpoints(record: CheckpointUploads | None) -> dict[str, Any] | None:
     """Where --hub-checkpoints put the run's checkpoints, for the card (None without it)."""
-    if not record:
+    if record is None:
         return None
-    return {**record, "url": f"{HUB_URL}/{record['repo']}/tree/{quote(record['branch'], safe='')}/checkpoints"}
+    return {**record.to_json(), "url": f"{HUB_URL}/{record.repo}/tree/{quote(record.branch, safe='')}/checkpoints"}
 
 
 def render(card_data: ModelCardData, context: dict[str, Any], template: str = TEMPLATE) -> str:
@@ -323,7 +332,7 @@ def render_card(output_dir: str | Path, repo_id: str | None = None, license: str
     return ModelCard(render(card_data, context))
 
 
-def check_metadata(card: ModelCard, best: dict[str, Any]) -> None:
+def check_metadata(card: ModelCard, best: BestRecord) -> None:
     """Parse the card back with huggingface_hub and check what the Hub needs before any upload.
 
     Raises:
@@ -343,8 +352,9 @@ def check_metadata(card: ModelCard, best: dict[str, Any]) -> None:
     _, results = model_index_to_eval_results(meta.get("model-index") or [])
     found = {r.metric_type: r.metric_value for r in results}
     for metric, _, key in EVAL_METRICS:
-        if metric not in found or abs(found[metric] - best[key]) > 1e-4:
-            problems.append(f"model-index {metric}: expected {best[key]:.4f}, got {found.get(metric)}")
+        want = best.metrics.score(key)
+        if metric not in found or abs(found[metric] - want) > 1e-4:
+            problems.append(f"model-index {metric}: expected {want:.4f}, got {found.get(metric)}")
     if problems:
         raise ConfigError("the rendered model card's metadata is wrong:\n  " + "\n  ".join(problems))
 
@@ -356,7 +366,9 @@ def write_card(output_dir: str | Path, repo_id: str | None = None, license: str 
         ConfigError: output_dir is not a finished run, or the rendered metadata does not validate.
     """
     card = render_card(output_dir, repo_id, license)
-    check_metadata(card, load_outputs(output_dir)["metrics"]["best"])
+    best = load_outputs(output_dir)["metrics"].best
+    assert best is not None  # render_card refused a run without one
+    check_metadata(card, best)
     path = Path(output_dir) / CARD_FILE
     path.write_text(str(card), encoding="utf-8")
     return path

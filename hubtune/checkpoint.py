@@ -12,7 +12,7 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,10 +22,20 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from hubtune.errors import CheckpointError
-from hubtune.files import CHECKPOINTS_DIR as CHECKPOINTS
-from hubtune.files import STEP_NAME as NAME  # noqa: F401 (re-exported: checkpoint.NAME)
+from hubtune.files import (
+    CHECKPOINTS_DIR,
+    STEP_GLOB,
+    TMP_PREFIX,
+    checkpoint_step,
+    disk_space,
+    fsync_path,
+    newest_first,
+    sha256_file,
+    step_name,
+    step_of,
+)
 from hubtune.files import WEIGHTS_FILE as MODEL_FILE
-from hubtune.files import checkpoint_step, disk_space, fsync_path, newest_first, sha256_file, step_of
+from hubtune.records import EpochRow
 
 logger = logging.getLogger("hubtune")
 
@@ -38,7 +48,7 @@ REQUIRED = (MODEL_FILE, OPTIMIZER_TENSORS, RNG_TENSORS, STATE_FILE)
 
 
 def step_dir(root: Path, step: int) -> Path:
-    return root / CHECKPOINTS / f"step-{step:06d}"
+    return root / CHECKPOINTS_DIR / step_name(step)
 
 
 def split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -113,7 +123,7 @@ def write(
     leaves either the previous checkpoints only or the new one complete, never a partial `step-*`.
     """
     final = step_dir(root, step)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     rank_tensors = {f"rank{r}.{k}": v for r, (_, tensors) in enumerate(ranks) for k, v in tensors.items()}
@@ -247,18 +257,21 @@ def load_ema(path: Path) -> dict[str, torch.Tensor]:
     return load_tensors(path / EMA_TENSORS)
 
 
-def best_intact(root: Path, history: Sequence[Mapping[str, Any]], metric: str, higher_is_better: bool,
-                skip: set[str]) -> tuple[Path, Mapping[str, Any]] | None:
-    """The intact end-of-epoch checkpoint with the best `metric`, and its history row; None if there is none.
+def best_intact(root: Path, history: Sequence[EpochRow], metric: str, higher_is_better: bool,
+                skip: set[str]) -> tuple[Path, EpochRow] | None:
+    """The intact end-of-epoch checkpoint with the best `metric` (of the raw weights), and its history row; None if
+    there is none.
 
     `skip`: checkpoint names already known to be damaged.
     """
-    by_step = {row["step"]: row for row in history}
+    by_step = {row.step: row for row in history}
     ranked = []
     for path in listing(root):
-        row = by_step.get(step_of(path.name))
+        step = step_of(path.name)
+        row = by_step.get(step) if step is not None else None
         if row is not None and path.name not in skip:
-            ranked.append((row[metric] if higher_is_better else -row[metric], row["epoch"], path, row))
+            value = row.val.score(metric)
+            ranked.append((value if higher_is_better else -value, row.epoch, path, row))
     for *_, path, row in sorted(ranked, key=lambda r: (r[0], -r[1]), reverse=True):
         try:
             verify(path)
@@ -275,7 +288,7 @@ def rank_tensors(all_tensors: dict[str, torch.Tensor], rank: int) -> dict[str, t
 
 def listing(root: Path) -> list[Path]:
     """Checkpoint directories under OUTPUT_DIR, oldest step first (complete or not; see verify)."""
-    base = Path(root) / CHECKPOINTS
+    base = Path(root) / CHECKPOINTS_DIR
     if not base.is_dir():
         return []
     return [base / n for n in reversed(newest_first(p.name for p in base.iterdir() if p.is_dir()))]
@@ -299,7 +312,7 @@ def find_resume(root: Path, spec: str, check: Callable[[Path], None] = verify) -
         return path
     found = newest_usable(root, check)
     if found is None and listing(root):
-        raise CheckpointError(f"--resume latest: no usable checkpoint in {root / CHECKPOINTS} (all are damaged)")
+        raise CheckpointError(f"--resume latest: no usable checkpoint in {root / CHECKPOINTS_DIR} (all are damaged)")
     return found
 
 
@@ -323,7 +336,7 @@ def prune(root: Path, keep_last: int, keep: set[str]) -> list[Path]:
     doomed = [p for p in complete[: max(len(complete) - keep_last, 0)] if p.name not in keep]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
-    for stale in (Path(root) / CHECKPOINTS).glob(".tmp-step-*"):
+    for stale in (Path(root) / CHECKPOINTS_DIR).glob(f"{TMP_PREFIX}{STEP_GLOB}"):
         if not stale.name.endswith(f"-{os.getpid()}"):  # left by a run that crashed mid-save
             shutil.rmtree(stale, ignore_errors=True)
     return doomed
@@ -338,24 +351,6 @@ def state_columns(state: dict[str, Any]) -> tuple[str, str, str]:
     run_state, metric = state["run_state"], state["config"]["metric"]
     where = "in epoch" if run_state["in_epoch"] else "end of epoch"
     epoch = run_state["epoch"] + (1 if run_state["in_epoch"] else 0)
-    last = run_state["history"][-1] if run_state["history"] else {}
-    shown = f"{metric} {last[metric]:.4f}" if last and not run_state["in_epoch"] else "-"
+    last = EpochRow.from_json(run_state["history"][-1]) if run_state["history"] else None
+    shown = f"{metric} {last.val.score(metric):.4f}" if last and not run_state["in_epoch"] else "-"
     return str(run_state["global_step"]), f"{where} {epoch}", shown
-
-
-def describe(root: Path) -> list[tuple[str, ...]]:
-    """One row per checkpoint of a run (name, step, position, metric, size, marks), for `hubtune checkpoints`."""
-    found = listing(root)
-    latest = newest_usable(root) if found else None
-    rows: list[tuple[str, ...]] = []
-    for path in found:
-        size = f"{dir_size(path) / 2**20:.1f} MiB"
-        try:
-            verify(path)
-            state = read_state(path)
-            marks = [m for m, on in (("best", state["run_state"]["best"].get("checkpoint") == path.name),
-                                     ("latest", path == latest)) if on]
-            rows.append((path.name, *state_columns(state), size, ",".join(marks)))
-        except (CheckpointError, KeyError, ValueError, TypeError, AttributeError) as err:  # fields of another shape
-            rows.append((path.name, "-", "-", "-", size, f"DAMAGED: {err}"))
-    return rows

@@ -17,7 +17,7 @@ from hubtune import hub_calls
 from hubtune.errors import ConfigError, ModelSourceError
 from hubtune.files import MODEL_CONFIG_FILE as CONFIG_NAME
 from hubtune.files import WEIGHTS_FILE as SAFE_WEIGHTS_NAME
-from hubtune.sources import LOCAL_PREFIX, check_weight_files, parse_model_spec
+from hubtune.sources import LOCAL_PREFIX, ModelSpec, check_weight_files, parse_model_spec
 
 if TYPE_CHECKING:
     import torch
@@ -33,14 +33,9 @@ def _hub_snapshot(repo_id: str, revision: str | None, token: str | None, cache_d
         ValueError: the repo, revision or config.json does not exist, or the weights are refused.
     """
     from huggingface_hub import HfApi, constants, hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+    from hubtune.hub import model_repo_errors
     from hubtune.version import __version__
 
     where = f"{repo_id}@{revision}" if revision else repo_id
@@ -52,24 +47,17 @@ def _hub_snapshot(repo_id: str, revision: str | None, token: str | None, cache_d
                                cache_dir=cache_dir, library_name="hubtune", library_version=__version__)
 
     try:
-        # config.json by the requested name first: that records the branch or tag in the cache for offline runs,
-        # and its snapshot folder is named by the commit, which pins everything after it
-        config = download(CONFIG_NAME, revision)
-        folder, sha = Path(config).parent, Path(config).parent.name
-        if offline:
-            files = [p.name for p in folder.iterdir()]
-        else:
-            info = HfApi(token=token, library_name="hubtune", library_version=__version__).model_info(
-                repo_id, revision=sha)
-            files = [s.rfilename for s in info.siblings or []]
-    except GatedRepoError as err:
-        raise ModelSourceError(f"{url} is gated: accept its licence there, then set HF_TOKEN or `hf auth login`") from err
-    except RevisionNotFoundError as err:
-        raise ModelSourceError(f"{url} has no revision {revision!r}; give an existing branch, tag or commit sha") from err
-    except RepositoryNotFoundError as err:
-        raise ModelSourceError(
-            f"model repo {repo_id!r} not found at {url} (private? set HF_TOKEN or run `hf auth login`)"
-        ) from err
+        with model_repo_errors(ModelSpec("hub", where, repo_id=repo_id, revision=revision), what=where):
+            # config.json by the requested name first: that records the branch or tag in the cache for offline runs,
+            # and its snapshot folder is named by the commit, which pins everything after it
+            config = download(CONFIG_NAME, revision)
+            folder, sha = Path(config).parent, Path(config).parent.name
+            if offline:
+                files = [p.name for p in folder.iterdir()]
+            else:
+                info = HfApi(token=token, library_name="hubtune", library_version=__version__).model_info(
+                    repo_id, revision=sha)
+                files = [s.rfilename for s in info.siblings or []]
     except LocalEntryNotFoundError as err:
         if not offline:
             raise hub_calls.unreachable(f"loading {where}", err) from err
@@ -194,12 +182,12 @@ class ImageClassifier:
         """
         import tempfile
 
-        from hubtune.hub import push
+        from hubtune.hub import PushTarget, push
 
+        target = PushTarget(repo_id, revision=revision, private=private, commit_message=commit_message, token=token)
         with tempfile.TemporaryDirectory(prefix="hubtune-push-") as tmp:
             self.save_pretrained(tmp)
-            return push(tmp, repo_id, private=private, revision=revision, commit_message=commit_message,
-                        token=token)
+            return push(tmp, target)
 
     @property
     def num_classes(self) -> int:

@@ -18,73 +18,6 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(args: argparse.Namespace) -> int:
-    import torch
-
-    from hubtune import model as model_lib
-
-    net = model_lib.create(args.model, num_classes=args.num_classes, pretrained=args.pretrained)
-    frozen = model_lib.resolve_freeze(net, args.freeze) if args.freeze else []
-    model_lib.freeze(net, frozen, args.freeze_bn)
-    size = model_lib.data_config(net, args.image_size)["input_size"]
-    print(f"{args.model}: input {tuple(size)}, {len(frozen)} frozen parameter tensors")
-    print(model_lib.format_table(model_lib.parameter_table(net)))
-    print("\nlayers (group, module, type, parameters, trainable):")
-    groups = model_lib.param_groups(net)
-    for name, module in net.named_modules():
-        counted = model_lib.counted_parameters(module, recurse=False)
-        if not counted:
-            continue
-        n = sum(k for k, _ in counted)
-        trainable = "yes" if all(t for _, t in counted) else "no"
-        group = groups.get(f"{name}.weight", groups.get(f"{name}.bias", ""))
-        kind = type(module).__name__ + (" (fixed)" if model_lib.has_fixed_statistics(module) else "")
-        print(f"  {group:<10} {name:<40} {kind:<20} {n:>10,} {trainable}")
-    with torch.no_grad():
-        feats = model_lib.as_timm(net).forward_features(torch.zeros(1, *size))
-    print(f"\nfeature map for one {tuple(size)} image: {tuple(feats.shape)}")
-    if args.unfreeze_at:
-        from hubtune import unfreeze
-        from hubtune.config import TrainConfig
-
-        cfg = TrainConfig(freeze=args.freeze, freeze_bn=args.freeze_bn, unfreeze_at=args.unfreeze_at)
-        cfg.validate()
-        schedule = unfreeze.resolve_schedule(net, cfg, frozen)
-        epochs = args.epochs or max(epoch for epoch, _, _ in schedule)
-        print("\nschedule (--unfreeze-at):")
-        print("\n".join("  " + line for line in unfreeze.describe(net, schedule, frozen, epochs)))
-    return 0
-
-
-def _checkpoints(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from hubtune import checkpoint
-
-    root = Path(args.source)
-    if root.is_dir() or "/" not in args.source or args.source.count("/") > 1:
-        rows, where = checkpoint.describe(root), str(root / checkpoint.CHECKPOINTS)
-    else:
-        from hubtune import hub_checkpoints
-        from hubtune.errors import ConfigError
-        from hubtune.sources import repo_id_problem, revision_problem
-
-        repo_id, _, branch = args.source.partition("@")
-        problem = repo_id_problem(repo_id) or revision_problem(branch or args.branch)
-        if problem:
-            raise ConfigError(f"{args.source!r}: {problem}; expected OUTPUT_DIR or REPO[@BRANCH]")
-        rows = hub_checkpoints.describe_remote(repo_id, branch or args.branch)
-        where = f"{repo_id}@{branch or args.branch}/{hub_checkpoints.REMOTE_DIR}"
-    if not rows:
-        print(f"no checkpoints in {where}")
-        return 0
-    header = ("checkpoint", "step", "position", "metric", "size", "")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    return 0
-
-
 def _hub_serve(args: argparse.Namespace) -> int:
     from hubtune.localhub import run_serve
 
@@ -104,10 +37,10 @@ def _delegate(module: str, runner: str) -> Callable[[argparse.Namespace], int]:
 
 # name, help, module, (add-arguments function, run function)
 DELEGATED = [
-    ("push", "push a finished run (best model, card, metrics) to the Hub in one verified commit", "hubtune.hub",
+    ("push", "push a finished run (best model, card, metrics) to the Hub in one verified commit", "hubtune.commands",
      ("add_push_arguments", "run_push")),
     ("prefetch", "download a base model and dataset into the HF cache for runs with HF_HUB_OFFLINE=1",
-     "hubtune.hub", ("add_prefetch_arguments", "run_prefetch")),
+     "hubtune.commands", ("add_prefetch_arguments", "run_prefetch")),
     ("predict", "classify images (files or whole directories) with a trained model from the Hub or a local folder",
      "hubtune.predict", ("add_predict_arguments", "run_predict")),
     ("evaluate", "evaluate a trained model on a labelled dataset (streamed); optionally add the result to its card",
@@ -147,14 +80,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                    help="load pretrained weights (default: no, the table does not need them)")
-    p.set_defaults(func=_summary)
+    p.set_defaults(func=_delegate("hubtune.commands", "summary"))
 
     p = sub.add_parser("checkpoints", help="list the checkpoints of a run (its output dir, or its Hub repo's checkpoint "
                                            "branch): step, epoch, metric, size, best, latest, verified")
     p.add_argument("source", metavar="OUTPUT_DIR|REPO[@BRANCH]",
                    help="the run's --output-dir, or the --push-to-hub repo of a --hub-checkpoints run")
     p.add_argument("--branch", default="checkpoints", help="the checkpoint branch of REPO (default: checkpoints)")
-    p.set_defaults(func=_checkpoints)
+    p.set_defaults(func=_delegate("hubtune.commands", "checkpoints"))
 
     import importlib
 

@@ -6,7 +6,6 @@ import glob
 import io
 import logging
 import os
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -18,6 +17,7 @@ from datasets.utils.file_utils import xopen
 from PIL import Image, ImageOps
 
 from hubtune.errors import DataError
+from hubtune.sources import is_local
 
 logger = logging.getLogger("hubtune")
 
@@ -30,6 +30,52 @@ MAX_IMAGE_BYTES = 2**30
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, KeyError, IndexError)
 
 
+@dataclass(frozen=True)
+class ValSplit:
+    """Where validation examples come from: a split of the dataset (`name`), or else the `fraction` of the training
+    split that its content hash holds out (hubtune.stream.in_val). Saved as "split:<name>" or "hash:<fraction>"."""
+
+    name: str | None = None
+    fraction: float | None = None
+
+    @property
+    def hashed(self) -> bool:
+        """Cut from the training split by content hash (the dataset has no validation split)."""
+        return self.name is None
+
+    def to_json(self) -> str:
+        return f"split:{self.name}" if self.name is not None else f"hash:{self.fraction}"
+
+    @classmethod
+    def from_json(cls, text: str) -> ValSplit:
+        """The split a "split:<name>" or "hash:<fraction>" string names (metrics.json, a checkpoint's run record).
+
+        Raises:
+            ValueError: the string is neither.
+        """
+        kind, _, value = text.partition(":")
+        if kind == "split":
+            return cls(name=value)
+        if kind == "hash":
+            return cls(fraction=float(value))
+        raise ValueError(f"not a validation split: {text!r} (expected 'split:<name>' or 'hash:<fraction>')")
+
+    def __str__(self) -> str:
+        return self.to_json()
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """Where a run's examples come from: --dataset (a Hub id or local files) at a revision, its columns, and the
+    fraction held out for validation when it has no validation split."""
+
+    dataset: str
+    revision: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    val_fraction: float = 0.0
+
+
 @dataclass
 class DataInfo:
     """What the run learned about its dataset before training."""
@@ -37,15 +83,16 @@ class DataInfo:
     image_column: str
     label_column: str
     class_names: list[str]
-    val_source: str  # "split:<name>" or "hash:<fraction>"
+    val_source: ValSplit
     train_size_hint: int | None  # examples in the training split before the val hold-out, when the metadata says
     revision: str | None  # dataset commit sha on the Hub, when it came from there
 
 
-def _load(cfg: Any) -> tuple[datasets.IterableDatasetDict, str | None]:
+def _load(source: DatasetSource) -> tuple[datasets.IterableDatasetDict, str | None]:
     """Open the dataset as a streaming IterableDatasetDict, plus the commit sha when it comes from the Hub."""
-    local = Path(cfg.dataset).expanduser()
-    matches = sorted(glob.glob(str(local))) if any(c in cfg.dataset for c in "*?[") else []
+    dataset, revision = source.dataset, source.revision
+    local = Path(dataset).expanduser()
+    matches = sorted(glob.glob(str(local))) if any(c in dataset for c in "*?[") else []
     if local.is_dir():
         parquet = sorted(str(p) for p in local.rglob("*.parquet"))
         if parquet:
@@ -53,16 +100,16 @@ def _load(cfg: Any) -> tuple[datasets.IterableDatasetDict, str | None]:
         try:
             return datasets.load_dataset("imagefolder", data_dir=str(local), streaming=True), None
         except datasets.data_files.EmptyDatasetError as err:
-            raise DataError(f"--dataset {cfg.dataset!r}: this directory holds no image or parquet files; an "
+            raise DataError(f"--dataset {dataset!r}: this directory holds no image or parquet files; an "
                             "imagefolder has one subfolder of images per class (under train/, test/... for splits)"
                             ) from err
     if local.is_file() or matches:
         files = matches or [str(local)]
         if not all(f.endswith(".parquet") for f in files):
-            raise DataError(f"--dataset {cfg.dataset!r}: local files must be .parquet; or give an imagefolder directory")
+            raise DataError(f"--dataset {dataset!r}: local files must be .parquet; or give an imagefolder directory")
         return datasets.load_dataset("parquet", data_files={"train": files}, streaming=True), None
-    if cfg.dataset.startswith((".", "/", "~")) or cfg.dataset.count("/") != 1:
-        raise DataError(f"--dataset {cfg.dataset!r}: no such local file or directory, and not a Hub dataset id "
+    if is_local(dataset) or dataset.count("/") != 1:
+        raise DataError(f"--dataset {dataset!r}: no such local file or directory, and not a Hub dataset id "
                         "(org/name)")
     from huggingface_hub.constants import is_offline_mode
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
@@ -71,20 +118,20 @@ def _load(cfg: Any) -> tuple[datasets.IterableDatasetDict, str | None]:
     from hubtune.hub_calls import answered
 
     if is_offline_mode():  # compute nodes without internet: the snapshot `hubtune prefetch` cached
-        snapshot = cached_dataset_dir(cfg.dataset, cfg.dataset_revision)
+        snapshot = cached_dataset_dir(dataset, revision)
         return datasets.load_dataset(str(snapshot), streaming=True), snapshot.name
     try:
         # pin the commit once, so every process, epoch and a later reproduction read the same files
-        with answered(f"--dataset {cfg.dataset!r}"):
-            sha = api().dataset_info(cfg.dataset, revision=cfg.dataset_revision).sha
-            return datasets.load_dataset(cfg.dataset, revision=sha, streaming=True), sha
+        with answered(f"--dataset {dataset!r}"):
+            sha = api().dataset_info(dataset, revision=revision).sha
+            return datasets.load_dataset(dataset, revision=sha, streaming=True), sha
     except RevisionNotFoundError as err:
-        raise DataError(f"--dataset-revision {cfg.dataset_revision!r} does not exist in {cfg.dataset}") from err
+        raise DataError(f"--dataset-revision {revision!r} does not exist in {dataset}") from err
     except HFValidationError as err:
-        raise DataError(f"--dataset {cfg.dataset!r} is not a valid Hub dataset id: {err}") from err
+        raise DataError(f"--dataset {dataset!r} is not a valid Hub dataset id: {err}") from err
     except (RepositoryNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
         raise DataError(
-            f"--dataset {cfg.dataset!r}: no such dataset on the Hub or locally "
+            f"--dataset {dataset!r}: no such dataset on the Hub or locally "
             "(private or gated? set HF_TOKEN or run `hf auth login`)"
         ) from err
 
@@ -113,20 +160,20 @@ def _pick_column(features: datasets.Features, wanted: str | None, kind: type, fl
     return found[0]
 
 
-def open_splits(cfg: Any) -> tuple[datasets.IterableDataset, datasets.IterableDataset, DataInfo]:
+def open_splits(source: DatasetSource) -> tuple[datasets.IterableDataset, datasets.IterableDataset, DataInfo]:
     """Return (train, val) streams of {image: {bytes, path}, label} plus what was learned about the dataset."""
-    dsd, revision = _load(cfg)
+    dsd, revision = _load(source)
     if "train" not in dsd:
-        raise DataError(f"--dataset {cfg.dataset!r} has no 'train' split; splits: {', '.join(dsd)}")
+        raise DataError(f"--dataset {source.dataset!r} has no 'train' split; splits: {', '.join(dsd)}")
     train = dsd["train"]
     features = train.features
     if features is None:
-        raise DataError(f"--dataset {cfg.dataset!r}: its features are unknown; store it as parquet or imagefolder")
-    image_col = _pick_column(features, cfg.image_column, datasets.Image, "--image-column")
-    label_col = _pick_column(features, cfg.label_column, datasets.ClassLabel, "--label-column")
+        raise DataError(f"--dataset {source.dataset!r}: its features are unknown; store it as parquet or imagefolder")
+    image_col = _pick_column(features, source.image_column, datasets.Image, "--image-column")
+    label_col = _pick_column(features, source.label_column, datasets.ClassLabel, "--label-column")
     names = list(features[label_col].names)
     if len(names) < 2:
-        raise DataError(f"--dataset {cfg.dataset!r} has {len(names)} class ({names}) in {label_col!r}: a classifier "
+        raise DataError(f"--dataset {source.dataset!r} has {len(names)} class ({names}) in {label_col!r}: a classifier "
                         "needs at least two; add images of another class (an imagefolder subfolder per class)")
     val_name = next((name for name in VAL_SPLIT_NAMES if name in dsd), None)
     keep = [image_col, label_col]
@@ -141,7 +188,7 @@ def open_splits(cfg: Any) -> tuple[datasets.IterableDataset, datasets.IterableDa
         image_column=image_col,
         label_column=label_col,
         class_names=list(features[label_col].names),
-        val_source=f"split:{val_name}" if val_name else f"hash:{cfg.val_fraction}",
+        val_source=ValSplit(name=val_name) if val_name else ValSplit(fraction=source.val_fraction),
         train_size_hint=size_hint,
         revision=revision,
     )
@@ -160,8 +207,7 @@ def open_eval_split(dataset: str, split: str | None, revision: str | None, image
     Raises:
         DataError: the dataset, the split or a column does not exist.
     """
-    where = types.SimpleNamespace(dataset=dataset, dataset_revision=revision)
-    dsd, pinned = _load(where)
+    dsd, pinned = _load(DatasetSource(dataset, revision))
     name = split or next((n for n in EVAL_SPLIT_NAMES if n in dsd), None)
     if name is None and pinned is None and len(dsd) == 1:  # local: only a Hub dataset has a pinned commit
         name = next(iter(dsd))
@@ -176,7 +222,7 @@ def open_eval_split(dataset: str, split: str | None, revision: str | None, image
     stream = stream.select_columns([image_col, label_col]).cast_column(image_col, datasets.Image(decode=False))
     splits = stream.info.splits
     return stream, DataInfo(image_column=image_col, label_column=label_col,
-                            class_names=list(stream.features[label_col].names), val_source=f"split:{name}",
+                            class_names=list(stream.features[label_col].names), val_source=ValSplit(name=name),
                             train_size_hint=splits[name].num_examples if splits and name in splits else None,
                             revision=pinned)
 

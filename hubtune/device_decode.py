@@ -17,11 +17,13 @@ The same code runs with device="cpu" (torchvision's CPU decoder), which is how t
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import random
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torchvision.transforms as T
@@ -34,6 +36,9 @@ from torchvision.transforms.v2 import functional as F
 from hubtune.data import DECODE_ERRORS, decode
 from hubtune.errors import ConfigError
 from hubtune.seeding import seeded
+
+if TYPE_CHECKING:
+    from hubtune.stream import Batch
 
 logger = logging.getLogger("hubtune")
 
@@ -52,9 +57,58 @@ def check(transform: Callable) -> None:
                           "RandomResizedCrop, flip, color jitter, resize and center crop); use --decode-device cpu")
 
 
-def plan(data: bytes, transform: Callable, seed: int | None) -> dict[str, Any] | None:
-    """What the device does with one image: {"data", "orientation", "ops"}; None when the device decoder cannot
-    take it (the caller decodes it on the CPU as before)."""
+@dataclass(frozen=True)
+class ResizedCrop:
+    """timm's RandomResizedCrop as drawn: the box (top, left, height, width), then a resize to `size`."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    size: list[int]
+    interpolation: Any  # torchvision's InterpolationMode
+
+
+@dataclass(frozen=True)
+class HFlip:
+    """A horizontal flip (drawn: RandomHorizontalFlip flipped this image)."""
+
+
+@dataclass(frozen=True)
+class Jitter:
+    """ColorJitter as drawn: the order of its four adjustments and their factors (None: that one is off)."""
+
+    order: list[int]
+    factors: tuple[float | None, ...]  # brightness, contrast, saturation, hue
+
+
+@dataclass(frozen=True)
+class Resize:
+    size: list[int]
+    interpolation: Any  # torchvision's InterpolationMode
+
+
+@dataclass(frozen=True)
+class CenterCrop:
+    size: list[int]
+
+
+Step = ResizedCrop | HFlip | Jitter | Resize | CenterCrop
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """What the device does with one image: decode `data` (a JPEG), turn it upright by its EXIF `orientation`,
+    then replay `steps`, the augmentation drawn in the worker."""
+
+    data: bytes
+    orientation: int
+    steps: list[Step]
+
+
+def plan(data: bytes, transform: Callable, seed: int | None) -> DecodePlan | None:
+    """What the device does with one image; None when the device decoder cannot take it (the caller decodes it on
+    the CPU as before)."""
     try:
         img = Image.open(io.BytesIO(data))  # the header only: nothing is decoded
         fmt, mode, (w, h) = img.format, img.mode, img.size
@@ -65,37 +119,36 @@ def plan(data: bytes, transform: Callable, seed: int | None) -> dict[str, Any] |
         return None
     if orientation >= 5:  # rotated by 90 degrees: the upright image is h x w
         w, h = h, w
-    return {"data": data, "orientation": orientation, "ops": draw(transform, w, h, seed)}
+    return DecodePlan(data=data, orientation=orientation, steps=draw(transform, w, h, seed))
 
 
-def draw(transform: Callable, w: int, h: int, seed: int | None) -> list[tuple]:
+def draw(transform: Callable, w: int, h: int, seed: int | None) -> list[Step]:
     """The random parameters `transform` would draw for an upright w x h image under `seed` (as seeding.seeded
     seeds it), as a list of steps to replay."""
     return seeded(lambda size: _draw(transform, *size), (w, h), seed) if seed is not None else _draw(transform, w, h)
 
 
-def _draw(transform: Callable, w: int, h: int) -> list[tuple]:
-    ops: list[tuple] = []
+def _draw(transform: Callable, w: int, h: int) -> list[Step]:
+    steps: list[Step] = []
     for op in getattr(transform, "transforms", [transform]):
         if isinstance(op, RandomResizedCropAndInterpolation):
             # a tensor with no elements has the image's size: get_params reads only that
             i, j, ch, cw = op.get_params(torch.empty(0, h, w), op.scale, op.ratio)
             interpolation = random.choice(op.interpolation) if isinstance(op.interpolation, (tuple, list)) \
                 else op.interpolation
-            ops.append(("resized_crop", i, j, ch, cw, list(op.size), interpolation))
+            steps.append(ResizedCrop(i, j, ch, cw, list(op.size), interpolation))
             h, w = op.size
         elif isinstance(op, T.RandomHorizontalFlip):
             if torch.rand(1) < op.p:
-                ops.append(("hflip",))
+                steps.append(HFlip())
         elif isinstance(op, T.ColorJitter):
             order, *factors = op.get_params(op.brightness, op.contrast, op.saturation, op.hue)
-            ops.append(("jitter", order.tolist(), *(None if f is None else float(f) for f in factors)))
+            steps.append(Jitter(order.tolist(), tuple(None if f is None else float(f) for f in factors)))
         elif isinstance(op, (T.Resize, v2.Resize)):
-            ops.append(("resize", list(op.size) if isinstance(op.size, (list, tuple)) else [op.size],
-                        op.interpolation))
+            steps.append(Resize(list(op.size) if isinstance(op.size, (list, tuple)) else [op.size], op.interpolation))
         elif isinstance(op, (T.CenterCrop, v2.CenterCrop)):
-            ops.append(("center_crop", list(op.size)))
-    return ops
+            steps.append(CenterCrop(list(op.size)))
+    return steps
 
 
 def upright(x: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -115,23 +168,23 @@ def upright(x: torch.Tensor, orientation: int) -> torch.Tensor:
 _JITTER = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
 
 
-def replay(x: torch.Tensor, ops: list[tuple]) -> torch.Tensor:
+def replay(x: torch.Tensor, steps: list[Step]) -> torch.Tensor:
     """Run one image's planned steps on its upright uint8 CHW tensor (on whatever device it is)."""
-    for op in ops:
-        if op[0] == "resized_crop":
-            _, i, j, ch, cw, size, interpolation = op
-            x = F.resize(x[:, i:i + ch, j:j + cw], size, interpolation=interpolation, antialias=True)
-        elif op[0] == "hflip":
+    for step in steps:
+        if isinstance(step, ResizedCrop):
+            box = x[:, step.top:step.top + step.height, step.left:step.left + step.width]
+            x = F.resize(box, step.size, interpolation=step.interpolation, antialias=True)
+        elif isinstance(step, HFlip):
             x = x.flip(-1)
-        elif op[0] == "jitter":
-            order, *factors = op[1:]
-            for fn in order:
-                if factors[fn] is not None:
-                    x = _JITTER[fn](x, factors[fn])
-        elif op[0] == "resize":
-            x = F.resize(x, op[1], interpolation=op[2], antialias=True)
-        elif op[0] == "center_crop":
-            x = F.center_crop(x, op[1])
+        elif isinstance(step, Jitter):
+            for fn in step.order:
+                factor = step.factors[fn]
+                if factor is not None:
+                    x = _JITTER[fn](x, factor)
+        elif isinstance(step, Resize):
+            x = F.resize(x, step.size, interpolation=step.interpolation, antialias=True)
+        elif isinstance(step, CenterCrop):
+            x = F.center_crop(x, step.size)
     return x
 
 
@@ -143,29 +196,27 @@ class BatchDecoder:
         self.on_device = 0  # images decoded on the device
         self.fallback = 0  # images the CPU decoded instead (in the workers or here)
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        parts = batch.pop("parts", None)
+    def __call__(self, batch: Batch) -> Batch:
+        parts = batch.parts
         if parts is None:
             return batch
-        planned = [k for k, p in enumerate(parts) if isinstance(p, dict)]
+        planned = [k for k, p in enumerate(parts) if isinstance(p, DecodePlan)]
         decoded = self._decode([parts[k] for k in planned])
         pixels: list[torch.Tensor | None] = list(parts)
         for k, x in zip(planned, decoded):
             pixels[k] = x
-        self.fallback += batch.pop("n_fallback", 0)
+        self.fallback += batch.n_fallback
         kept = [(k, x) for k, x in enumerate(pixels) if x is not None]
         keep = [k for k, _ in kept]
-        batch["n_bad"] += len(pixels) - len(keep)
-        batch["labels"] = batch["labels"][keep]
-        batch["keys"] = [batch["keys"][k] for k in keep]
-        batch["pixel_values"] = torch.stack([x.to(self.device, non_blocking=True) for _, x in kept]) \
-            if keep else None
-        return batch
+        return dataclasses.replace(
+            batch, parts=None, n_fallback=0, n_bad=batch.n_bad + len(pixels) - len(keep), labels=batch.labels[keep],
+            keys=[batch.keys[k] for k in keep],
+            pixel_values=torch.stack([x.to(self.device, non_blocking=True) for _, x in kept]) if keep else None)
 
-    def _decode(self, plans: list[dict]) -> list[torch.Tensor | None]:
+    def _decode(self, plans: list[DecodePlan]) -> list[torch.Tensor | None]:
         if not plans:
             return []
-        datas = [torch.frombuffer(bytearray(p["data"]), dtype=torch.uint8) for p in plans]
+        datas = [torch.frombuffer(bytearray(p.data), dtype=torch.uint8) for p in plans]
         try:
             images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
         except (RuntimeError, ValueError):  # one file the decoder rejects fails the batch: decode one by one
@@ -173,12 +224,12 @@ class BatchDecoder:
         out = []
         for p, img in zip(plans, images):
             if img is None:  # the device decoder rejected it: PIL, upright already
-                cpu = decode(p["data"])
+                cpu = decode(p.data)
                 self.fallback += 1
-                out.append(None if cpu is None else replay(F.pil_to_tensor(cpu), p["ops"]))
+                out.append(None if cpu is None else replay(F.pil_to_tensor(cpu), p.steps))
                 continue
             self.on_device += 1
-            out.append(replay(upright(img, p["orientation"]), p["ops"]))
+            out.append(replay(upright(img, p.orientation), p.steps))
         return out
 
     def _one(self, data: torch.Tensor) -> torch.Tensor | None:

@@ -51,6 +51,18 @@ class BadDataError(HubtuneError, RuntimeError):
     """More images than --max-bad-fraction allows could not be decoded."""
 
 
+def check_bad_fraction(bad: int, seen: int, limit: float, what: str) -> None:
+    """Stop when more than `limit` (--max-bad-fraction) of the `seen` `what` images (counted over all processes)
+    were unreadable: the one rule `hubtune train` and `hubtune evaluate` apply.
+
+    Raises:
+        BadDataError: bad / seen is over `limit`.
+    """
+    if seen and bad / seen > limit:
+        raise BadDataError(f"{bad} of {seen} {what} images ({bad / seen:.1%}) could not be decoded, over "
+                           f"--max-bad-fraction {limit}; fix the data or raise the limit")
+
+
 class DivergedError(HubtuneError, FloatingPointError):
     """The loss became NaN or infinite."""
 

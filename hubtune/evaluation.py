@@ -19,11 +19,14 @@ import json
 import logging
 import re
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from hubtune.errors import ConfigError, DataError, OutputDirError, PushError
+from hubtune.errors import ConfigError, DataError, OutputDirError, check_bad_fraction
 from hubtune.files import CARD_FILE, atomic_write, unwritable
+from hubtune.records import EvalMetrics, per_class_json
 from hubtune.sources import parse_model_spec
 
 logger = logging.getLogger("hubtune")
@@ -69,7 +72,28 @@ def match_labels(dataset_names: list[str], model_names: list[str], label_map: di
     return [index[name] for name in renamed]
 
 
-def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EvalRequest:
+    """What `hubtune evaluate` evaluates, on which data, how, and where the result goes; the defaults are the CLI's."""
+
+    model: str  # Hub repo (org/name[@rev]) or local export
+    dataset: str  # Hub dataset id, local imagefolder or parquet file(s)
+    revision: str | None = None  # of the model
+    split: str | None = None  # None: test, else validation (else a local dataset's only split)
+    dataset_revision: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    label_map: Mapping[str, str] = field(default_factory=dict)  # {dataset label: model label} (parse_label_map)
+    batch_size: int = 64
+    num_workers: int = 2
+    max_bad_fraction: float = 0.01
+    output_dir: str = "evaluation"
+    tta: bool = False
+    push: bool = False  # add the result to the model repo's card
+    trust_pickled_weights: bool = False
+
+
+def evaluate_model(args: EvalRequest) -> dict[str, Any]:
     """Evaluate args.model on args.dataset; the main process writes eval_results.json and the plot, and pushes."""
     import torch
     from accelerate import Accelerator
@@ -79,7 +103,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     from hubtune.classifier import ImageClassifier
     from hubtune.job import _cpu_only_launch
 
-    label_map = parse_label_map(args.label_map)
+    label_map = dict(args.label_map)
     accelerator = Accelerator(cpu=_cpu_only_launch())
     clf = ImageClassifier.from_pretrained(args.model, args.revision, device=accelerator.device,
                                           trust_pickled_weights=args.trust_pickled_weights)
@@ -87,7 +111,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--push adds the result to a Hub model repo's card; {args.model!r} is a local directory")
     split, info = data.open_eval_split(args.dataset, args.split, args.dataset_revision, args.image_column,
                                        args.label_column)
-    chosen = info.val_source.removeprefix("split:")
+    chosen = info.val_source.name
     if not args.split and chosen not in data.EVAL_SPLIT_NAMES and accelerator.is_main_process:
         logger.info(f"--dataset {args.dataset!r} is local, with one split ({chosen!r}) and no test or validation "
                     "split: evaluating all of it")
@@ -102,22 +126,17 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     started = time.time()
     with torch.inference_mode():
         # raw logits and the temperature apart: the result has the ECE and loss with and without it
-        result = metrics.evaluate(lambda b: clf.logits(prepare(b["pixel_values"]), args.tta, calibrated=False),
+        result = metrics.evaluate(lambda b: clf.logits(prepare(b.images()), args.tta, calibrated=False),
                                   loader, accelerator, clf.label_names, targets=targets, temperature=clf.temperature)
-    seen = result["examples"] + result["skipped"]
-    if seen and result["skipped"] / seen > args.max_bad_fraction:
-        from hubtune.errors import BadDataError
-
-        raise BadDataError(f"{result['skipped']} of {seen} images could not be decoded, over --max-bad-fraction "
-                           f"{args.max_bad_fraction}; fix the data or raise the limit")
-    if result["examples"] == 0:
-        raise DataError(f"--dataset {args.dataset!r} split {info.val_source!r} has no decodable image to evaluate")
+    check_bad_fraction(result.skipped, result.examples + result.skipped, args.max_bad_fraction, "evaluation")
+    if result.examples == 0:
+        raise DataError(f"--dataset {args.dataset!r} split {info.val_source.to_json()!r} has no decodable image to evaluate")
     record = _record(args, clf, info, label_map, result, accelerator.num_processes, time.time() - started)
     if accelerator.is_main_process:
         out = Path(args.output_dir)
         try:
             atomic_write(out / RESULTS_FILE, json.dumps(record, indent=2), fsync=False)
-            plots.confusion_matrix(result["confusion_matrix"], clf.label_names, out / CONFUSION_PLOT)
+            plots.confusion_matrix(result.confusion_matrix, clf.label_names, out / CONFUSION_PLOT)
             calibration = record["calibration"]
             series = [("model" if clf.temperature is None else f"with temperature {clf.temperature:.3f}",
                        calibration["bins"], calibration["ece"])]
@@ -154,7 +173,7 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
                              "--overwrite-output-dir to replace it, or give another --output-dir")
 
 
-def _record(args: argparse.Namespace, clf: Any, info: Any, label_map: dict[str, str], result: dict[str, Any],
+def _record(args: EvalRequest, clf: Any, info: Any, label_map: dict[str, str], result: EvalMetrics,
             processes: int, seconds: float) -> dict[str, Any]:
     import accelerate
     import datasets
@@ -165,25 +184,25 @@ def _record(args: argparse.Namespace, clf: Any, info: Any, label_map: dict[str, 
     from hubtune import metrics as metrics_lib
     from hubtune.version import __version__
 
-    calibration: dict[str, Any] = {"n_bins": metrics_lib.N_BINS, "ece": result["ece"],
-                                   "bins": metrics_lib.describe_bins(result["calibration_bins"]),
+    calibration: dict[str, Any] = {"n_bins": metrics_lib.N_BINS, "ece": result.ece,
+                                   "bins": metrics_lib.describe_bins(result.calibration_bins),
                                    "temperature": clf.temperature}
-    if "uncalibrated" in result:  # the model's temperature applied: what timm and transformers users get instead
-        raw = result["uncalibrated"]
-        calibration["uncalibrated"] = {"ece": raw["ece"], "loss": raw["loss"],
-                                       "bins": metrics_lib.describe_bins(raw["calibration_bins"])}
-    intervals = metrics_lib.bootstrap_intervals(torch.tensor(result["confusion_matrix"]))
+    if result.uncalibrated is not None:  # the model's temperature applied: what timm and transformers users get
+        raw = result.uncalibrated
+        calibration["uncalibrated"] = {"ece": raw.ece, "loss": raw.loss,
+                                       "bins": metrics_lib.describe_bins(raw.calibration_bins)}
+    intervals = metrics_lib.bootstrap_intervals(torch.tensor(result.confusion_matrix))
     return {
         "model": {"source": args.model, "revision": clf.revision, "labels": clf.label_names},
-        "dataset": {"id": args.dataset, "revision": info.revision, "split": info.val_source.split(":", 1)[1],
+        "dataset": {"id": args.dataset, "revision": info.revision, "split": info.val_source.name,
                     "labels": info.class_names, "label_map": label_map},
-        "metrics": {"accuracy": result["accuracy"], "f1": result["f1"], "loss": result["loss"], "ece": result["ece"]},
+        "metrics": {"accuracy": result.accuracy, "f1": result.f1, "loss": result.loss, "ece": result.ece},
         "confidence_intervals": {"method": "percentile bootstrap over the examples",
                                  "level": metrics_lib.CONFIDENCE_LEVEL, "resamples": metrics_lib.BOOTSTRAP_RESAMPLES,
                                  "seed": metrics_lib.BOOTSTRAP_SEED, **intervals},
         "calibration": calibration, "tta": TTA if args.tta else None,
-        "per_class": result["per_class"], "confusion_matrix": result["confusion_matrix"],
-        "examples": result["examples"], "skipped_images": result["skipped"], "num_processes": processes,
+        "per_class": per_class_json(result.per_class), "confusion_matrix": result.confusion_matrix,
+        "examples": result.examples, "skipped_images": result.skipped, "num_processes": processes,
         "seconds": round(seconds, 2),
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__,
                      "datasets": datasets.__version__, "huggingface_hub": huggingface_hub.__version__,
@@ -221,16 +240,11 @@ def push_result(record: dict[str, Any], repo_id: str, revision: str | None) -> s
 
     client = hub.api()
     ds = record["dataset"]
-    try:
-        card = None
+    card = None
+    with hub.push_errors(repo_id, "reading the card"):
         if client.file_exists(repo_id, CARD_FILE):
             # RepoCard.load's hint says str, but it hands the token to hf_hub_download, which takes a bool too
             card = ModelCard.load(repo_id, token=client.token)  # type: ignore[arg-type]
-    except Exception as err:  # classified by push_failure; an unexpected error keeps its traceback
-        message = hub.push_failure(err, repo_id, "reading the card")
-        if message is None:
-            raise
-        raise PushError(message) from err
     card = card or ModelCard(f"---\nlibrary_name: timm\n---\n# {repo_id}\n")
     # a ModelCard's data is a ModelCardData (its card_data_class); RepoCard types it as the base CardData
     card_data = cast(ModelCardData, card.data)
@@ -246,8 +260,9 @@ def push_result(record: dict[str, Any], repo_id: str, revision: str | None) -> s
                 for metric, name in PUSHED_METRICS]
     card_data.eval_results = results
     card_data.model_name = card_data.model_name or repo_id.split("/")[-1]
-    url = hub.push_files(repo_id, {CARD_FILE: str(card).encode()}, revision=revision,
-                         commit_message=f"hubtune evaluate: {ds['id']} ({ds['split']})")
+    target = hub.PushTarget(repo_id, revision=revision, overwrite_card=True,  # the card read above, with the result
+                            commit_message=f"hubtune evaluate: {ds['id']} ({ds['split']})")
+    url = hub.push_files(target, {CARD_FILE: str(card).encode()})
     return f"added the result to the card of {repo_id}: {url}"
 
 
@@ -262,11 +277,13 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-column", default=None, help="label column (default: the ClassLabel feature)")
     parser.add_argument("--label-map", default=None, metavar="DATASET_LABEL=MODEL_LABEL,...",
                         help="rename dataset classes to the model's label names")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass and process")
-    parser.add_argument("--num-workers", type=int, default=2, help="data loader worker processes per process")
-    parser.add_argument("--max-bad-fraction", type=float, default=0.01,
+    parser.add_argument("--batch-size", type=int, default=EvalRequest.batch_size,
+                        help="images per forward pass and process")
+    parser.add_argument("--num-workers", type=int, default=EvalRequest.num_workers,
+                        help="data loader worker processes per process")
+    parser.add_argument("--max-bad-fraction", type=float, default=EvalRequest.max_bad_fraction,
                         help="fail if more than this fraction of images cannot be decoded")
-    parser.add_argument("--output-dir", default="evaluation", help="where eval_results.json and the plot go")
+    parser.add_argument("--output-dir", default=EvalRequest.output_dir, help="where eval_results.json and the plot go")
     parser.add_argument("--overwrite-output-dir", action="store_true",
                         help="replace the eval_results.json and plot of an earlier evaluation in --output-dir instead "
                              "of refusing to start")
@@ -285,5 +302,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')}: got {getattr(args, name)}, expected an integer >= "
                               f"{1 if name == 'batch_size' else 0}")
     check_output_dir(args.output_dir, args.overwrite_output_dir)
-    evaluate_model(args)
+    evaluate_model(EvalRequest(
+        args.model, args.dataset, revision=args.revision, split=args.split, dataset_revision=args.dataset_revision,
+        image_column=args.image_column, label_column=args.label_column, label_map=parse_label_map(args.label_map),
+        batch_size=args.batch_size, num_workers=args.num_workers, max_bad_fraction=args.max_bad_fraction,
+        output_dir=args.output_dir, tta=args.tta, push=args.push, trust_pickled_weights=args.trust_pickled_weights))
     return 0

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hubtune.errors import ConfigError, ExportError, PushError
-from hubtune.files import CARD_FILE
+from hubtune.errors import ConfigError, ExportError
+from hubtune.files import CARD_FILE, TMP_PREFIX
 
 if TYPE_CHECKING:
     import numpy as np
@@ -179,7 +179,7 @@ def export_onnx(clf: ImageClassifier, output_dir: Path, *, opset: int | None = N
         reference = clf.model(batch).float().numpy()
     pixels = batch.numpy()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-{output_dir.name}-", dir=output_dir.parent))
+    work = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{output_dir.name}-", dir=output_dir.parent))
     try:
         example = batch[:2] if dynamic_batch and len(batch) > 1 else batch[:1]  # a batch of 1 would fix the size
         written_opset = to_onnx(clf.model, example, work / ONNX_FILE, opset, dynamic_batch)
@@ -252,24 +252,19 @@ def push_export(output_dir: Path, record: dict[str, Any], repo_id: str, branch: 
              "int8": info["int8"] and {**info["int8"], "file": f"{REPO_DIR}/{INT8_FILE}"},
              "dynamic_batch": record["batch_size"] == "dynamic"}
     client = hub.api()
-    try:
+    with hub.push_errors(repo_id, "reading the card"):
         try:
             remote = Path(client.hf_hub_download(repo_id, CARD_FILE, revision=branch)).read_text(encoding="utf-8")
         except EntryNotFoundError:
             remote = None
         stale = [f for f in client.list_repo_files(repo_id, revision=branch)  # of an earlier export
                  if f in {f"{REPO_DIR}/{name}" for name in (INT8_FILE, EXTERNAL_DATA) if name not in files}]
-    except Exception as err:  # classified by push_failure; an unexpected error keeps its traceback
-        message = hub.push_failure(err, repo_id, "reading the card")
-        if message is None:
-            raise
-        raise PushError(message) from err
     section = card.render_onnx_usage(repo_id, usage, min(card.TOP_K, len(record["label_names"])))
     contents: dict[str, bytes | Path] = {f"{REPO_DIR}/{name}": output_dir / name for name in files}
     contents[CARD_FILE] = card_with_section(remote, section, repo_id).encode()
     message = f"hubtune export: ONNX (opset {info['opset']}) of {(info['revision'] or '')[:8]}"
-    return hub.push_files(repo_id, contents, deletions=stale, revision=branch, commit_message=message,
-                          folder=output_dir)
+    target = hub.PushTarget(repo_id, revision=branch, commit_message=message, overwrite_card=True)  # section merged
+    return hub.push_files(target, contents, deletions=stale, folder=output_dir)
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:

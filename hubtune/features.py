@@ -18,8 +18,9 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
@@ -27,9 +28,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hubtune import model as model_lib
-from hubtune.config import policy_fields
 from hubtune.errors import ConfigError
 from hubtune.files import atomic_write
+
+if TYPE_CHECKING:
+    from hubtune.stream import Batch
 
 logger = logging.getLogger("hubtune")
 
@@ -76,21 +79,31 @@ def weights_digest(net: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def fingerprint(cfg: Any, net: torch.nn.Module, data_cfg: dict, train_tf: Callable, eval_tf: Callable) -> dict:
+@dataclass(frozen=True)
+class CacheKey:
+    """The run's settings that change the features, as the config declares them (its "cache_key" fields), and the
+    augmentation's seed (None without --augment: the eval transform draws nothing)."""
+
+    settings: dict[str, Any]
+    augment_seed: int | None
+
+
+def fingerprint(key: CacheKey, net: torch.nn.Module, data_cfg: dict, train_tf: Callable, eval_tf: Callable) -> dict:
     """Everything the cached features depend on; its hash names the cache folder."""
     return {
-        **{name: getattr(cfg, name) for name in policy_fields("cache_key")},  # the settings that declare they are
+        **key.settings,
         "format": FORMAT, "weights": weights_digest(net), "data_config": {k: list(v) if isinstance(v, tuple) else v
                                                         for k, v in data_cfg.items()},
         "train_transform": repr(train_tf), "eval_transform": repr(eval_tf),
-        "seed": cfg.seed if cfg.augment else None,  # augmentation draws from it; the eval transform does not
+        "seed": key.augment_seed,
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
     }
 
 
-def view_for(cfg: Any, epoch: int) -> str:
-    """The cached view epoch `epoch` trains on."""
-    return f"train-view{epoch % cfg.cache_views}" if cfg.augment else "train"
+def view_for(views: int | None, epoch: int) -> str:
+    """The cached view epoch `epoch` trains on: one of `views` augmented views (--cache-views with --augment), or
+    the unaugmented one (None)."""
+    return f"train-view{epoch % views}" if views is not None else "train"
 
 
 class FeatureCache:
@@ -142,17 +155,17 @@ class FeatureCache:
             self.computing.pop(view, None)
         return ready
 
-    def features(self, view: str, batch: dict, compute: Callable[[torch.Tensor], torch.Tensor],
+    def features(self, view: str, batch: Batch, compute: Callable[[torch.Tensor], torch.Tensor],
                  device: torch.device) -> torch.Tensor:
         """The batch's features: computed from its images (and remembered) or looked up by content key."""
-        if batch["pixel_values"] is not None:
-            feats = compute(batch["pixel_values"])
-            self.tables[view].update(zip(batch["keys"], feats.detach().float().cpu()))
+        if batch.pixel_values is not None:
+            feats = compute(batch.pixel_values)
+            self.tables[view].update(zip(batch.keys, feats.detach().float().cpu()))
             return feats
         table = self.tables[view]
-        return torch.stack([table[k] for k in batch["keys"]]).to(device, non_blocking=True)
+        return torch.stack([table[k] for k in batch.keys]).to(device, non_blocking=True)
 
-    def end(self, view: str, accelerator: Any, whole_pass: bool, rest: Iterable[dict] = (),
+    def end(self, view: str, accelerator: Any, whole_pass: bool, rest: Iterable[Batch] = (),
             compute: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """After a pass: store the view if this pass computed all of it (every process writes its own part).
 
@@ -162,7 +175,7 @@ class FeatureCache:
         computed_all = self.computing.pop(view, None) and whole_pass
         if computed_all and compute is not None:
             for batch in rest:
-                if batch["pixel_values"] is not None:
+                if batch.pixel_values is not None:
                     self.features(view, batch, compute, accelerator.device)
         if accelerator.num_processes > 1:
             flag = torch.tensor([int(bool(computed_all))], device=accelerator.device)

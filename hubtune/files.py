@@ -21,7 +21,19 @@ WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "README.md"
 CHECKPOINTS_DIR = "checkpoints"
-STEP_NAME = re.compile(r"^step-(\d{6,})$")  # a checkpoint folder in CHECKPOINTS_DIR
+PLOTS_DIR = "plots"  # here, not in plots.py: listing a run's files must not import matplotlib
+# a checkpoint folder in CHECKPOINTS_DIR: its name (step_name), the pattern that reads it back, a glob for listings
+STEP_PREFIX = "step-"
+_STEP_DIGITS = r"\d{6,}"
+STEP_PATTERN = rf"{STEP_PREFIX}{_STEP_DIGITS}"  # for larger patterns that hold one (hf://REPO/checkpoints/step-N)
+STEP_NAME = re.compile(rf"^{STEP_PREFIX}({_STEP_DIGITS})$")  # group 1: the step
+STEP_GLOB = f"{STEP_PREFIX}*"  # also matches names that are not checkpoints': filter with step_of
+TMP_PREFIX = ".tmp-"  # a file or folder being written, renamed into place when complete; never pushed
+
+
+def step_name(step: int) -> str:
+    """The folder name of the checkpoint saved at optimizer step `step` (step-NNNNNN)."""
+    return f"{STEP_PREFIX}{step:06d}"
 
 
 def step_of(name: str) -> int | None:
@@ -66,7 +78,7 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], None], f
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.")
     tmp = Path(name)
     try:
         if callable(data):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fnmatch
 import hashlib
@@ -13,6 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,17 @@ from huggingface_hub.errors import (
 from hubtune import hub_calls
 from hubtune.background import BackgroundPusher
 from hubtune.errors import ConfigError, DataError, ModelSourceError, PushError
-from hubtune.files import CARD_FILE, METRICS_FILE, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE, WEIGHTS_FILE
+from hubtune.files import (
+    CARD_FILE,
+    CHECKPOINTS_DIR,
+    METRICS_FILE,
+    MODEL_CONFIG_FILE,
+    PLOTS_DIR,
+    STEP_GLOB,
+    TMP_PREFIX,
+    TRAIN_CONFIG_FILE,
+    WEIGHTS_FILE,
+)
 from hubtune.hub_calls import (
     attempts_of,
     causes,
@@ -46,15 +56,13 @@ from hubtune.sources import (
     parse_model_spec,
     repo_id_problem,
 )
+from hubtune.tracking import RUNS_DIR
 from hubtune.version import __version__
 
 logger = logging.getLogger("hubtune")
 
-# What a pushed repo holds: the timm export, the card and its plots, the run's record.
-PUSH_PATTERNS = [MODEL_CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, METRICS_FILE, TRAIN_CONFIG_FILE, "plots/*.png",
-                 "runs/*"]  # TensorBoard event files: the Hub's "Training metrics" tab
-CHECKPOINT_PATTERNS = ["checkpoints/step-*/*"]
 CARD_MARKER = "<!-- hubtune-card sha256:"
+BACKGROUND_RETRIES = 2  # of a push of a new best model while training goes on
 
 def api(token: str | bool | None = None, endpoint: str | None = None) -> HfApi:
     """hubtune's HfApi client; every request it makes has a timeout (see hub_calls)."""
@@ -63,18 +71,27 @@ def api(token: str | bool | None = None, endpoint: str | None = None) -> HfApi:
 
 
 @contextlib.contextmanager
-def model_repo_errors(spec: str) -> Iterator[None]:
-    """Turn the Hub client's typed errors about a --model repo into one-line ModelSourceErrors with the fix."""
+def model_repo_errors(spec: ModelSpec | str, what: str | None = None) -> Iterator[None]:
+    """Inside it, the Hub client's typed errors about the model repo of `spec` become one-line ModelSourceErrors with
+    the fix, for training's --model and `from_pretrained` alike. `what` names the source at the start of the message
+    (default: `--model SPEC`)."""
+    from huggingface_hub import constants
+
+    parsed = parse_model_spec(spec) if isinstance(spec, str) else spec
+    repo_id, revision = parsed.repo_id or parsed.spec, parsed.revision
+    what = what or f"--model {parsed.spec!r}"
+    url = f"{constants.ENDPOINT}/{repo_id}"
     try:
         yield
-    except GatedRepoError as err:
-        raise ModelSourceError(f"--model {spec!r} is gated: accept its licence on the Hub and set HF_TOKEN") from err
+    except GatedRepoError as err:  # a kind of RepositoryNotFoundError: first
+        raise ModelSourceError(f"{what}: {url} is gated: accept its licence there, then set HF_TOKEN or run "
+                               "`hf auth login`") from err
     except RevisionNotFoundError as err:
-        raise ModelSourceError(f"--model {spec!r}: that revision does not exist; give an existing branch, tag or "
-                               "commit sha") from err
+        raise ModelSourceError(f"{what}: {url} has no revision {revision!r}; give an existing branch, tag or commit "
+                               "sha") from err
     except RepositoryNotFoundError as err:
-        raise ModelSourceError(f"--model {spec!r}: no such model repo on the Hub (private? set HF_TOKEN or run "
-                               "`hf auth login`)") from err
+        raise ModelSourceError(f"{what}: no such model repo on the Hub (model repo {repo_id!r} not found at {url}; "
+                               "private? set HF_TOKEN or run `hf auth login`)") from err
 
 
 def resolve_model(spec: ModelSpec, token: str | None = None) -> tuple[str, dict[str, Any]]:
@@ -90,7 +107,7 @@ def resolve_model(spec: ModelSpec, token: str | None = None) -> tuple[str, dict[
         sha = _cached_sha(repo, revision, "model")
         return f"hf-hub:{repo}" + (f"@{sha or revision}" if (sha or revision) else ""), {
             "id": repo, "revision": sha or revision, "spec": spec.spec, "license": None}
-    with model_repo_errors(spec.spec), hub_calls.answered(f"--model {spec.spec!r}"):
+    with model_repo_errors(spec), hub_calls.answered(f"--model {spec.spec!r}"):
         info = api(token).model_info(repo, revision=revision)
     check_weight_files([s.rfilename for s in info.siblings or []], f"--model {spec.spec!r}", remedy=SAFETENSORS_ONLY)
     card = info.card_data.to_dict() if info.card_data else {}
@@ -163,9 +180,14 @@ def _prefetch_errors(what: str) -> Iterator[None]:
 
 
 def files_to_push(output_dir: Path, push_checkpoints: bool = False) -> list[str]:
-    patterns = PUSH_PATTERNS + (CHECKPOINT_PATTERNS if push_checkpoints else [])
+    """What a pushed repo holds, of a run's files: the timm export, the card and its plots, the run's record,
+    TensorBoard event files (the Hub's "Training metrics" tab), and the checkpoints when asked; nothing half-written.
+    """
+    patterns = [MODEL_CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, METRICS_FILE, TRAIN_CONFIG_FILE, f"{PLOTS_DIR}/*.png",
+                f"{RUNS_DIR}/*"] + ([f"{CHECKPOINTS_DIR}/{STEP_GLOB}/*"] if push_checkpoints else [])
     found = [p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*") if p.is_file()]
-    return sorted(f for f in found if any(fnmatch.fnmatch(f, pat) for pat in patterns) and "/.tmp-" not in f)
+    return sorted(f for f in found if any(fnmatch.fnmatch(f, pat) for pat in patterns)
+                  and f"/{TMP_PREFIX}" not in f)
 
 
 def mark_card(text: str) -> str:
@@ -180,19 +202,33 @@ def card_was_edited(remote: str) -> bool:
     return remote != mark_card(remote.split(CARD_MARKER)[0]) if CARD_MARKER in remote else True
 
 
-def push(output_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-         commit_message: str | None = None, push_checkpoints: bool = False, overwrite_card: bool = False,
-         token: str | bool | None = None, retries: int = 4, retry_wait: float = 2.0,
-         endpoint: str | None = None, cancel: threading.Event | None = None, rerun: str | None = None) -> str:
-    """Push a run's export in one commit, verify the files on the Hub, and return the commit URL.
+@dataclass(frozen=True)
+class PushTarget:
+    """Where a commit goes and how it is made: built once by whoever decides to push (the CLI, the training run)."""
 
-    Every call to the Hub has a timeout and is retried on transient failures (`retries` times, backoff from
-    `retry_wait` s). `cancel`, when set, stops the push before its next call (background pushes).
+    repo_id: str
+    revision: str | None = None  # the branch (created if missing); None: the default branch
+    private: bool = False  # when the repo is created
+    commit_message: str | None = None  # None: the caller's default
+    overwrite_card: bool = False  # replace a README.md edited on the Hub since hubtune wrote it
+    token: str | bool | None = None  # None: huggingface_hub's (HF_TOKEN, `hf auth login`); False: anonymous
+    endpoint: str | None = None  # None: HF_ENDPOINT
+    retries: int = 4  # of each Hub call's transient failures, waiting retry_wait, 2*retry_wait, ... seconds
+    retry_wait: float = 2.0
+
+
+def push(output_dir: str | Path, target: PushTarget, *, push_checkpoints: bool = False,
+         cancel: threading.Event | None = None, rerun: str | None = None) -> str:
+    """Push a run's export to `target` in one commit, verify the files on the Hub, and return the commit URL.
+
+    Every call to the Hub has a timeout and is retried on transient failures (target.retries times). `cancel`, when
+    set, stops the push before its next call (background pushes); `rerun`: the command that completes the push.
 
     Raises:
-        ConfigError: the folder is not a hubtune export, or `repo_id` is not a valid Hub repo id.
+        ConfigError: the folder is not a hubtune export, or the repo id is not a valid Hub repo id.
         PushError: the Hub refused or could not be reached; nothing local changed, rerun to complete.
     """
+    repo_id = target.repo_id
     problem = repo_id_problem(repo_id)
     if problem:
         raise ConfigError(f"{repo_id!r} is not a Hub repo id ({problem}); expected ORG/NAME, e.g. you/my-model")
@@ -208,28 +244,26 @@ def push(output_dir: str | Path, repo_id: str, *, private: bool = False, revisio
     config = json.loads((folder / MODEL_CONFIG_FILE).read_text())
     if loadable_config(config) != config:
         contents[MODEL_CONFIG_FILE] = json.dumps(loadable_config(config), indent=2).encode()
-    return push_files(repo_id, contents, private=private, revision=revision,
-                      commit_message=commit_message or f"Upload {folder.name} with hubtune {__version__}",
-                      overwrite_card=overwrite_card, token=token, retries=retries, retry_wait=retry_wait,
-                      endpoint=endpoint, cancel=cancel, folder=folder, rerun=rerun)
+    message = target.commit_message or f"Upload {folder.name} with hubtune {__version__}"
+    return push_files(replace(target, commit_message=message), contents, cancel=cancel, folder=folder, rerun=rerun)
 
 
-def push_files(repo_id: str, contents: dict[str, bytes | Path], *, commit_message: str, deletions: Sequence[str] = (),
-               private: bool = False, revision: str | None = None, overwrite_card: bool = True,
-               token: str | bool | None = None, retries: int = 4, retry_wait: float = 2.0,
-               endpoint: str | None = None, cancel: threading.Event | None = None, folder: Path | None = None,
-               announce: bool = True, rerun: str | None = None) -> str:
-    """One commit that adds `contents` ({path in repo: bytes or local file}) and deletes `deletions`, created
-    (repo and branch) as needed, then verified file by file on the Hub; returns the commit URL.
+def push_files(target: PushTarget, contents: dict[str, bytes | Path], *, deletions: Sequence[str] = (),
+               cancel: threading.Event | None = None, folder: Path | None = None, announce: bool = True,
+               rerun: str | None = None) -> str:
+    """One commit to `target` that adds `contents` ({path in repo: bytes or local file}) and deletes `deletions`,
+    created (repo and branch) as needed, then verified file by file on the Hub; returns the commit URL.
 
-    With `overwrite_card` False, a README.md edited on the Hub since hubtune wrote it is kept. `announce`: log the
-    commit (callers that say what the commit was for pass False). `rerun`: the command that completes the push, for
-    the error message. No attempt starts after HUBTUNE_PUSH_TIMEOUT seconds (see hub_calls.push_timeout_s).
+    Unless target.overwrite_card, a README.md edited on the Hub since hubtune wrote it is kept. `announce`: log the
+    commit (callers that say what the commit was for pass False). `folder` and `rerun`: the local folder and the
+    command that completes the push, for the error message. No attempt starts after HUBTUNE_PUSH_TIMEOUT seconds
+    (see hub_calls.push_timeout_s).
 
     Raises:
         PushError: the Hub refused or could not be reached, in one line (what, after how many attempts, the fix).
     """
-    hub = api(token, endpoint)
+    repo_id, revision = target.repo_id, target.revision
+    hub = api(target.token, target.endpoint)
     contents = dict(contents)
     step = "create_repo"
     deadline = time.monotonic() + push_timeout_s()
@@ -239,13 +273,13 @@ def push_files(repo_id: str, contents: dict[str, bytes | Path], *, commit_messag
         step = what
         if cancel is not None and cancel.is_set():
             raise PushError(f"push to {repo_id} cancelled before {what}")
-        return retrying(what, fn, retries, retry_wait, cancel, deadline)
+        return retrying(what, fn, target.retries, target.retry_wait, cancel, deadline)
 
-    try:
-        call("create_repo", lambda: hub.create_repo(repo_id, private=private, exist_ok=True))
+    with push_errors(repo_id, lambda: step, folder, rerun):
+        call("create_repo", lambda: hub.create_repo(repo_id, private=target.private, exist_ok=True))
         if revision:
             call("create_branch", lambda: hub.create_branch(repo_id, branch=revision, exist_ok=True))
-        if CARD_FILE in contents and not overwrite_card and call(
+        if CARD_FILE in contents and not target.overwrite_card and call(
                 "reading the card on the Hub", lambda: _remote_card_edited(hub, repo_id, revision)):
             logger.warning(f"{CARD_FILE} on {repo_id} was edited on the Hub; keeping it (pass --overwrite-card)")
             del contents[CARD_FILE]
@@ -254,15 +288,8 @@ def push_files(repo_id: str, contents: dict[str, bytes | Path], *, commit_messag
             for name, data in contents.items()]
         operations += [CommitOperationDelete(path_in_repo=name) for name in deletions]
         info = call("upload", lambda: hub.create_commit(repo_id, operations, revision=revision,
-                                                         commit_message=commit_message))
+                                                         commit_message=target.commit_message or "hubtune"))
         remote = call("verification", lambda: _remote_entries(hub, repo_id, info.oid, list(contents)))
-    except PushError:
-        raise
-    except Exception as err:  # classified by push_failure; an unexpected error keeps its traceback
-        message = push_failure(err, repo_id, step, folder, rerun)
-        if message is None:
-            raise
-        raise PushError(message) from err
     _verify(repo_id, info.oid, operations, remote)
     if announce:
         files = "1 file" if len(contents) == 1 else f"{len(contents)} files"
@@ -339,10 +366,28 @@ def push_failure(err: BaseException, repo_id: str, step: str, folder: Path | Non
     return f"push to {repo_id} failed at {step} {tries} ({detail}); {rerun}"
 
 
-def export_pusher(repo_id: str, **push_kwargs: Any) -> BackgroundPusher:
-    """Pushes snapshots of the export (new best models) to `repo_id`; each snapshot folder is deleted after."""
-    kwargs = {"retries": 2, **push_kwargs}
-    return BackgroundPusher(lambda folder, cancel: push(folder, repo_id, cancel=cancel, **kwargs),
+@contextlib.contextmanager
+def push_errors(repo_id: str, step: str | Callable[[], str], folder: Path | None = None,
+                command: str | None = None) -> Iterator[None]:
+    """Inside it, a failed Hub call about `repo_id` raises a one-line PushError (see push_failure); a PushError
+    passes through, an unexpected error keeps its traceback. `step`: what was being done, or a function that says
+    it when the failure comes."""
+    try:
+        yield
+    except PushError:
+        raise
+    except Exception as err:
+        message = push_failure(err, repo_id, step() if callable(step) else step, folder, command)
+        if message is None:
+            raise
+        raise PushError(message) from err
+
+
+def export_pusher(target: PushTarget) -> BackgroundPusher:
+    """Pushes snapshots of the export (new best models) to `target`, retrying each call twice (a newer snapshot
+    will follow); each snapshot folder is deleted after."""
+    target = replace(target, retries=BACKGROUND_RETRIES)
+    return BackgroundPusher(lambda folder, cancel: push(folder, target, cancel=cancel),
                             discard=lambda folder: shutil.rmtree(folder, ignore_errors=True))
 
 
@@ -350,36 +395,3 @@ def snapshot_dir(output_dir: Path) -> Path:
     """A private folder for one background-push snapshot."""
     return Path(tempfile.mkdtemp(prefix=".push-", dir=output_dir))
 
-
-def add_push_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output_dir", help="a finished run's --output-dir")
-    parser.add_argument("repo_id", help="Hub repo to push to (user/name)")
-    parser.add_argument("--private", action="store_true", help="create the repo private")
-    parser.add_argument("--revision", default=None, help="branch to push to (created if missing)")
-    parser.add_argument("--commit-message", default=None, help="commit message")
-    parser.add_argument("--push-checkpoints", action="store_true", help="also push checkpoints/ (optimizer state)")
-    parser.add_argument("--overwrite-card", action="store_true", help="replace a README.md edited on the Hub")
-    parser.add_argument("--retries", type=int, default=4, help="retries of transient failures (default: 4)")
-
-
-def run_push(args: argparse.Namespace) -> int:
-    url = push(args.output_dir, args.repo_id, private=args.private, revision=args.revision,
-               commit_message=args.commit_message, push_checkpoints=args.push_checkpoints,
-               overwrite_card=args.overwrite_card, retries=args.retries)
-    print(url)
-    return 0
-
-
-def add_prefetch_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="base model (Hub id or timm architecture)")
-    parser.add_argument("--dataset", default=None, help="Hub dataset id")
-    parser.add_argument("--dataset-revision", default=None, help="dataset branch, tag or commit")
-
-
-def run_prefetch(args: argparse.Namespace) -> int:
-    if not args.model and not args.dataset:
-        raise ConfigError("prefetch needs --model and/or --dataset")
-    for kind, path in prefetch(args.model, args.dataset, args.dataset_revision).items():
-        print(f"{kind}: {path}")
-    print("cached; on nodes without internet run with HF_HUB_OFFLINE=1")
-    return 0

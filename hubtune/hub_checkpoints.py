@@ -24,17 +24,17 @@ from huggingface_hub.constants import is_offline_mode
 from huggingface_hub.errors import EntryNotFoundError
 
 from hubtune import checkpoint, hub, hub_calls
-from hubtune.errors import CheckpointError, ConfigError, PushError
-from hubtune.files import sha256_file
+from hubtune.errors import CheckpointError, ConfigError
+from hubtune.files import CHECKPOINTS_DIR, STEP_PATTERN, sha256_file
 from hubtune.hub_calls import retrying
 from hubtune.hub_sync import remote_names
+from hubtune.records import best_from_json
 from hubtune.sources import repo_id_problem, revision_problem
 from hubtune.tracking import RUNS_DIR
 
 logger = logging.getLogger("hubtune")  # main process only: no need for accelerate's rank filter
 
-REMOTE_DIR = checkpoint.CHECKPOINTS
-HF_URL = re.compile(r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<branch>[^/]+))?(?:/checkpoints/(?P<name>step-\d{6,}))?/?$")
+HF_URL = re.compile(rf"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<branch>[^/]+))?(?:/{CHECKPOINTS_DIR}/(?P<name>{STEP_PATTERN}))?/?$")
 HF_URL_FORM = "hf://ORG/NAME[@BRANCH][/checkpoints/step-NNNNNN]"
 
 
@@ -48,7 +48,7 @@ class HubCheckpoints:
     explicit: bool = False  # hf://...: a repo that must exist (not the run's own, which may not exist yet)
 
     def __str__(self) -> str:
-        return f"{self.repo_id}@{self.branch}" + (f"/{REMOTE_DIR}/{self.name}" if self.name else "")
+        return f"{self.repo_id}@{self.branch}" + (f"/{CHECKPOINTS_DIR}/{self.name}" if self.name else "")
 
 
 def parse_resume(spec: str | None, push_to_hub: str | None, branch: str) -> HubCheckpoints | None:
@@ -97,12 +97,12 @@ def _download(where: HubCheckpoints, name: str, out: Path) -> Path:
     staging = final.parent / f".download-{name}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        fetched = staging / REMOTE_DIR / name
+        fetched = staging / CHECKPOINTS_DIR / name
         if is_offline_mode():
-            shutil.copytree(_cached_folder(where) / REMOTE_DIR / name, fetched)  # the cache's links, as files
+            shutil.copytree(_cached_folder(where) / CHECKPOINTS_DIR / name, fetched)  # the cache's links, as files
         else:
             retrying(f"downloading {name}", lambda: snapshot_download(
-                where.repo_id, revision=where.branch, allow_patterns=[f"{REMOTE_DIR}/{name}/*"], local_dir=staging),
+                where.repo_id, revision=where.branch, allow_patterns=[f"{CHECKPOINTS_DIR}/{name}/*"], local_dir=staging),
                 hub_calls.retries_n(), hub_calls.retry_wait_s())
         checkpoint.verify(fetched)
         os.replace(fetched, final)
@@ -149,9 +149,10 @@ def _fetch_best(where: HubCheckpoints, resumed: Path, out: Path) -> None:
     resume refuses that checkpoint (resume_checks.check_saved says why).
     """
     try:
-        best = json.loads((resumed / checkpoint.STATE_FILE).read_text())["run_state"]["best"].get("checkpoint")
+        record = best_from_json(json.loads((resumed / checkpoint.STATE_FILE).read_text())["run_state"]["best"])
     except (ValueError, KeyError, TypeError, AttributeError):
         return
+    best = record.checkpoint if record is not None else None
     if not isinstance(best, str) or checkpoint.step_of(best) is None or best == resumed.name:
         return
     try:
@@ -168,7 +169,7 @@ def _fetch_runs(where: HubCheckpoints, out: Path) -> None:
     checkpoint is hidden, as on a local resume)."""
     if (out / RUNS_DIR).exists():
         return
-    staging = out / checkpoint.CHECKPOINTS / ".download-runs"
+    staging = out / CHECKPOINTS_DIR / ".download-runs"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         if is_offline_mode():
@@ -192,7 +193,7 @@ def _cached_folder(where: HubCheckpoints) -> Path:
     """With HF_HUB_OFFLINE=1: the snapshot of the branch in the HF cache (`hf download REPO --revision BRANCH`, or an
     earlier download into the same cache)."""
     try:
-        return Path(snapshot_download(where.repo_id, revision=where.branch, allow_patterns=[f"{REMOTE_DIR}/*"],
+        return Path(snapshot_download(where.repo_id, revision=where.branch, allow_patterns=[f"{CHECKPOINTS_DIR}/*"],
                                       local_files_only=True))
     except Exception as err:
         raise ConfigError(f"--resume {where}: HF_HUB_OFFLINE is set and these checkpoints are not in the local HF "
@@ -202,7 +203,7 @@ def _cached_folder(where: HubCheckpoints) -> Path:
 
 def _cached_names(where: HubCheckpoints) -> list[str]:
     """With HF_HUB_OFFLINE=1: the checkpoints of `where` in the HF cache, newest first."""
-    folder = _cached_folder(where) / REMOTE_DIR
+    folder = _cached_folder(where) / CHECKPOINTS_DIR
     found = checkpoint.newest_first(p.name for p in folder.iterdir()) if folder.is_dir() else []
     if where.name:
         if where.name not in found:
@@ -213,8 +214,8 @@ def _cached_names(where: HubCheckpoints) -> list[str]:
 
 
 def describe_remote(repo_id: str, branch: str) -> list[tuple[str, ...]]:
-    """`hubtune checkpoints REPO[@BRANCH]`: one row per checkpoint on the branch (as `checkpoint.describe` does for a
-    local run) and whether its files on the Hub match its manifest (sizes and sha256, without downloading them).
+    """`hubtune checkpoints REPO[@BRANCH]`: one row per checkpoint on the branch (as `hubtune checkpoints DIR` lists a
+    local run's) and whether its files on the Hub match its manifest (sizes and sha256, without downloading them).
 
     Raises:
         ConfigError: the repo or branch does not exist or cannot be read.
@@ -225,31 +226,28 @@ def describe_remote(repo_id: str, branch: str) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     names = remote_names(where, asking=f"hubtune checkpoints {repo_id}")
     for name in names:
-        def listing(folder: str = f"{REMOTE_DIR}/{name}") -> list[Any]:
+        def listing(folder: str = f"{CHECKPOINTS_DIR}/{name}") -> list[Any]:
             return list(api.list_repo_tree(repo_id, path_in_repo=folder, revision=branch, expand=False))
 
-        try:
-            files = {e.path.rsplit("/", 1)[1]: e for e in retrying("listing a checkpoint", listing,
-                                                                   hub_calls.retries_n(), hub_calls.retry_wait_s())}
-            small = {f: Path(api.hf_hub_download(repo_id, f"{REMOTE_DIR}/{name}/{f}", revision=branch))
-                     for f in (checkpoint.MANIFEST, checkpoint.STATE_FILE)}
-            listed = json.loads(small[checkpoint.MANIFEST].read_text())["files"]
-            mismatched = [f for f, meta in listed.items() if f not in files or files[f].size != meta["size"]
-                          or (files[f].lfs.sha256 if files[f].lfs else _sha256(small.get(f))) != meta["sha256"]]
-            state = json.loads(small[checkpoint.STATE_FILE].read_text())
-            marks = [m for m, on in (("best", state["run_state"]["best"].get("checkpoint") == name),
-                                     ("latest", name == names[0]), ("verified", not mismatched)) if on]
-            if mismatched:
-                marks.append(f"DAMAGED: {', '.join(mismatched)} differ from the manifest")
-            rows.append((name, *checkpoint.state_columns(state),
-                         f"{sum(e.size for e in files.values()) / 2**20:.1f} MiB", ",".join(marks)))
-        except (EntryNotFoundError, KeyError, ValueError) as err:
-            rows.append((name, "-", "-", "-", "-", f"DAMAGED: {type(err).__name__}: {err}"))
-        except Exception as err:  # classified as a push would be: a Hub that cannot be reached
-            message = hub.push_failure(err, repo_id, f"reading {name}")
-            if message is None:
-                raise
-            raise PushError(message) from err
+        with hub.push_errors(repo_id, f"reading {name}"):  # a Hub that cannot be reached: as a push classifies it
+            try:
+                files = {e.path.rsplit("/", 1)[1]: e for e in retrying("listing a checkpoint", listing,
+                                                                       hub_calls.retries_n(), hub_calls.retry_wait_s())}
+                small = {f: Path(api.hf_hub_download(repo_id, f"{CHECKPOINTS_DIR}/{name}/{f}", revision=branch))
+                         for f in (checkpoint.MANIFEST, checkpoint.STATE_FILE)}
+                listed = json.loads(small[checkpoint.MANIFEST].read_text())["files"]
+                mismatched = [f for f, meta in listed.items() if f not in files or files[f].size != meta["size"]
+                              or (files[f].lfs.sha256 if files[f].lfs else _sha256(small.get(f))) != meta["sha256"]]
+                state = json.loads(small[checkpoint.STATE_FILE].read_text())
+                best = best_from_json(state["run_state"]["best"])
+                marks = [m for m, on in (("best", best is not None and best.checkpoint == name),
+                                         ("latest", name == names[0]), ("verified", not mismatched)) if on]
+                if mismatched:
+                    marks.append(f"DAMAGED: {', '.join(mismatched)} differ from the manifest")
+                rows.append((name, *checkpoint.state_columns(state),
+                             f"{sum(e.size for e in files.values()) / 2**20:.1f} MiB", ",".join(marks)))
+            except (EntryNotFoundError, KeyError, ValueError) as err:
+                rows.append((name, "-", "-", "-", "-", f"DAMAGED: {type(err).__name__}: {err}"))
     return rows
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from hubtune.files import CHECKPOINTS_DIR, newest_first
+from hubtune.records import CheckpointUploads, Failure
+from hubtune.tracking import RUNS_DIR
 
 logger = logging.getLogger("hubtune")
 
@@ -62,7 +64,7 @@ class Uploader:
         self.failed: list[dict[str, str]] = []
         self.superseded: list[str] = []
         self.done = threading.Event()
-        root = out / "checkpoints"
+        root = out / CHECKPOINTS_DIR
         root.mkdir(parents=True, exist_ok=True)
         self.snapshots = root / f"{SNAPSHOTS_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         self.log_path = root / LOG_FILE
@@ -90,10 +92,10 @@ class Uploader:
         for name in dict.fromkeys([*retained, path.name]):  # hard links: no copy, and retention may delete them
             source = path.parent / name
             if source.is_dir():
-                _link_tree(source, snapshot / "checkpoints" / name)
-        runs = self.out / "runs"
+                _link_tree(source, snapshot / CHECKPOINTS_DIR / name)
+        runs = self.out / RUNS_DIR
         if runs.is_dir():  # the curves so far, copied: the trackers go on appending to these files
-            shutil.copytree(runs, snapshot / "runs", ignore_dangling_symlinks=True)
+            shutil.copytree(runs, snapshot / RUNS_DIR, ignore_dangling_symlinks=True)
         self._send({"op": "upload", "snapshot": snapshot.name, "name": path.name, "keep": retained})
 
     def finish(self, timeout: float) -> bool:
@@ -105,10 +107,11 @@ class Uploader:
         """The trainer is failing: the sync process finishes on its own (bounded by its timeout); nobody waits."""
         self._send({"op": "finish", "timeout": self.timeout})
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> CheckpointUploads:
         """What metrics.json records: which checkpoints reached the Hub and which did not, and why."""
-        return {"repo": self.repo_id, "branch": self.branch, "uploaded": list(self.uploaded),
-                "failed": list(self.failed), "superseded": list(self.superseded)}
+        return CheckpointUploads(self.repo_id, self.branch, tuple(self.uploaded),
+                                 tuple(Failure(f["checkpoint"], f["error"]) for f in self.failed),
+                                 tuple(self.superseded))
 
     def _send(self, message: dict[str, Any]) -> None:
         try:
@@ -224,7 +227,6 @@ def serve(args: argparse.Namespace) -> int:
 
     from hubtune import hub, hub_calls
     from hubtune.background import BackgroundPusher
-    from hubtune.files import CHECKPOINTS_DIR as REMOTE_DIR
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # the trainer's end decides ours (set at spawn too)
         signal.signal(signum, signal.SIG_IGN)
@@ -236,7 +238,7 @@ def serve(args: argparse.Namespace) -> int:
         trainer_started: float | None = psutil.Process(args.trainer).create_time()
     except psutil.Error:
         trainer_started = None
-    root = args.out / "checkpoints"
+    root = args.out / CHECKPOINTS_DIR
     with open(root / LOCK_FILE, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a sync process of an earlier segment of this run finishes first
         for stale in root.iterdir():  # snapshots of a sync process that was killed
@@ -252,18 +254,19 @@ def serve(args: argparse.Namespace) -> int:
             name, retained = keep[snapshot.name]
             wanted = set(retained) | {name}
             on_hub = remote_names(where)
-            gone = [f"{REMOTE_DIR}/{n}/" for n in on_hub if n not in wanted]
+            gone = [f"{CHECKPOINTS_DIR}/{n}/" for n in on_hub if n not in wanted]
             # the newest last, so the record's last entry is the checkpoint this upload was for
             adding = sorted(n for n in wanted if (n not in on_hub or n == name) and n != name) + [name]
-            adding = [n for n in adding if (snapshot / "checkpoints" / n).is_dir()]
+            adding = [n for n in adding if (snapshot / CHECKPOINTS_DIR / n).is_dir()]
             contents: dict[str, bytes | Path] = {
-                f"{REMOTE_DIR}/{n}/{f.name}": f for n in adding
-                for f in sorted((snapshot / "checkpoints" / n).iterdir()) if f.is_file()}
-            contents.update({f.relative_to(snapshot).as_posix(): f for f in sorted((snapshot / "runs").rglob("*"))
+                f"{CHECKPOINTS_DIR}/{n}/{f.name}": f for n in adding
+                for f in sorted((snapshot / CHECKPOINTS_DIR / n).iterdir()) if f.is_file()}
+            contents.update({f.relative_to(snapshot).as_posix(): f for f in sorted((snapshot / RUNS_DIR).rglob("*"))
                              if f.is_file()})
-            hub.push_files(where.repo_id, contents, deletions=gone, revision=where.branch, private=args.private,
-                           retries=hub_calls.retries_n(), retry_wait=hub_calls.retry_wait_s(),
-                           commit_message=f"hubtune checkpoint {name}", cancel=cancel, announce=False)
+            target = hub.PushTarget(where.repo_id, revision=where.branch, private=args.private,
+                                    commit_message=f"hubtune checkpoint {name}", overwrite_card=True,
+                                    retries=hub_calls.retries_n(), retry_wait=hub_calls.retry_wait_s())
+            hub.push_files(target, contents, deletions=gone, cancel=cancel, announce=False)
             caught_up = [n for n in adding if n != name]
             logger.info(f"uploaded checkpoint {name} to {where.repo_id}@{where.branch}"
                         + (f" (with {', '.join(caught_up)}, kept here and missing on the branch)" if caught_up else "")

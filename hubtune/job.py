@@ -12,7 +12,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from hubtune import (
 )
 from hubtune import model as model_lib
 from hubtune.background import BackgroundPusher
-from hubtune.config import MIXED_PRECISION, TrainConfig
+from hubtune.config import MIXED_PRECISION, TrainConfig, policy_fields
 from hubtune.errors import (
     CheckpointError,
     CompileModeError,
@@ -60,18 +60,19 @@ from hubtune.files import (
     CHECKPOINTS_DIR,
     METRICS_FILE,
     MODEL_CONFIG_FILE,
+    PLOTS_DIR,
     TRAIN_CONFIG_FILE,
     WEIGHTS_FILE,
 )
-from hubtune.run_state import EpochProgress, RunState, resume
-from hubtune.schedule import make_scheduler, steps_per_epoch_hint
+from hubtune.run_state import EpochProgress, ResumeTarget, RunState, resume
+from hubtune.schedule import StepPlan, make_scheduler, steps_per_epoch_hint
 from hubtune.sources import parse_model_spec
 
 logger = get_logger("hubtune")
 
 MIN_VAL_PER_CLASS = 10  # fewer validation images than this make a class's metrics a coin toss: warn
 # what a run leaves in --output-dir; an earlier run's copy is refused, or removed with --overwrite-output-dir
-EARLIER_RUN = (CHECKPOINTS_DIR, TRAIN_CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, MODEL_CONFIG_FILE, CARD_FILE, "plots",
+EARLIER_RUN = (CHECKPOINTS_DIR, TRAIN_CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, MODEL_CONFIG_FILE, CARD_FILE, PLOTS_DIR,
                tracking.RUNS_DIR)
 # what a run killed before its first checkpoint leaves (checkpoints/ then holds at most unfinished temporary folders):
 # `--resume` has nothing to continue, and starts afresh in its place
@@ -101,41 +102,46 @@ class Job:
     run: dict[str, Any]  # what a resumed run must share with its checkpoint (see run_state.resume_differences)
     command: str  # this run's command line, for the resume hint
     frozen: list[str]  # the parameters frozen now (--freeze, less what --unfreeze-at has started to train)
-    schedule: unfreeze.Schedule  # --unfreeze-at
+    unfreeze_at: unfreeze.Schedule  # --unfreeze-at, resolved to parameter names
     ema: ModelEmaV3 | None  # --model-ema: timm's EMA of the whole model (see save_checkpoint for what is saved)
     loss: recipes.TrainingLoss  # the training loss (--smoothing, mixed targets, --class-weights); evaluation: plain CE
     mixup: Any  # --mixup/--cutmix: timm's Mixup, or None
     eraser: Any  # --reprob: timm's RandomErasing on the device, or None
-    scheduler: CosineLRScheduler = field(init=False)  # set by build_job once the state a resume restores is known
-    run_info: dict[str, Any] = field(default_factory=dict)  # what the card records
-    state: RunState = field(default_factory=RunState)
-    progress: EpochProgress = field(default_factory=EpochProgress)
-    pusher: BackgroundPusher | None = None
-    uploader: hub_sync.Uploader | None = None  # --hub-checkpoints (main process)
-    started: float = field(default_factory=time.time)  # when this process's segment of the run began
+    step_plan: StepPlan  # the run's length and warmup, what the learning-rate schedule is built from
+    thaw: unfreeze.ThawSettings  # how parts that --unfreeze-at starts to train join the optimizer
+    cache_views: int | None  # --cache-features: augmented views kept (None: the unaugmented view only)
+    reading: stream.ReadSettings  # how the streams shuffle, decode and batch (--calibrate's loader reads as they do)
+    source: data.DatasetSource  # the dataset as --dataset names it (--calibrate opens it again)
+    scheduler: CosineLRScheduler  # positioned at the step a resumed run continues from
+    run_info: dict[str, Any]  # what the card records
+    state: RunState
+    progress: EpochProgress  # this process's position in the epoch in progress
+    pusher: BackgroundPusher | None  # --push-every-save (main process)
+    uploader: hub_sync.Uploader | None  # --hub-checkpoints (main process)
+    started: float  # when this process's segment of the run began
 
     def backbone(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pre-logits features of a uint8 batch, without gradients (what --cache-features stores)."""
         with torch.no_grad(), self.accelerator.autocast():
             return features.backbone_features(self.net, self.normalize(pixels))
 
-    def train_inputs(self, batch: dict, view: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_inputs(self, batch: stream.Batch, view: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(model inputs, targets) of a training batch: normalized, erased and mixed images (or cached features) and
         the labels, or the soft mixed targets with --mixup/--cutmix."""
-        y = batch["labels"].to(self.accelerator.device, non_blocking=True)
+        y = batch.labels.to(self.accelerator.device, non_blocking=True)
         if self.cache is not None:
             return self.cache.features(view, batch, self.backbone, self.accelerator.device), y
-        x = self.normalize(batch["pixel_values"])
+        x = self.normalize(batch.images())
         if self.eraser is not None:  # before mixing, as in timm (its loader erases, its loop mixes)
             x = self.eraser(x)
         if self.mixup is not None:
             x, y = recipes.mix(self.mixup, x, y)
         return x, y
 
-    def logits(self, module: torch.nn.Module, batch: dict, view: str) -> torch.Tensor:
+    def logits(self, module: torch.nn.Module, batch: stream.Batch, view: str) -> torch.Tensor:
         """The batch's logits through `module`: `stepped` in training, the bare `evaluated` in validation."""
         if self.cache is None:
-            return module(self.normalize(batch["pixel_values"]))
+            return module(self.normalize(batch.images()))
         return module(self.cache.features(view, batch, self.backbone, self.accelerator.device))
 
 
@@ -195,7 +201,7 @@ def _fetch_remote(cfg: TrainConfig, remote: hub_checkpoints.HubCheckpoints, out:
     if name is None:
         logger.info(f"--resume {cfg.resume}: no checkpoint on {remote} yet, starting fresh")
         return None
-    return out / checkpoint.CHECKPOINTS / name
+    return out / CHECKPOINTS_DIR / name
 
 
 def _on_main(accelerator: Accelerator, fn: Callable[[], Any]) -> Any:
@@ -240,26 +246,70 @@ def _cpu_only_launch() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def _streams(cfg: TrainConfig, info: data.DataInfo, train_src: Any, val_src: Any, train_tf: Any, eval_tf: Any,
-             rank: int, world_size: int) -> tuple[stream.ExampleStream, stream.ExampleStream]:
+def dataset_source(cfg: TrainConfig) -> data.DatasetSource:
+    """Where the run's examples come from (hubtune.data opens it)."""
+    return data.DatasetSource(cfg.dataset, cfg.dataset_revision, cfg.image_column, cfg.label_column, cfg.val_fraction)
+
+
+def read_settings(cfg: TrainConfig) -> stream.ReadSettings:
+    """How the run's streams shuffle, decode and batch (hubtune.stream)."""
+    return stream.ReadSettings(seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, jpeg_draft=cfg.jpeg_draft,
+                               batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                               persistent_workers=cfg.persistent_workers)
+
+
+def step_plan(cfg: TrainConfig) -> StepPlan:
+    """The run's length and learning-rate warmup (hubtune.schedule)."""
+    return StepPlan(epochs=cfg.epochs, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
+                    batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
+
+
+def thaw_settings(cfg: TrainConfig) -> unfreeze.ThawSettings:
+    """How parts that --unfreeze-at starts to train join the optimizer (hubtune.unfreeze)."""
+    return unfreeze.ThawSettings(weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
+                                 lr_scale=cfg.unfreeze_lr_scale, freeze_bn=cfg.freeze_bn)
+
+
+def mix_recipe(cfg: TrainConfig) -> recipes.MixRecipe | None:
+    """--mixup/--cutmix as hubtune.recipes applies them; None when neither mixes."""
+    if not cfg.mixes:
+        return None
+    return recipes.MixRecipe(mixup=cfg.mixup, cutmix=cfg.cutmix, prob=cfg.mixup_prob,
+                             switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, smoothing=cfg.smoothing)
+
+
+def erase_recipe(cfg: TrainConfig) -> recipes.EraseRecipe:
+    return recipes.EraseRecipe(prob=cfg.reprob, mode=cfg.remode, max_count=cfg.recount)
+
+
+def cache_key(cfg: TrainConfig) -> features.CacheKey:
+    """What --cache-features keys its tables by: the fields that declare they change features, and the seed the
+    augmentation draws from (the eval transform draws nothing)."""
+    return features.CacheKey(settings={name: getattr(cfg, name) for name in policy_fields("cache_key")},
+                             augment_seed=cfg.seed if cfg.augment else None)
+
+
+def _streams(reading: stream.ReadSettings, info: data.DataInfo, train_src: Any, val_src: Any, train_tf: Any,
+             eval_tf: Any, rank: int, world_size: int) -> tuple[stream.ExampleStream, stream.ExampleStream]:
     """This process's training and validation streams (the validation split cut by content hash if needed)."""
     where = {"rank": rank, "world_size": world_size}
-    hashed = info.val_source.startswith("hash")
-    train_ds = stream.ExampleStream(data.process_source(train_src, info, shuffle_seed=cfg.seed, **where), train_tf,
-                                    keep_val=False if hashed else None, val_fraction=cfg.val_fraction,
-                                    seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
-    return train_ds, val_stream(cfg, info, val_src, eval_tf, rank, world_size)
+    split = info.val_source
+    train_ds = stream.ExampleStream(data.process_source(train_src, info, shuffle_seed=reading.seed, **where),
+                                    train_tf, keep_val=False if split.hashed else None,
+                                    val_fraction=split.fraction or 0.0, seed=reading.seed,
+                                    shuffle_buffer=reading.shuffle_buffer)
+    return train_ds, val_stream(reading, info, val_src, eval_tf, rank, world_size)
 
 
-def val_stream(cfg: TrainConfig, info: data.DataInfo, val_src: Any, eval_tf: Any, rank: int,
+def val_stream(reading: stream.ReadSettings, info: data.DataInfo, val_src: Any, eval_tf: Any, rank: int,
                world_size: int) -> stream.ExampleStream:
     """This process's validation stream, in order, with the eval transform (cut by content hash if needed)."""
-    hashed = info.val_source.startswith("hash")
+    split = info.val_source
     val_ds = stream.ExampleStream(data.process_source(val_src, info, rank=rank, world_size=world_size,
                                                       shuffle_seed=None), eval_tf,
-                                  keep_val=True if hashed else None, val_fraction=cfg.val_fraction, seed=None,
-                                  shuffle_buffer=cfg.shuffle_buffer)
-    if cfg.jpeg_draft:
+                                  keep_val=True if split.hashed else None, val_fraction=split.fraction or 0.0,
+                                  seed=None, shuffle_buffer=reading.shuffle_buffer)
+    if reading.jpeg_draft:
         val_ds.draft = model_lib.resize_size(eval_tf)
     return val_ds
 
@@ -295,7 +345,8 @@ def build_job(cfg: TrainConfig) -> Job:
     out = Path(cfg.output_dir)
     # everything that can be checked before the first step is, and every problem found is reported at once
     found = Problems()
-    found.errors += _on_main(accelerator, lambda: preflight.write_access(cfg))
+    found.errors += _on_main(accelerator, lambda: preflight.write_access(
+        push_target(cfg) if cfg.push_to_hub else None, cfg.hub_checkpoints))
     resume_from, before = None, len(found.errors)
     with found.check():
         resume_from = find_resume(cfg, out, accelerator)
@@ -312,7 +363,7 @@ def build_job(cfg: TrainConfig) -> Job:
     # data, and the base model pinned to a commit sha: the resolved config is built once, then saved
     info: data.DataInfo | None = None
     with found.check():
-        train_src, val_src, info = data.open_splits(cfg)
+        train_src, val_src, info = data.open_splits(dataset_source(cfg))
         logger.info(f"dataset {cfg.dataset}: classes {info.class_names}, validation from {info.val_source}")
         balance.check_class_names(cfg.class_weight_spec, info.class_names)
     net: torch.nn.Module | None = None
@@ -352,18 +403,21 @@ def build_job(cfg: TrainConfig) -> Job:
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     rank, world = accelerator.process_index, accelerator.num_processes
-    train_ds, val_ds = _streams(cfg, info, train_src, val_src, train_tf, eval_tf, rank, world)
+    reading = read_settings(cfg)
+    train_ds, val_ds = _streams(reading, info, train_src, val_src, train_tf, eval_tf, rank, world)
     # counted at every start (a resumed run included): the draw rates must be known before the first epoch's pass
     imbalance = balance.resolve(train_ds, info.class_names, cfg.class_weight_spec, cfg.balanced_sampling, accelerator)
     train_ds.draw_rates = imbalance.draw_rates
     cache = None
     if cfg.cache_features:
         cache = features.FeatureCache(Path(cfg.feature_cache_dir or features.default_dir()),
-                                      features.fingerprint(cfg, net, data_cfg, train_tf, eval_tf), rank, world)
+                                      features.fingerprint(cache_key(cfg), net, data_cfg, train_tf, eval_tf), rank,
+                                      world)
         train_ds.views = cfg.cache_views
     pin = accelerator.device.type == "cuda"
-    train_loader = stream.make_loader(train_ds, cfg.batch_size, cfg.num_workers, pin, cfg.persistent_workers)
-    val_loader = stream.make_loader(val_ds, cfg.batch_size, cfg.num_workers, pin, cfg.persistent_workers)
+    train_loader = stream.make_loader(train_ds, reading.batch_size, reading.num_workers, pin,
+                                      reading.persistent_workers)
+    val_loader = stream.make_loader(val_ds, reading.batch_size, reading.num_workers, pin, reading.persistent_workers)
     if cfg.decode_device == "cuda":
         for ds, loader, tf in ((train_ds, train_loader, train_tf), (val_ds, val_loader, eval_tf)):
             device_decode.check(tf)
@@ -377,40 +431,53 @@ def build_job(cfg: TrainConfig) -> Job:
     net.to(accelerator.device)
     stepped, optimizer = accelerator.prepare(head, optimizer)
 
-    schedule = unfreeze.resolve_schedule(net, cfg, frozen) if cfg.unfreeze_at else []
+    schedule = unfreeze.resolve_schedule(net, cfg.unfreeze_schedule, cfg.freeze, frozen) if cfg.unfreeze_at else []
     # after prepare: the EMA copy evaluates with the same (autocast) forward as the model
     ema = ModelEmaV3(net, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None
-    run = {"dataset_revision": info.revision, "class_names": info.class_names, "val_source": info.val_source,
-           "num_processes": world, "frozen_parameters": frozen, "model_revision": cfg.model_revision}
-    job = Job(cfg=cfg, accelerator=accelerator, out=out, info=info, net=net, evaluated=head, stepped=stepped,
-              optimizer=optimizer, normalize=prepare, data_cfg=data_cfg, train_ds=train_ds, val_ds=val_ds,
-              train_loader=train_loader, val_loader=val_loader, cache=cache, run=run,
-              command=report.resume_command(cfg.mixed_precision), frozen=frozen, schedule=schedule, ema=ema,
-              loss=recipes.TrainingLoss(cfg.smoothing, imbalance.loss_weights), mixup=recipes.make_mixup(cfg, len(info.class_names)),
-              eraser=recipes.make_eraser(cfg, accelerator.device),
-              state=RunState(steps_per_epoch=steps_per_epoch_hint(cfg, info, world)))
+    run = {"dataset_revision": info.revision, "class_names": info.class_names,
+           "val_source": info.val_source.to_json(), "num_processes": world, "frozen_parameters": frozen,
+           "model_revision": cfg.model_revision}
+    plan, thaw, started = step_plan(cfg), thaw_settings(cfg), time.time()
+    state, progress = RunState(steps_per_epoch=steps_per_epoch_hint(plan, info, world)), EpochProgress()
+    frozen_now = frozen  # less what --unfreeze-at has started to train, once a resumed run has replayed it
     if resume_from is not None:  # one that does not fit this model falls back to an older one, unless named
-        resume_from = resume(job, resume_from, named=named_checkpoint(cfg))
+        target = ResumeTarget(cfg=cfg, run=run, out=out, accelerator=accelerator, net=net, ema=ema,
+                              optimizer=optimizer, stepped=stepped, unfreeze_at=schedule, frozen=frozen, thaw=thaw,
+                              steps_per_epoch=state.steps_per_epoch)
+        resume_from, restored = resume(target, resume_from, named=named_checkpoint(cfg))
+        state, progress, frozen_now, stepped = restored.state, restored.progress, restored.frozen, restored.stepped
     validation = count_validation(cfg, info, val_ds, accelerator)
     # everything is checked: from here on the output directory is written (after every process looked at it)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_output_dir(cfg, out, earlier)
     accelerator.wait_for_everyone()
-    job.scheduler = make_scheduler(job.optimizer, cfg, job.state)
-    job.run_info = {**report.run_info(cfg, accelerator, net, frozen, base_model, info, job.command),
-                    "validation": validation, "class_balance": imbalance.record()}
-    job.pusher = _background_pusher(cfg) if cfg.push_every_save and accelerator.is_main_process else None
-    if cfg.hub_checkpoints and accelerator.is_main_process:
-        job.uploader = hub_sync.Uploader(cfg.push_repo, cfg.hub_checkpoints_branch, out, cfg.private,
-                                         cfg.hub_checkpoints_timeout)
-    tracking.start(accelerator, cfg.to_dict(), resume_step=job.state.global_step if resume_from else 0)
+    command = report.resume_command(cfg.mixed_precision)
+    settings = report.RunSettings(cfg.model, cfg.dataset, cfg.freeze, cfg.freeze_bn, cfg.mixed_precision,
+                                  cfg.batch_size, cfg.grad_accum)
+    run_info = {**report.run_info(settings, accelerator, net, frozen, base_model, info, command),
+                "validation": validation, "class_balance": imbalance.record()}
+    main = accelerator.is_main_process
+    pusher = _background_pusher(cfg) if cfg.push_every_save and main else None
+    uploader = hub_sync.Uploader(cfg.push_repo, cfg.hub_checkpoints_branch, out, cfg.private,
+                                 cfg.hub_checkpoints_timeout) if cfg.hub_checkpoints and main else None
+    job = Job(cfg=cfg, accelerator=accelerator, out=out, info=info, net=net, evaluated=head, stepped=stepped,
+              optimizer=optimizer, normalize=prepare, data_cfg=data_cfg, train_ds=train_ds, val_ds=val_ds,
+              train_loader=train_loader, val_loader=val_loader, cache=cache, run=run, command=command,
+              frozen=frozen_now, unfreeze_at=schedule, ema=ema,
+              loss=recipes.TrainingLoss(cfg.smoothing, imbalance.loss_weights),
+              mixup=recipes.make_mixup(mix_recipe(cfg), len(info.class_names)),
+              eraser=recipes.make_eraser(erase_recipe(cfg), accelerator.device), step_plan=plan, thaw=thaw,
+              cache_views=cfg.cache_views if cfg.augment else None, reading=reading, source=dataset_source(cfg),
+              scheduler=make_scheduler(optimizer, plan, state), run_info=run_info, state=state, progress=progress,
+              pusher=pusher, uploader=uploader, started=started)
+    tracking.start(accelerator, cfg.to_dict(), resume_step=state.global_step if resume_from else 0)
     return job
 
 
 def check_ema_horizon(cfg: TrainConfig, info: data.DataInfo, world_size: int) -> None:
     """Warn when --model-ema-decay averages over more steps than the run has: its weights would stay near the start."""
-    per_epoch = steps_per_epoch_hint(cfg, info, world_size)
+    per_epoch = steps_per_epoch_hint(step_plan(cfg), info, world_size)
     steps = cfg.max_steps or (per_epoch * cfg.epochs if per_epoch else None)
     horizon = 1 / (1 - cfg.model_ema_decay)
     if steps is None or cfg.model_ema_warmup or horizon <= steps:
@@ -446,8 +513,8 @@ def count_validation(cfg: TrainConfig, info: data.DataInfo, val_ds: stream.Examp
     complete = bool(both[n])
     if sum(per_class) == 0:
         where = (f"--val-fraction {cfg.val_fraction} held out none of its images (each image goes to validation "
-                 f"with that probability, by a hash of its bytes)" if info.val_source.startswith("hash")
-                 else f"its {info.val_source.split(':', 1)[1]!r} split is empty")
+                 f"with that probability, by a hash of its bytes)" if info.val_source.hashed
+                 else f"its {info.val_source.name!r} split is empty")
         raise DataError(f"--dataset {cfg.dataset!r} has no validation images: {where}; raise --val-fraction or "
                         "give a dataset with a validation split")
     small = [name for name, c in zip(info.class_names, per_class) if c < MIN_VAL_PER_CLASS]
@@ -536,6 +603,11 @@ def write_output_dir(cfg: TrainConfig, out: Path, earlier: list[str]) -> None:
                              "writable directory") from err
 
 
+def push_target(cfg: TrainConfig) -> hub.PushTarget:
+    """Where the run pushes its model (--push-to-hub, or the repo --push-every-save needs), and how."""
+    return hub.PushTarget(cfg.push_repo, revision=cfg.revision, private=cfg.private,
+                          commit_message=cfg.commit_message, overwrite_card=cfg.overwrite_card)
+
+
 def _background_pusher(cfg: TrainConfig) -> BackgroundPusher:
-    return hub.export_pusher(cfg.push_repo, private=cfg.private, revision=cfg.revision,
-                             commit_message="hubtune: new best checkpoint", overwrite_card=cfg.overwrite_card)
+    return hub.export_pusher(dataclasses.replace(push_target(cfg), commit_message="hubtune: new best checkpoint"))

@@ -4,11 +4,16 @@ that builds them over all processes."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from hubtune.records import EvalMetrics, Uncalibrated, per_class_from_json
+
+if TYPE_CHECKING:
+    from hubtune.stream import Batch
 
 N_BINS = 15  # expected calibration error: equal-width confidence bins, as torchmetrics' default
 BOOTSTRAP_RESAMPLES = 1000
@@ -121,9 +126,9 @@ def bootstrap_intervals(conf: torch.Tensor, resamples: int = BOOTSTRAP_RESAMPLES
 
 
 @torch.no_grad()
-def evaluate(predict: Callable[[dict], torch.Tensor], loader: Any, accelerator: Any,
+def evaluate(predict: Callable[[Batch], torch.Tensor], loader: Any, accelerator: Any,
              class_names: list[str], targets: torch.Tensor | None = None,
-             temperature: float | None = None) -> dict[str, Any]:
+             temperature: float | None = None) -> EvalMetrics:
     """Loss and metrics over the whole validation stream; every example counted once across processes.
 
     Each process evaluates only its own shard and the sums (confusion matrix, loss, calibration bins, counts) are
@@ -140,10 +145,10 @@ def evaluate(predict: Callable[[dict], torch.Tensor], loader: Any, accelerator: 
     bins = torch.zeros(2, N_BINS + 1, 3, dtype=torch.float64, device=device)  # with, without the temperature
     bad = 0
     for batch in loader:
-        bad += batch["n_bad"]
-        if not len(batch["labels"]):
+        bad += batch.n_bad
+        if not len(batch.labels):
             continue
-        y = batch["labels"] if targets is None else targets[batch["labels"]]
+        y = batch.labels if targets is None else targets[batch.labels]
         y = y.to(device, non_blocking=True)
         raw = predict(batch).float()
         logits = raw if temperature is None else raw / temperature
@@ -159,10 +164,14 @@ def evaluate(predict: Callable[[dict], torch.Tensor], loader: Any, accelerator: 
     conf = totals[: n * n].view(n, n)
     sums, bins = totals[n * n : n * n + 2], totals[n * n + 2 : -1].view(2, N_BINS + 1, 3)
     examples = int(conf.sum().item())
-    out = from_confusion(conf, class_names)
-    out.update(loss=sums[0].item() / max(examples, 1), examples=examples, skipped=int(totals[-1].item()),
-               ece=expected_calibration_error(bins[0]), calibration_bins=bins[0])
+    scores = from_confusion(conf, class_names)
+    uncalibrated = None
     if temperature is not None:
-        out["uncalibrated"] = {"loss": sums[1].item() / max(examples, 1), "ece": expected_calibration_error(bins[1]),
-                               "calibration_bins": bins[1]}
-    return out
+        uncalibrated = Uncalibrated(loss=sums[1].item() / max(examples, 1), ece=expected_calibration_error(bins[1]),
+                                    calibration_bins=bins[1])
+    return EvalMetrics(
+        accuracy=scores["accuracy"], f1=scores["f1"], per_class=per_class_from_json(scores["per_class"]),
+        confusion_matrix=scores["confusion_matrix"], loss=sums[0].item() / max(examples, 1), examples=examples,
+        skipped=int(totals[-1].item()), ece=expected_calibration_error(bins[0]), calibration_bins=bins[0],
+        uncalibrated=uncalibrated,
+    )

@@ -6,14 +6,19 @@ saved without the "Software" PNG text chunk, so re-rendering the same metrics gi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-PLOTS_DIR = "plots"
+from hubtune.files import PLOTS_DIR
+
+if TYPE_CHECKING:
+    from hubtune.records import EpochRow, RunRecord
+
 CONFUSION_MATRIX = f"{PLOTS_DIR}/confusion_matrix.png"
 TRAINING_CURVES = f"{PLOTS_DIR}/training_curves.png"
 RELIABILITY = f"{PLOTS_DIR}/reliability_diagram.png"
@@ -59,23 +64,26 @@ def confusion_matrix(matrix: list[list[int]], labels: list[str], path: str | Pat
     return _save(fig, Path(path))
 
 
-def training_curves(history: list[dict[str, Any]], path: str | Path, best_epoch: int | None = None) -> Path:
+def training_curves(history: list[EpochRow], path: str | Path, best_epoch: int | None = None) -> Path:
     """Draw train/validation loss and validation accuracy/F1 per epoch; return the path written.
 
     Args:
-        history: the per-epoch rows of metrics.json (epoch, train_loss, val_loss, val_accuracy, val_f1).
+        history: the per-epoch rows of metrics.json.
         path: where to write the PNG.
         best_epoch: epoch of the exported checkpoint, marked with a dashed line.
     """
-    epochs = [row["epoch"] for row in history]
+    epochs = [row.epoch for row in history]
     fig = Figure(figsize=(10, 4), layout="constrained")
     loss_ax, score_ax = fig.subplots(1, 2)
+    columns: dict[str, Callable[[EpochRow], float]] = {
+        "train_loss": lambda row: row.train_loss, "val_loss": lambda row: row.val.loss,
+        "val_accuracy": lambda row: row.val.accuracy, "val_f1": lambda row: row.val.f1}
     for ax, series, title in (
         (loss_ax, (("train_loss", "train loss"), ("val_loss", "validation loss")), "Loss"),
         (score_ax, (("val_accuracy", "validation accuracy"), ("val_f1", "validation F1 (macro)")), "Validation"),
     ):
         for key, label in series:
-            ax.plot(epochs, [row[key] for row in history], marker="o", label=label)
+            ax.plot(epochs, [columns[key](row) for row in history], marker="o", label=label)
         if best_epoch is not None:
             ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best epoch ({best_epoch})")
         ax.set_xlabel("epoch")
@@ -127,27 +135,27 @@ def reliability_diagram(series: list[tuple[str, list[dict[str, Any]], float]], p
     return _save(fig, Path(path))
 
 
-def write_plots(metrics: dict[str, Any], output_dir: str | Path) -> list[str]:
+def write_plots(metrics: RunRecord, output_dir: str | Path) -> list[str]:
     """Write every figure the card embeds into `output_dir`; return their paths relative to it.
 
     Args:
-        metrics: the run's metrics.json content.
+        metrics: the run's record (metrics.json).
         output_dir: the run's output directory.
     """
     out = Path(output_dir)
-    best, history = metrics.get("best") or {}, metrics.get("history") or []
+    best, history = metrics.best, metrics.history
     written = []
-    if best.get("confusion_matrix"):
-        confusion_matrix(best["confusion_matrix"], list(metrics["class_names"]), out / CONFUSION_MATRIX)
+    if best is not None and best.metrics.confusion_matrix:
+        confusion_matrix(best.metrics.confusion_matrix, list(metrics.class_names), out / CONFUSION_MATRIX)
         written.append(CONFUSION_MATRIX)
     if history:
-        training_curves(history, out / TRAINING_CURVES, best.get("epoch"))
+        training_curves(history, out / TRAINING_CURVES, best.epoch if best else None)
         written.append(TRAINING_CURVES)
-    calibration = metrics.get("calibration")
+    calibration = metrics.calibration
     if calibration:
-        reliability_diagram([("before", calibration["bins_before"], calibration["ece_before"]),
-                             (f"after (T = {calibration['temperature']:.3f})", calibration["bins_after"],
-                              calibration["ece_after"])],
+        reliability_diagram([("before", calibration.bins_before, calibration.ece_before),
+                             (f"after (T = {calibration.temperature:.3f})", calibration.bins_after,
+                              calibration.ece_after)],
                             out / RELIABILITY, "Reliability on the validation split (--calibrate)")
         written.append(RELIABILITY)
     return written

@@ -13,32 +13,31 @@ from huggingface_hub.constants import is_offline_mode
 from huggingface_hub.errors import HfHubHTTPError
 
 from hubtune import hub_calls
-from hubtune.config import TrainConfig
 from hubtune.errors import DiskFullError, HubtuneError, PushError
 from hubtune.files import nearest_existing
+from hubtune.hub import PushTarget, api
 
 # optimizer state tensors per trainable parameter (timm's optimizers); others keep two, as Adam does
 OPTIMIZER_SLOTS = {"sgd": 1, "momentum": 1, "lion": 1, "rmsprop": 1, "adan": 3}
 
 
-def write_access(cfg: TrainConfig) -> list[HubtuneError]:
-    """Why the token cannot push to --push-to-hub (and its --hub-checkpoints branch): no token, an invalid or
-    read-only one, a namespace that is neither the user's nor one of their orgs', or a Hub that does not answer."""
-    if not cfg.push_to_hub:
+def write_access(target: PushTarget | None, hub_checkpoints: bool = False) -> list[HubtuneError]:
+    """Why the token cannot push to `target` (--push-to-hub, and its --hub-checkpoints branch): no token, an invalid
+    or read-only one, a namespace that is neither the user's nor one of their orgs', or a Hub that does not answer.
+    None: the run pushes nothing."""
+    if target is None:
         return []
-    repo = cfg.push_to_hub
-    flags = f"--push-to-hub {repo!r}" + (" with --hub-checkpoints" if cfg.hub_checkpoints else "")
+    repo = target.repo_id
+    flags = f"--push-to-hub {repo!r}" + (" with --hub-checkpoints" if hub_checkpoints else "")
     later = "or drop --push-to-hub and push the finished run with `hubtune push OUTPUT_DIR REPO`"
     if is_offline_mode():
         return [PushError(f"{flags}: HF_HUB_OFFLINE is set, so nothing can reach the Hub; unset it, {later}")]
-    token = get_token()
+    token = get_token() if target.token is None else target.token or None
     if token is None:
         return [PushError(f"{flags}: no Hub token, so the push would fail after training; run `hf auth login` or set "
                           f"HF_TOKEN to a token that can write to {repo.split('/')[0]!r}, {later}")]
     try:
         with hub_calls.answered(f"{flags}: checking the token"):
-            from hubtune.hub import api
-
             who = api(token).whoami()
     except HfHubHTTPError as err:
         status = hub_calls.status_of(err)

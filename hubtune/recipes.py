@@ -8,7 +8,7 @@ uninterrupted one drew.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,20 +18,42 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 
-def make_mixup(cfg: Any, num_classes: int) -> Mixup | None:
+@dataclass(frozen=True)
+class MixRecipe:
+    """--mixup and --cutmix alphas (0: off), --mixup-prob, --mixup-switch-prob, --mixup-mode, and --smoothing, which
+    timm's Mixup puts into its soft targets."""
+
+    mixup: float
+    cutmix: float
+    prob: float
+    switch_prob: float
+    mode: str
+    smoothing: float
+
+
+@dataclass(frozen=True)
+class EraseRecipe:
+    """--reprob (0: off), --remode, --recount: timm's random erasing."""
+
+    prob: float
+    mode: str
+    max_count: int
+
+
+def make_mixup(recipe: MixRecipe | None, num_classes: int) -> Mixup | None:
     """timm's Mixup for --mixup/--cutmix (None when both are off); --smoothing goes into its targets, as in timm."""
-    if not cfg.mixes:
+    if recipe is None:
         return None
-    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                 switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
+    return Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.prob,
+                 switch_prob=recipe.switch_prob, mode=recipe.mode, label_smoothing=recipe.smoothing,
                  num_classes=num_classes)
 
 
-def make_eraser(cfg: Any, device: torch.device) -> RandomErasing | None:
+def make_eraser(recipe: EraseRecipe, device: torch.device) -> RandomErasing | None:
     """timm's RandomErasing for --reprob, on normalized batches on `device` (timm's PrefetchLoader does the same)."""
-    if not cfg.reprob:
+    if not recipe.prob:
         return None
-    return RandomErasing(probability=cfg.reprob, mode=cfg.remode, max_count=cfg.recount, device=str(device))
+    return RandomErasing(probability=recipe.prob, mode=recipe.mode, max_count=recipe.max_count, device=str(device))
 
 
 def mix(mixup: Mixup, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +18,36 @@ from hubtune import data
 from hubtune import model as model_lib
 from hubtune.config import TrainConfig
 from hubtune.files import METRICS_FILE, TRAIN_CONFIG_FILE
+from hubtune.records import RunInfo, RunRecord, Skipped
 from hubtune.run_state import RunState
 
 
-def write_outputs(folder: Path, net: Any, cfg: TrainConfig, data_cfg: dict, result: dict) -> None:
+def write_outputs(folder: Path, net: Any, cfg: TrainConfig, data_cfg: dict, result: RunRecord) -> None:
     """The Hub-ready folder: timm export, metrics.json, train_config.yaml and the model card with its plots."""
     from hubtune import card
 
-    model_lib.export(net, folder, result["class_names"], data_cfg,
-                     temperature=(result.get("calibration") or {}).get("temperature"))
-    (folder / METRICS_FILE).write_text(json.dumps(result, indent=2))
+    model_lib.export(net, folder, result.class_names, data_cfg,
+                     temperature=result.calibration.temperature if result.calibration else None)
+    (folder / METRICS_FILE).write_text(json.dumps(result.to_json(), indent=2))
     cfg.save(folder / TRAIN_CONFIG_FILE)
     card.write_card(folder, repo_id=cfg.push_to_hub, license=cfg.license)
 
 
-def run_info(cfg: TrainConfig, accelerator: Accelerator, net: Any, frozen: list[str], base_model: dict,
-              info: data.DataInfo, command: str) -> dict:
+@dataclass(frozen=True)
+class RunSettings:
+    """The settings run_info records, taken from the config by job.py (so the config stays there)."""
+
+    model: str
+    dataset: str
+    freeze: str
+    freeze_bn: bool
+    mixed_precision: str | None
+    batch_size: int
+    grad_accum: int
+
+
+def run_info(cfg: RunSettings, accelerator: Accelerator, net: Any, frozen: list[str], base_model: dict,
+             info: data.DataInfo, command: str) -> dict:
     """What the model card needs to make the run reproducible."""
     import accelerate
     import datasets
@@ -48,7 +62,7 @@ def run_info(cfg: TrainConfig, accelerator: Accelerator, net: Any, frozen: list[
     return {
         "base_model": {"id": None, "revision": None, "spec": cfg.model, "license": None, **base_model},
         "dataset": {"id": cfg.dataset, "revision": info.revision, "is_hub": info.revision is not None},
-        "val_source": info.val_source,
+        "val_source": info.val_source.to_json(),
         "parameters": {"total": total[1], "trainable": total[2], "frozen": total[3]},
         "frozen_groups": sorted({groups[n] for n in frozen if n in groups}),
         "freeze": cfg.freeze,
@@ -65,26 +79,18 @@ def run_info(cfg: TrainConfig, accelerator: Accelerator, net: Any, frozen: list[
 
 
 def final_metrics(state: RunState, info: data.DataInfo, accelerator: Accelerator, started: float,
-                  run_info: dict) -> dict:
+                  run_info: dict) -> RunRecord:
     """metrics.json: history, best, stop reason, counts, and the wall time of every segment of the run together
     (`started`: when this process's segment began; a resumed run adds the time its checkpoint recorded)."""
-    last: Mapping[str, Any] = state.history[-1] if state.history else {}
-    return {
-        "history": state.history,
-        "best": state.best,
-        "stopped": state.stopped,
-        "train_examples": last.get("train_examples", 0),
-        "val_examples": last.get("val_examples", 0),
-        "examples_seen": state.examples_seen,
-        "skipped_images": last.get("skipped_images", {"train": 0, "val": 0}),
-        "global_step": state.global_step,
-        "class_names": info.class_names,
-        "dataset_revision": info.revision,
-        "num_processes": accelerator.num_processes,
-        "wall_time_s": round(state.elapsed_s + time.time() - started, 2),
-        "segments": state.segments + 1,
-        "run_info": run_info,
-    }
+    last = state.history[-1] if state.history else None
+    return RunRecord(
+        history=list(state.history), best=state.best, stopped=state.stopped,
+        train_examples=last.train_examples if last else 0, val_examples=last.val_examples if last else 0,
+        examples_seen=state.examples_seen, skipped=last.skipped if last else Skipped(),
+        global_step=state.global_step, class_names=info.class_names, dataset_revision=info.revision,
+        num_processes=accelerator.num_processes, wall_time_s=round(state.elapsed_s + time.time() - started, 2),
+        segments=state.segments + 1, run_info=RunInfo.from_json(run_info),
+    )
 
 
 def resume_command(mixed_precision: str | None = None) -> str:

@@ -13,17 +13,18 @@ import yaml
 from hubtune.config import TrainConfig, policy_fields
 from hubtune.errors import ConfigError
 from hubtune.files import CARD_FILE, METRICS_FILE, TRAIN_CONFIG_FILE
-from hubtune.sources import parse_model_spec
+from hubtune.records import EpochRow, RunRecord
+from hubtune.sources import is_local, parse_model_spec
 
 logger = logging.getLogger("hubtune")
 COMPARED = ("val_accuracy", "val_f1", "val_loss", "train_loss")
 # What a reproduction must not do on its own: push somewhere or continue someone else's checkpoints.
 
 
-def fetch_record(source: str, revision: str | None = None) -> tuple[dict, dict, dict | None]:
+def fetch_record(source: str, revision: str | None = None) -> tuple[dict, RunRecord, dict | None]:
     """(train_config, metrics, card eval results) of a local output dir or a Hub repo."""
-    local = Path(source)
-    if local.is_dir():
+    if is_local(source):
+        local = Path(source).expanduser()
         files = {name: local / name for name in (TRAIN_CONFIG_FILE, METRICS_FILE, CARD_FILE)}
     else:
         from huggingface_hub import hf_hub_download
@@ -50,7 +51,7 @@ def fetch_record(source: str, revision: str | None = None) -> tuple[dict, dict, 
         if not files[name].is_file():
             raise ConfigError(f"{source}: no {name}; only runs made by hubtune can be reproduced")
     config = yaml.safe_load(files[TRAIN_CONFIG_FILE].read_text())
-    metrics = json.loads(files[METRICS_FILE].read_text())
+    metrics = RunRecord.from_json(json.loads(files[METRICS_FILE].read_text()))
     card = _card_results(files[CARD_FILE]) if files[CARD_FILE].is_file() else None
     return config, metrics, card
 
@@ -63,40 +64,47 @@ def _card_results(readme: Path) -> dict | None:
     return {r.metric_type: r.metric_value for r in results} or None
 
 
-def plan(config: dict, metrics: dict, output_dir: str) -> tuple[TrainConfig, str, list[str]]:
+def plan(config: dict, metrics: RunRecord, output_dir: str) -> tuple[TrainConfig, str, list[str]]:
     """The config to rerun, the equivalent command line, and what it will download."""
     known = {k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__}
     cfg = TrainConfig(**{**known, **policy_fields("reproduce"), "output_dir": output_dir})
     cfg.validate()
-    procs = metrics.get("num_processes", 1)
+    procs = metrics.num_processes or 1
     launcher = (f"accelerate launch --num_processes {procs} hubtune/train.py" if procs > 1 else "hubtune train")
     command = f"{launcher} --config {shlex.quote(str(Path(output_dir) / 'reproduce_config.yaml'))}"
     downloads = []
     spec = parse_model_spec(cfg.model)
     if spec.kind == "hub" and cfg.pretrained:
         downloads.append(f"model {spec.repo_id}@{cfg.model_revision or spec.revision or 'main'}")
-    if not Path(cfg.dataset).exists():
+    if not is_local(cfg.dataset):
         downloads.append(f"dataset {cfg.dataset}@{cfg.dataset_revision or 'main'} (streamed)")
     return cfg, command, downloads
 
 
-def compare(original: dict, new: dict, card: dict | None, tol: float = 1e-6) -> list[str]:
+def _column(row: EpochRow, key: str) -> float:
+    return row.train_loss if key == "train_loss" else row.val.score(key)
+
+
+def compare(original: RunRecord, new: RunRecord, card: dict | None, tol: float = 1e-6) -> list[str]:
     """Differences between the original and the reproduced metrics (empty: reproduced)."""
     diffs = []
-    old_h, new_h = original.get("history", []), new.get("history", [])
+    old_h, new_h = original.history, new.history
     if len(old_h) != len(new_h):
         diffs.append(f"epochs run: original {len(old_h)}, reproduction {len(new_h)}")
     for a, b in zip(old_h, new_h):
         for key in COMPARED:
-            if abs(a[key] - b[key]) > tol:
-                diffs.append(f"epoch {a['epoch']} {key}: original {a[key]:.6f}, reproduction {b[key]:.6f}")
-    if original.get("best", {}).get("epoch") != new.get("best", {}).get("epoch"):
-        diffs.append(f"best epoch: original {original['best'].get('epoch')}, reproduction {new['best'].get('epoch')}")
+            if abs(_column(a, key) - _column(b, key)) > tol:
+                diffs.append(f"epoch {a.epoch} {key}: original {_column(a, key):.6f}, reproduction "
+                             f"{_column(b, key):.6f}")
+    old_best, new_best = original.best, new.best
+    if (old_best and old_best.epoch) != (new_best and new_best.epoch):
+        diffs.append(f"best epoch: original {old_best and old_best.epoch}, reproduction {new_best and new_best.epoch}")
     names = {"accuracy": "val_accuracy", "f1": "val_f1", "loss": "val_loss"}
     for metric, value in (card or {}).items():
         column = names.get(metric)
-        if column and abs(value - new["best"][column]) > max(tol, 1e-4):  # the card rounds to 4 decimals
-            diffs.append(f"card {metric}: {value}, reproduction {new['best'][column]:.6f}")
+        if column and new_best is not None and abs(value - new_best.metrics.score(column)) > max(tol, 1e-4):
+            # (the card rounds to 4 decimals)
+            diffs.append(f"card {metric}: {value}, reproduction {new_best.metrics.score(column):.6f}")
     return diffs
 
 
@@ -117,8 +125,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
         return 0
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     cfg.save(Path(output_dir) / "reproduce_config.yaml")
-    if metrics.get("num_processes", 1) > 1:
-        raise ConfigError(f"the original run used {metrics['num_processes']} processes; run: {command}")
+    if (metrics.num_processes or 1) > 1:
+        raise ConfigError(f"the original run used {metrics.num_processes} processes; run: {command}")
     from hubtune.train import train
 
     result = train(cfg)
@@ -126,7 +134,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
     if diffs:
         print("differences from the original:\n  " + "\n  ".join(diffs))
         return 1
-    best = result.metrics["best"]
-    print(f"reproduced: {len(result.history)} epochs, best epoch {best['epoch']} with "
-          f"{cfg.metric} {best[cfg.metric]:.6f}, identical to the original")
+    best = result.metrics.best
+    assert best is not None  # a run that trained evaluated at least one epoch
+    print(f"reproduced: {len(result.history)} epochs, best epoch {best.epoch} with "
+          f"{cfg.metric} {best.metrics.score(cfg.metric):.6f}, identical to the original")
     return 0

@@ -22,6 +22,7 @@ import torch
 from hubtune import checkpoint
 from hubtune.config import METRICS, UPPER_BOUNDS
 from hubtune.errors import CheckpointError
+from hubtune.records import EpochRow, best_from_json, stop_from_json
 
 
 def check_saved(path: Path) -> None:
@@ -175,6 +176,13 @@ def _state_problem(saved: dict[str, Any], folder_step: int | None) -> str | None
         return f"run_state.best.checkpoint is {_shown(name)}, expected a checkpoint of this run (step-NNNNNN)"
     if best and not _real(best.get(metric)):
         return f"run_state.best.{metric} is {_shown(best.get(metric))}, expected a number"
+    try:  # what restore reads them as (per-class scores, the EMA's metrics, the stop record)
+        for row in history:
+            EpochRow.from_json(row)
+        best_from_json(best)
+        stop_from_json(stopped)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        return f"run_state's history, best or stopped cannot be read ({type(err).__name__}: {_shown(str(err))})"
     return None
 
 

@@ -8,45 +8,24 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
 from accelerate.utils import gather_object
 
 from hubtune import checkpoint, resume_checks, unfreeze
 from hubtune.config import TrainConfig, policy_fields
 from hubtune.errors import CheckpointError, ConfigError, get_logger
+from hubtune.records import BestRecord, EpochRow, StopRecord, Weights, best_from_json, stop_from_json
 
 if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from timm.utils import ModelEmaV3
+
     from hubtune.job import Job
+    from hubtune.stream import Batch
 
 logger = get_logger("hubtune")
-
-# Config fields whose change would make a resumed run a different run.
-
-
-class EvalMetrics(TypedDict):
-    """One set of weights' validation metrics in an epoch's row: the model's, or (row["ema"]) its EMA's."""
-
-    val_loss: float
-    val_accuracy: float
-    val_f1: float
-    per_class: dict[str, dict[str, float]]  # label -> precision, recall, f1, support
-    confusion_matrix: list[list[int]]  # [true][predicted]
-
-
-class _EpochRowRequired(EvalMetrics):
-    epoch: int  # 1-based
-    step: int  # optimizer steps at the end of the epoch
-    train_loss: float
-    train_examples: int
-    val_examples: int
-    skipped_images: dict[str, int]  # undecodable images: train, val
-
-
-class EpochRow(_EpochRowRequired, total=False):
-    """One epoch of metrics.json's history (and of a checkpoint's)."""
-
-    ema: EvalMetrics  # --model-ema only
 
 
 @dataclass
@@ -59,7 +38,7 @@ class EpochProgress:
     bad: int = 0
     seen: int = 0
     loader: dict[str, Any] | None = None
-    rest: Iterable[dict] = ()  # batches read but not trained on when the processes stopped together (not saved)
+    rest: Iterable[Batch] = ()  # batches read but not trained on when the processes stopped together (not saved)
 
     def add(self, loss: float, n: int) -> None:
         self.loss_sum += loss * n
@@ -86,50 +65,72 @@ class RunState:
     in_epoch: bool = False  # saved inside an epoch: the data position is restored, not restarted
     steps_per_epoch: int | None = None
     history: list[EpochRow] = field(default_factory=list)
-    best: dict[str, Any] = field(default_factory=dict)
+    best: BestRecord | None = None  # None until the first evaluation
     bad_evals: int = 0  # evaluations since the metric last improved (early stopping)
-    stopped: dict[str, Any] | None = None
+    stopped: StopRecord | None = None
     examples_seen: int = 0
     elapsed_s: float = 0.0  # wall time of the earlier segments of a resumed run, up to their last checkpoint
     segments: int = 0  # earlier segments (processes that trained this run and were interrupted)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """state.json's "run_state" (no best yet: {}, as it has always been written)."""
+        out = asdict(self)
+        out.update(history=[row.to_json() for row in self.history], best=self.best.to_json() if self.best else {},
+                   stopped=self.stopped.to_json() if self.stopped else None)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunState:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known.update(history=[EpochRow.from_json(row) for row in d.get("history") or []],
+                     best=best_from_json(d.get("best")), stopped=stop_from_json(d.get("stopped")))
+        return cls(**known)
 
 
-def update_best(state: RunState, row: EpochRow, cfg: TrainConfig) -> bool:
+@dataclass(frozen=True)
+class BestPolicy:
+    """What picks the best evaluation and stops the run early: --metric, its direction, patience and min delta."""
+
+    metric: str
+    higher_is_better: bool
+    patience: int | None = None
+    min_delta: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> BestPolicy:
+        return cls(cfg.metric, cfg.higher_is_better, cfg.early_stopping_patience, cfg.early_stopping_min_delta)
+
+
+def update_best(state: RunState, row: EpochRow, policy: BestPolicy, checkpoint_name: str | None = None) -> bool:
     """Record an evaluation; return True if it is the new best. Sets state.stopped on early stopping.
 
-    With --model-ema the row also holds the EMA weights' metrics (row["ema"]); the best of the two counts, and the
-    best record takes that one's metrics and says which weights they are ("weights": "model" or "ema").
+    With --model-ema the row also holds the EMA weights' metrics (row.ema); the best of the two counts, and the
+    best record takes that one's metrics and says which weights they are. `checkpoint_name`: the step folder that
+    will hold this evaluation's weights.
     """
-    candidates: list[dict[str, Any]] = [{**row, "weights": "model"}]
-    if row.get("ema"):
-        candidates.append({**row, **row["ema"], "weights": "ema"})
-    sign = 1 if cfg.higher_is_better else -1
-    chosen = max(candidates, key=lambda r: sign * r[cfg.metric])  # the first of equals: the raw weights
-    value = chosen[cfg.metric]
-    if state.best:
-        gain = sign * (value - state.best[cfg.metric])
-        improved = gain > cfg.early_stopping_min_delta
+    metric = policy.metric
+    candidates: list[Weights] = ["model", "ema"] if row.ema is not None else ["model"]
+    sign = 1 if policy.higher_is_better else -1
+    # the first of equals: the raw weights
+    chosen = max(candidates, key=lambda which: sign * row.weights(which).score(metric))
+    value = row.weights(chosen).score(metric)
+    if state.best is not None:
+        gain = sign * (value - state.best.metrics.score(metric))
+        improved = gain > policy.min_delta
     else:
         improved = True
     if improved:
-        state.best = chosen
+        state.best = BestRecord.of(row, chosen, checkpoint_name)
         state.bad_evals = 0
     else:
         state.bad_evals += 1
-    patience = cfg.early_stopping_patience
-    if patience and state.bad_evals >= patience:
-        state.stopped = {
-            "reason": "early_stopping", "epoch": row["epoch"], "step": row["step"],
-            "detail": f"{cfg.metric} did not improve by more than {cfg.early_stopping_min_delta} for {patience} "
-                      f"evaluation(s); best {state.best[cfg.metric]:.6g} at epoch {state.best['epoch']}",
-        }
+    patience = policy.patience
+    if patience and state.bad_evals >= patience and state.best is not None:
+        state.stopped = StopRecord(
+            reason="early_stopping", epoch=row.epoch, step=row.step,
+            detail=f"{metric} did not improve by more than {policy.min_delta} for {patience} "
+                   f"evaluation(s); best {state.best.metrics.score(metric):.6g} at epoch {state.best.epoch}",
+        )
     return improved
 
 
@@ -193,9 +194,9 @@ def save_checkpoint(job: Job) -> Path:
         weights = job.net.state_dict()
         frozen = set(job.frozen)  # the EMA of a frozen parameter is the parameter itself: not saved twice
         ema = {k: v for k, v in job.ema.module.state_dict().items() if k not in frozen} if job.ema else None
-        payload["unfrozen"] = [token for start, token, _ in job.schedule if start <= state.epoch + int(state.in_epoch)]
+        payload["unfrozen"] = [token for start, token, _ in job.unfreeze_at if start <= state.epoch + int(state.in_epoch)]
         checkpoint.write(out, state.global_step, weights, opt_meta, opt_tensors, ranks, payload, ema)
-        keep = {state.best["checkpoint"]} if state.best.get("checkpoint") else set()
+        keep = {state.best.checkpoint} if state.best and state.best.checkpoint else set()
         for gone in checkpoint.prune(out, cfg.keep_last, keep):
             logger.info(f"deleted old checkpoint {gone.name}")
         logger.info(f"saved checkpoint {path.name}")
@@ -205,33 +206,64 @@ def save_checkpoint(job: Job) -> Path:
     return path
 
 
-def resume(job: Job, path: Path, named: bool) -> Path:
-    """Restore checkpoint `path` into the job, or, when the user did not name it (--resume latest, hub), the newest
-    older one that loads, with a warning for each that does not (as for a damaged one); return the one restored.
+@dataclass(frozen=True)
+class ResumeTarget:
+    """What a checkpoint is restored into, as build_job assembled it before the first step: the modules and the
+    optimizer (loaded in place), and what --unfreeze-at's replay starts from."""
+
+    cfg: TrainConfig  # compared with the checkpoint's (resume_differences)
+    run: dict[str, Any]  # what must match beside the config (see resume_differences)
+    out: Path  # where older checkpoints are looked for
+    accelerator: Accelerator
+    net: torch.nn.Module
+    ema: ModelEmaV3 | None
+    optimizer: Any  # Accelerate's prepared optimizer
+    stepped: torch.nn.Module
+    unfreeze_at: unfreeze.Schedule
+    frozen: list[str]  # the parameters frozen at the start (--freeze)
+    thaw: unfreeze.ThawSettings
+    steps_per_epoch: int | None  # from the dataset's metadata, for checkpoints saved before it was known
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a restored checkpoint changed besides the modules' and optimizer's state: the run state, this process's
+    data position, and (after --unfreeze-at's replay) the parameters still frozen and the module that steps."""
+
+    state: RunState
+    progress: EpochProgress
+    frozen: list[str]
+    stepped: torch.nn.Module
+
+
+def resume(target: ResumeTarget, path: Path, named: bool) -> tuple[Path, Restored]:
+    """Restore checkpoint `path`, or, when the user did not name it (--resume latest, hub), the newest older one
+    that loads, with a warning for each that does not (as for a damaged one); return the one restored and what it
+    changed.
 
     Raises:
         CheckpointError: a named checkpoint cannot be loaded, or none can.
         ConfigError: the checkpoint is of another run (see resume_differences).
     """
     while True:
-        frozen = list(job.frozen)
+        groups = len(target.optimizer.optimizer.param_groups)
         try:
-            restore(job, path)
-            return path
+            return path, restore(target, path)
         except CheckpointError as err:
             # not after a failure that followed the replay of --unfreeze-at: the optimizer has that epoch's groups now
-            replayed = job.frozen != frozen
+            replayed = len(target.optimizer.optimizer.param_groups) != groups
             usable = resume_checks.check_saved
-            previous = None if named or replayed else checkpoint.newest_usable(job.out, usable, below=path)
+            previous = None if named or replayed else checkpoint.newest_usable(target.out, usable, below=path)
             if previous is None:
                 raise
             logger.warning(f"checkpoint {path.name} cannot be loaded: {err}; trying the previous one, {previous.name}")
             path = previous
 
 
-def restore(job: Job, path: Path) -> None:
-    """Load a checkpoint into the job: model, optimizer (after replaying --unfreeze-at up to the checkpoint's epoch,
-    so the optimizer has the groups it had), EMA weights, RNGs, run state and this process's data position.
+def restore(job: ResumeTarget, path: Path) -> Restored:
+    """Load a checkpoint into the target: model, optimizer (after replaying --unfreeze-at up to the checkpoint's
+    epoch, so the optimizer has the groups it had), EMA weights, RNGs; return the run state and this process's data
+    position.
 
     Everything that can be checked against the job is checked before anything is loaded.
 
@@ -254,8 +286,11 @@ def restore(job: Job, path: Path) -> None:
     if job.ema is not None:
         resume_checks.check_fits(path, "EMA weights", ema, job.ema.module.state_dict(), exact=False)
     saved_state = RunState.from_dict(saved["run_state"])
+    frozen, stepped = job.frozen, job.stepped
     for epoch in range(1, saved_state.epoch + 1 + int(saved_state.in_epoch)):  # in order, as the run did
-        unfreeze.apply(job, epoch)
+        thawed = unfreeze.apply(job.net, job.optimizer, accelerator, stepped, job.unfreeze_at, frozen, job.thaw, epoch)
+        if thawed is not None:
+            frozen, stepped = thawed.frozen, thawed.stepped
     optimizer_state = checkpoint.join_tensors(saved["optimizer"], opt_tensors)
     resume_checks.check_optimizer(path, optimizer_state, job.optimizer.optimizer)
     mine = saved["ranks"][accelerator.process_index]
@@ -269,8 +304,9 @@ def restore(job: Job, path: Path) -> None:
             accelerator.scaler.load_state_dict(saved["grad_scaler"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
         raise CheckpointError(f"{path}: cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})") from err
-    if saved_state.stopped and saved_state.stopped["reason"] != "early_stopping":
+    if saved_state.stopped and saved_state.stopped.reason != "early_stopping":
         saved_state.stopped = None  # a finished run resumed with more --epochs/--max-steps continues
-    saved_state.steps_per_epoch = saved_state.steps_per_epoch or job.state.steps_per_epoch
-    job.state, job.progress = saved_state, EpochProgress.from_dict(mine["progress"])
+    saved_state.steps_per_epoch = saved_state.steps_per_epoch or job.steps_per_epoch
     logger.info(f"resumed from {path} at epoch {saved_state.epoch + 1}, step {saved_state.global_step}")
+    return Restored(state=saved_state, progress=EpochProgress.from_dict(mine["progress"]), frozen=frozen,
+                    stepped=stepped)

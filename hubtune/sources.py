@@ -66,6 +66,17 @@ class ModelSpec:
         return str(self.name)
 
 
+def is_local(source: str | Path) -> bool:
+    """Whether `source` names something on this machine rather than a Hub repo: a Path, an existing file or folder,
+    or text written as a path (starting with `.`, `/`, `~` or `\\`), which is never a Hub id. The one answer for
+    --model, --dataset, `hubtune checkpoints` and the other sources; the caller reads the rest as a Hub id (or a timm
+    name)."""
+    if isinstance(source, Path):
+        return True
+    text = source.strip()
+    return text.startswith((".", "/", "~", "\\")) or (bool(text) and Path(text).expanduser().exists())
+
+
 def parse_model_spec(spec: str | Path, revision: str | None = None) -> ModelSpec:
     """Parse a model spec; `revision` is the separately given one (`--model-revision`, `revision=`).
 
@@ -79,9 +90,8 @@ def parse_model_spec(spec: str | Path, revision: str | None = None) -> ModelSpec
         raise ModelSourceError("the model spec is empty: give a timm architecture, a Hub id org/name or a directory")
     if text.startswith(LOCAL_PREFIX):
         return ModelSpec("local", spec, path=Path(text[len(LOCAL_PREFIX):]).expanduser())
-    path = Path(text).expanduser()
-    if not text.startswith(HUB_PREFIX) and (text.startswith((".", "/", "~", "\\")) or path.is_dir()):
-        return ModelSpec("local", spec, path=path)
+    if not text.startswith(HUB_PREFIX) and is_local(text):
+        return ModelSpec("local", spec, path=Path(text).expanduser())
     if not text.startswith(HUB_PREFIX) and "/" not in text:
         return ModelSpec("timm", spec, name=text)
     repo_id, _, at_revision = text.removeprefix(HUB_PREFIX).partition("@")

@@ -23,6 +23,7 @@ import signal
 import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Any
 
@@ -59,6 +60,19 @@ def in_val(key: int, fraction: float) -> bool:
     and shuffle order. Each image is cut off independently, so a class keeps `fraction` of its examples only on
     average (a small class can get none); identical images always land on the same side."""
     return key / 2**64 < fraction
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """How a run's streams shuffle, decode and batch: --seed (training order and augmentation), --shuffle-buffer,
+    --jpeg-draft (validation), --batch-size, --num-workers, --persistent-workers."""
+
+    seed: int
+    shuffle_buffer: int
+    jpeg_draft: bool
+    batch_size: int
+    num_workers: int
+    persistent_workers: bool
 
 
 class ExampleStream(torch.utils.data.IterableDataset):
@@ -205,24 +219,51 @@ class ExampleStream(torch.utils.data.IterableDataset):
         return draws
 
 
-def collate(batch: list[dict]) -> dict[str, Any]:
-    """Stack decodable examples; undecodable ones are dropped here and counted in `n_bad`.
+@dataclass(frozen=True)
+class Batch:
+    """One loader batch of a stream: the decodable examples' uint8 images, labels and content keys, and how many
+    examples could not be decoded.
 
-    "pixel_values" is None when the batch has no decodable image or the stream decodes nothing (`images` False).
+    It is built by `collate` in the loader workers and crosses to the training process pickled. `pixel_values` is
+    None when no image decoded, when the stream decodes nothing (`images` False: the feature cache replays), and with
+    --decode-device until device_decode.BatchDecoder turns `parts` into pixels.
     """
+
+    pixel_values: torch.Tensor | None
+    labels: torch.Tensor
+    keys: list[int]
+    n_bad: int
+    # --decode-device: DecodePlans and CPU-decoded images, in order, and how many of them the workers decoded
+    parts: list[Any] | None = None
+    n_fallback: int = 0
+    # set by the training loop (hubtune.train.synced_batches): the loader position and decode counters after this
+    # batch (what a checkpoint saved after it restores), and the seconds the loop waited for it
+    position: dict[str, Any] = field(default_factory=dict)
+    waited: float = 0.0
+
+    def images(self) -> torch.Tensor:
+        """The uint8 images, for a batch that has some (loops pass over batches without decodable examples)."""
+        assert self.pixel_values is not None, "a batch without images (none decoded, or the feature cache replays)"
+        return self.pixel_values
+
+    def pin_memory(self) -> Batch:
+        """The batch in pinned memory (what the loader's pin_memory thread calls, for faster copies to the GPU)."""
+        parts = None if self.parts is None else [p.pin_memory() if isinstance(p, torch.Tensor) else p
+                                                 for p in self.parts]
+        pixels = None if self.pixel_values is None else self.pixel_values.pin_memory()
+        return replace(self, pixel_values=pixels, labels=self.labels.pin_memory(), parts=parts)
+
+
+def collate(batch: list[dict]) -> Batch:
+    """Stack decodable examples; undecodable ones are dropped here and counted in `n_bad`."""
     good = [ex for ex in batch if ex["ok"]]
     pixels = [ex["pixel_values"] for ex in good if ex["pixel_values"] is not None]
-    out = {
-        "labels": torch.tensor([ex["label"] for ex in good], dtype=torch.long),
-        "keys": [ex["key"] for ex in good],
-        "n_bad": len(batch) - len(good),
-    }
-    if any("fallback" in ex or isinstance(ex["pixel_values"], dict) for ex in batch):
+    labels = torch.tensor([ex["label"] for ex in good], dtype=torch.long)
+    keys, n_bad = [ex["key"] for ex in good], len(batch) - len(good)
+    if any("fallback" in ex or isinstance(ex["pixel_values"], device_decode.DecodePlan) for ex in batch):
         # --decode-device: plans and CPU-decoded images in order; device_decode.BatchDecoder makes the pixels
-        out.update(pixel_values=None, parts=pixels, n_fallback=sum(ex.get("fallback", False) for ex in good))
-    else:
-        out["pixel_values"] = torch.stack(pixels) if pixels else None
-    return out
+        return Batch(None, labels, keys, n_bad, parts=pixels, n_fallback=sum(ex.get("fallback", False) for ex in good))
+    return Batch(torch.stack(pixels) if pixels else None, labels, keys, n_bad)
 
 
 def make_loader(stream: ExampleStream, batch_size: int, num_workers: int, pin_memory: bool,
@@ -273,7 +314,7 @@ class _Loader(StatefulDataLoader):
         atexit.register(_stop_workers_at_exit)
         return it
 
-    decode: Callable[[dict], dict] | None = None  # --decode-device: device_decode.BatchDecoder
+    decode: Callable[[Batch], Batch] | None = None  # --decode-device: device_decode.BatchDecoder
 
     def __iter__(self) -> Iterator:
         # (an iterator that state_dict() has just started may hold a loaded position: it is kept)

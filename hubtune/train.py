@@ -27,7 +27,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +37,26 @@ from accelerate import Accelerator
 from hubtune import calibration, checkpoint, device_decode, features, hub, metrics, report, unfreeze
 from hubtune.config import TrainConfig
 from hubtune.errors import (
-    BadDataError,
     CheckpointError,
     DivergedError,
     TrainingInterrupted,
+    check_bad_fraction,
     get_logger,
 )
-from hubtune.job import Job, build_job
-from hubtune.run_state import EpochProgress, EpochRow, EvalMetrics, RunState, StopRequest, save_checkpoint, update_best
+from hubtune.files import CHECKPOINTS_DIR
+from hubtune.job import Job, build_job, push_target
+from hubtune.records import (
+    BestRecord,
+    EpochRow,
+    ExportFallback,
+    RunRecord,
+    Skipped,
+    StopRecord,
+    ValMetrics,
+)
+from hubtune.run_state import BestPolicy, EpochProgress, RunState, StopRequest, save_checkpoint, update_best
 from hubtune.schedule import make_scheduler, steps_per_epoch_hint
+from hubtune.stream import Batch
 
 logger = get_logger("hubtune")
 
@@ -54,8 +65,8 @@ logger = get_logger("hubtune")
 class TrainResult:
     output_dir: Path
     history: list[EpochRow]
-    best: dict[str, Any]
-    metrics: dict[str, Any]
+    best: BestRecord | None
+    metrics: RunRecord
     accelerator: Accelerator  # the run's own, for callers that inspect devices, the grad scaler or prepared models
 
 
@@ -93,9 +104,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if job.ema is not None:
                     job.ema.update(job.net, step=state.global_step)
 
-                waited += batch["waited"]
+                waited += batch.waited
                 log_step(job, bar, mean_loss, t0, waited)
-                job.progress.advance(batch["position"])
+                job.progress.advance(batch.position)
                 whole_pass = is_last
                 done = is_last or reached_max_steps(cfg, state)
                 if requested or (cfg.save_steps and state.global_step % cfg.save_steps == 0 and not done):
@@ -116,11 +127,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     if state.stopped is None:
         reason, detail = (("max_steps", f"reached --max-steps {cfg.max_steps}") if reached_max_steps(cfg, state)
                           else ("max_epochs", f"completed --epochs {cfg.epochs}"))
-        state.stopped = {"reason": reason, "epoch": state.epoch, "step": state.global_step, "detail": detail}
+        state.stopped = StopRecord(reason=reason, epoch=state.epoch, step=state.global_step, detail=detail)
     result = report.final_metrics(state, job.info, accelerator, job.started, job.run_info)
     if accelerator.is_main_process:
         with background_threads_end(job):
-            export_best(job, result)
+            result = export_best(job, result)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(output_dir=job.out, history=state.history, best=state.best, metrics=result,
@@ -137,9 +148,13 @@ def begin_epoch(job: Job) -> str:
     else:
         job.train_ds.set_epoch(state.epoch)
         job.progress = EpochProgress()
-    if job.schedule:
-        unfreeze.apply(job, state.epoch + 1)
-    view = features.view_for(job.cfg, state.epoch)
+    if job.unfreeze_at:
+        thawed = unfreeze.apply(job.net, job.optimizer, job.accelerator, job.stepped, job.unfreeze_at, job.frozen,
+                                job.thaw, state.epoch + 1)
+        if thawed is not None:
+            job.frozen, job.stepped = thawed.frozen, thawed.stepped
+            job.scheduler = make_scheduler(job.optimizer, job.step_plan, state)  # it covers the groups it was built with
+    view = features.view_for(job.cache_views, state.epoch)
     if job.cache and job.cache.begin(view, job.train_ds, job.accelerator, fresh=not resumed):
         logger.info(f"epoch {state.epoch + 1}: training the classifier on cached features ({view})")
     state.in_epoch = True
@@ -153,7 +168,7 @@ def trains_batchnorm(module: torch.nn.Module) -> bool:
 
 
 def synced_batches(loader: Any, accelerator: Accelerator, fetched: EpochProgress,
-                   smallest: int = 1) -> Iterator[tuple[dict, bool]]:
+                   smallest: int = 1) -> Iterator[tuple[Batch, bool]]:
     """Yield (batch, is_last) and stop on every process as soon as any process runs out of data.
 
     A batch of fewer than `smallest` images is passed over (its images are counted as fetched, not trained on): a
@@ -168,21 +183,20 @@ def synced_batches(loader: Any, accelerator: Accelerator, fetched: EpochProgress
     epoch totals). When the stream stops, `fetched.rest` holds the batches this process still had.
     """
 
-    def fetch(it: Iterator) -> dict | None:
+    def fetch(it: Iterator[Batch]) -> Batch | None:
         start = time.perf_counter()
         for batch in it:
-            fetched.bad += batch["n_bad"]
-            fetched.seen += batch["n_bad"] + len(batch["labels"])
-            if 0 < len(batch["labels"]) < smallest:
-                logger.info(f"passed over a training batch of {len(batch['labels'])} image(s): BatchNorm cannot train "
+            fetched.bad += batch.n_bad
+            fetched.seen += batch.n_bad + len(batch.labels)
+            if 0 < len(batch.labels) < smallest:
+                logger.info(f"passed over a training batch of {len(batch.labels)} image(s): BatchNorm cannot train "
                             "on a single image")
-            elif len(batch["labels"]):
-                batch["position"] = {"loader": loader.state_dict(), "bad": fetched.bad, "seen": fetched.seen}
-                batch["waited"] = time.perf_counter() - start
-                return batch
+            elif len(batch.labels):
+                position = {"loader": loader.state_dict(), "bad": fetched.bad, "seen": fetched.seen}
+                return replace(batch, position=position, waited=time.perf_counter() - start)
         return None
 
-    def all_have(batch: dict | None) -> bool:
+    def all_have(batch: Batch | None) -> bool:
         flag = torch.tensor([batch is not None], dtype=torch.int32, device=accelerator.device)
         return bool(accelerator.gather(flag).min()) if accelerator.num_processes > 1 else batch is not None
 
@@ -237,9 +251,9 @@ def end_epoch(job: Job, fetched: EpochProgress, seconds: float) -> None:
                                                             fetched.bad, fetched.seen)
     check_bad_fraction(int(n_bad), int(n_seen), cfg.max_bad_fraction, "training")
     state.examples_seen += int(n_total)
-    if state.epoch == 0 and not cfg.max_steps and steps_per_epoch_hint(cfg, job.info, 1) is None:
+    if state.epoch == 0 and not cfg.max_steps and steps_per_epoch_hint(job.step_plan, job.info, 1) is None:
         state.steps_per_epoch = state.global_step  # learned: the schedule now spans all epochs
-        job.scheduler = make_scheduler(job.optimizer, cfg, state)
+        job.scheduler = make_scheduler(job.optimizer, job.step_plan, state)
     if job.cache:
         job.cache.begin("val", job.val_ds, accelerator)
     job.net.eval()  # `evaluated` is unwrapped: DDP would sync buffers on every forward, and shards end unevenly
@@ -253,32 +267,25 @@ def end_epoch(job: Job, fetched: EpochProgress, seconds: float) -> None:
     job.net.train()
     if job.cache:
         job.cache.end("val", accelerator, whole_pass=True)
-    check_bad_fraction(val["skipped"], val["skipped"] + val["examples"], cfg.max_bad_fraction, "validation")
-    row: EpochRow = {
-        "epoch": state.epoch + 1, "step": state.global_step, "train_loss": loss_total / max(n_total, 1),
-        "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],
-        "train_examples": int(n_total), "val_examples": val["examples"], "per_class": val["per_class"],
-        "confusion_matrix": val["confusion_matrix"], "skipped_images": {"train": int(n_bad), "val": val["skipped"]}}
-    if ema is not None:
-        row["ema"] = {"val_loss": ema["loss"], "val_accuracy": ema["accuracy"], "val_f1": ema["f1"],
-                      "per_class": ema["per_class"], "confusion_matrix": ema["confusion_matrix"]}
+    check_bad_fraction(val.skipped, val.skipped + val.examples, cfg.max_bad_fraction, "validation")
+    row = EpochRow(epoch=state.epoch + 1, step=state.global_step, train_loss=loss_total / max(n_total, 1),
+                   val=ValMetrics.of(val), train_examples=int(n_total), val_examples=val.examples,
+                   skipped=Skipped(train=int(n_bad), val=val.skipped), ema=ValMetrics.of(ema) if ema else None)
     state.history.append(row)
     log_epoch(job, row)
     if accelerator.num_processes > 1:
         assert_in_sync(job)
-    improved = update_best(state, row, cfg)
-    if improved:
-        state.best["checkpoint"] = checkpoint.step_dir(job.out, state.global_step).name
-    shown = f" | ema val_acc {row['ema']['val_accuracy']:.4f} val_f1 {row['ema']['val_f1']:.4f}" if ema else ""
-    logger.info(f"epoch {row['epoch']}/{cfg.epochs} | step {row['step']} | train_loss {row['train_loss']:.4f} | "
-                f"val_loss {row['val_loss']:.4f} | val_acc {row['val_accuracy']:.4f} | val_f1 {row['val_f1']:.4f}{shown}"
-                f" | {row['train_examples']} train / {row['val_examples']} val images | {seconds:.1f}s")
+    improved = update_best(state, row, BestPolicy.from_config(cfg), checkpoint.step_dir(job.out, state.global_step).name)
+    shown = f" | ema val_acc {row.ema.accuracy:.4f} val_f1 {row.ema.f1:.4f}" if row.ema else ""
+    logger.info(f"epoch {row.epoch}/{cfg.epochs} | step {row.step} | train_loss {row.train_loss:.4f} | "
+                f"val_loss {row.val.loss:.4f} | val_acc {row.val.accuracy:.4f} | val_f1 {row.val.f1:.4f}{shown}"
+                f" | {row.train_examples} train / {row.val_examples} val images | {seconds:.1f}s")
     if job.train_loader.decode is not None:
         logger.info(device_decode.describe_counts([job.train_loader.decode, job.val_loader.decode]))
     state.epoch += 1
     state.in_epoch = False
     if state.stopped:
-        logger.info(f"early stopping: {state.stopped['detail']}")
+        logger.info(f"early stopping: {state.stopped.detail}")
     save_checkpoint(job)
     if job.pusher is not None and improved:
         snap = hub.snapshot_dir(job.out)
@@ -289,15 +296,15 @@ def end_epoch(job: Job, fetched: EpochProgress, seconds: float) -> None:
 
 def log_epoch(job: Job, row: EpochRow) -> None:
     """An epoch's validation metrics (per-class F1 and skipped images too) to the trackers, at its last step."""
-    values = {"train/epoch_loss": row["train_loss"], "skipped_images/train": row["skipped_images"]["train"],
-              "skipped_images/val": row["skipped_images"]["val"]}
-    evaluated: list[tuple[str, EvalMetrics | None]] = [("val", row), ("ema_val", row.get("ema"))]
+    values = {"train/epoch_loss": row.train_loss, "skipped_images/train": row.skipped.train,
+              "skipped_images/val": row.skipped.val}
+    evaluated: list[tuple[str, ValMetrics | None]] = [("val", row.val), ("ema_val", row.ema)]
     for prefix, metrics_row in evaluated:
         if metrics_row is not None:
-            values.update({f"{prefix}/loss": metrics_row["val_loss"], f"{prefix}/accuracy": metrics_row["val_accuracy"],
-                           f"{prefix}/f1": metrics_row["val_f1"]})
-            values.update({f"{prefix}/f1/{name}": c["f1"] for name, c in metrics_row["per_class"].items()})
-    job.accelerator.log(values, step=row["step"])
+            values.update({f"{prefix}/loss": metrics_row.loss, f"{prefix}/accuracy": metrics_row.accuracy,
+                           f"{prefix}/f1": metrics_row.f1})
+            values.update({f"{prefix}/f1/{name}": c.f1 for name, c in metrics_row.per_class.items()})
+    job.accelerator.log(values, step=row.step)
 
 
 def assert_in_sync(job: Job) -> None:
@@ -310,50 +317,55 @@ def assert_in_sync(job: Job) -> None:
                            " gradient synchronisation was lost; this is a bug in hubtune, please report it")
 
 
-def export_best(job: Job, result: dict[str, Any]) -> None:
-    """Write the best checkpoint's weights as the export in OUTPUT_DIR, then push it (main process).
+def export_best(job: Job, result: RunRecord) -> RunRecord:
+    """Write the best checkpoint's weights as the export in OUTPUT_DIR, then push it (main process); return the run
+    record as written (with what only the export knows).
 
     The checkpoint is verified against its manifest first: a damaged one is never exported; the best intact
     end-of-epoch checkpoint is, and metrics.json and the card say so.
     """
     cfg, best = job.cfg, job.state.best
-    path = job.out / checkpoint.CHECKPOINTS / best["checkpoint"]
+    assert best is not None and best.checkpoint is not None  # every run that reaches here evaluated an epoch
+    path = job.out / CHECKPOINTS_DIR / best.checkpoint
     try:
-        weights = checkpoint.load_weights(path, ema=best.get("weights") == "ema")
+        weights = checkpoint.load_weights(path, ema=best.ema)
     except CheckpointError as err:
         found = checkpoint.best_intact(job.out, job.state.history, cfg.metric, cfg.higher_is_better, {path.name})
         if found is None:
             raise CheckpointError(f"the best checkpoint cannot be exported ({err}) and no other end-of-epoch "
                                   f"checkpoint in {path.parent} is intact; nothing was exported") from err
         path, row = found
-        logger.warning(f"the best checkpoint {best['checkpoint']} is damaged ({err}); exporting {path.name} "
-                       f"(epoch {row['epoch']}), the best intact one, instead")
-        result["best"] = {**row, "checkpoint": path.name}
-        result["export_fallback"] = {"wanted": best["checkpoint"], "wanted_epoch": best["epoch"],
-                                     "exported": path.name, "reason": str(err)}
-        weights = checkpoint.load_weights(path, ema=row.get("weights") == "ema")
+        logger.warning(f"the best checkpoint {best.checkpoint} is damaged ({err}); exporting {path.name} "
+                       f"(epoch {row.epoch}), the best intact one, instead")
+        # a history row: the raw weights' metrics, and no "weights" recorded (as metrics.json has always had it)
+        result = replace(result, best=BestRecord(row=row, weights=None, checkpoint=path.name),
+                         export_fallback=ExportFallback(wanted=best.checkpoint, wanted_epoch=best.epoch,
+                                                        exported=path.name, reason=str(err)))
+        weights = checkpoint.load_weights(path, ema=False)
     job.net.load_state_dict(weights)
     if cfg.calibrate:
         # only here is it known which weights are exported (the best intact checkpoint), and only on the main
         # process: it reads the whole validation split itself, while the others wait as they do for the push
-        loader = calibration.validation_loader(cfg, job.info, job.data_cfg, job.accelerator.device.type == "cuda")
-        result["calibration"] = calibration.calibrate(job.net, job.normalize, loader)
+        loader = calibration.validation_loader(job.source, job.reading, job.info, job.data_cfg,
+                                               job.accelerator.device.type == "cuda")
+        fitted = calibration.calibrate(job.net, job.normalize, loader)
+        result = replace(result, calibration=fitted)
     if job.pusher is not None:  # the final push supersedes a waiting snapshot and cancels one in flight
         job.pusher.close(timeout=30)
-        result["background_pushes"] = {"pushed": job.pusher.pushed, "failed": job.pusher.failed}
+        result = replace(result, background_pushes=job.pusher.report())
     if job.uploader is not None:  # the last checkpoint too, before the run's record is written
         job.uploader.finish(cfg.hub_checkpoints_timeout)
-        result["hub_checkpoints"] = job.uploader.report()
+        result = replace(result, hub_checkpoints=job.uploader.report())
     report.write_outputs(job.out, job.net, cfg, job.data_cfg, result)
-    job.accelerator.log({f"best/{cfg.metric}": result["best"][cfg.metric], "best/epoch": result["best"]["epoch"]},
-                        step=job.state.global_step)
-    shown, what = result["best"], "the best intact checkpoint" if "export_fallback" in result else "the best checkpoint"
-    logger.info(f"exported {what} ({shown['checkpoint']}, epoch {shown['epoch']}, {cfg.metric} "
-                f"{shown[cfg.metric]:.4f}) to {job.out}")
+    shown = result.best
+    assert shown is not None
+    value = shown.metrics.score(cfg.metric)
+    job.accelerator.log({f"best/{cfg.metric}": value, "best/epoch": shown.epoch}, step=job.state.global_step)
+    what = "the best intact checkpoint" if result.export_fallback else "the best checkpoint"
+    logger.info(f"exported {what} ({shown.checkpoint}, epoch {shown.epoch}, {cfg.metric} {value:.4f}) to {job.out}")
     if cfg.push_to_hub:
-        hub.push(job.out, cfg.push_to_hub, private=cfg.private, revision=cfg.revision,
-                 commit_message=cfg.commit_message, push_checkpoints=cfg.push_checkpoints,
-                 overwrite_card=cfg.overwrite_card, rerun=push_command(cfg, job.out))
+        hub.push(job.out, push_target(cfg), push_checkpoints=cfg.push_checkpoints, rerun=push_command(cfg, job.out))
+    return result
 
 
 def push_command(cfg: TrainConfig, out: Path) -> str:
@@ -376,10 +388,9 @@ def finish_uploads(job: Job, path: Path) -> str | None:
                 f"{job.uploader.log_path})")
     job.uploader.finish(job.cfg.hub_checkpoints_timeout)
     report = job.uploader.report()
-    if path.name in report["uploaded"]:
-        return f"uploaded to {report['repo']}@{report['branch']}"
-    failed = next((f["error"] for f in report["failed"] if f["checkpoint"] == path.name), None)
-    why = failed or f"not uploaded within --hub-checkpoints-timeout {job.cfg.hub_checkpoints_timeout:g}s"
+    if path.name in report.uploaded:
+        return f"uploaded to {report.repo}@{report.branch}"
+    why = report.failure(path.name) or f"not uploaded within --hub-checkpoints-timeout {job.cfg.hub_checkpoints_timeout:g}s"
     return f"it did not reach the Hub ({why}): only this machine can resume it"
 
 
@@ -400,13 +411,6 @@ def background_threads_end(job: Job) -> Iterator[None]:
 def sum_over_processes(accelerator: Accelerator, *values: float) -> list[float]:
     local = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
     return (accelerator.reduce(local, "sum") if accelerator.num_processes > 1 else local).tolist()
-
-
-def check_bad_fraction(bad: int, seen: int, limit: float, what: str) -> None:
-    """Stop the run when more than `limit` of the images (counted over all processes) were unreadable."""
-    if seen and bad / seen > limit:
-        raise BadDataError(f"{bad} of {seen} {what} images ({bad / seen:.1%}) could not be decoded, over "
-                           f"--max-bad-fraction {limit}; fix the data or raise the limit")
 
 
 def reached_max_steps(cfg: TrainConfig, state: RunState) -> bool:

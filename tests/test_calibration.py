@@ -24,6 +24,7 @@ from hubtune.config import TrainConfig
 from hubtune.errors import ModelSourceError
 from hubtune.evaluation import EVAL_FILES, RELIABILITY_PLOT, RESULTS_FILE, add_evaluate_arguments, run_evaluate
 from hubtune.predict import add_predict_arguments, run_predict
+from hubtune.records import RunRecord
 from hubtune.reproduce import plan
 from hubtune.train import train
 
@@ -259,7 +260,8 @@ def test_a_temperature_that_is_not_a_positive_number_is_refused_in_one_line(cali
 def test_reproduce_reruns_with_calibrate(calibrated, tmp_path):
     config = yaml.safe_load((calibrated / "train_config.yaml").read_text())
     assert config["calibrate"] is True
-    cfg, _, _ = plan(config, json.loads((calibrated / "metrics.json").read_text()), str(tmp_path / "again"))
+    cfg, _, _ = plan(config, RunRecord.from_json(json.loads((calibrated / "metrics.json").read_text())),
+                     str(tmp_path / "again"))
     assert cfg.calibrate is True
 
 

@@ -107,12 +107,14 @@ def test_check_metadata_rejects_a_wrong_card(run_dir):
     from huggingface_hub import ModelCard
 
     from hubtune.card import check_metadata, render_card
+    from hubtune.records import BestRecord
 
     card = render_card(run_dir, repo_id=REPO_ID)
-    best = json.loads((run_dir / "metrics.json").read_text())["best"]
+    written = json.loads((run_dir / "metrics.json").read_text())["best"]
+    best = BestRecord.from_json(written)
     check_metadata(card, best)
     with pytest.raises(ValueError, match="model-index accuracy: expected 0.5000"):
-        check_metadata(card, {**best, "val_accuracy": 0.5})
+        check_metadata(card, BestRecord.from_json({**written, "val_accuracy": 0.5}))
     with pytest.raises(ValueError, match="library_name: expected 'timm'"):
         check_metadata(ModelCard(str(card).replace("library_name: timm", "library_name: transformers")), best)
 

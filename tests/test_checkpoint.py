@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from hubtune import checkpoint
 from hubtune.config import TrainConfig
-from hubtune.run_state import RunState, update_best
+from hubtune.records import EpochRow
+from hubtune.run_state import BestPolicy, RunState, update_best
 from hubtune.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,16 +210,18 @@ def test_early_stopping_on_a_scripted_metric_sequence():
     cfg = scripted_cfg(metric="val_loss", early_stopping_patience=2, early_stopping_min_delta=0.01)
     state = RunState()
     for epoch, loss in enumerate([1.0, 0.8, 0.795, 0.7905, 0.5], start=1):
-        update_best(state, {"epoch": epoch, "step": epoch, "val_loss": loss}, cfg)
+        update_best(state, EpochRow.from_json({"epoch": epoch, "step": epoch, "val_loss": loss}),
+                    BestPolicy.from_config(cfg))
         if state.stopped:
             break
-    assert state.stopped["reason"] == "early_stopping" and state.stopped["epoch"] == 4
-    assert state.best["epoch"] == 2
+    assert state.stopped.reason == "early_stopping" and state.stopped.epoch == 4
+    assert state.best.epoch == 2
     cfg = scripted_cfg(metric="val_accuracy", early_stopping_patience=1)
     state = RunState()
     for epoch, acc in enumerate([0.5, 0.7, 0.7], start=1):
-        update_best(state, {"epoch": epoch, "step": epoch, "val_accuracy": acc}, cfg)
-    assert state.stopped["epoch"] == 3 and state.best["epoch"] == 2
+        update_best(state, EpochRow.from_json({"epoch": epoch, "step": epoch, "val_accuracy": acc}),
+                    BestPolicy.from_config(cfg))
+    assert state.stopped.epoch == 3 and state.best.epoch == 2
 
 
 def tiny(dataset, out, **kw):
@@ -232,20 +235,20 @@ def test_export_is_best_not_last_and_early_stopping_counter_survives_resume(two_
     # nothing can improve val_accuracy by more than 0.5 after the first epoch: epoch 1 stays the best
     cfg = tiny(two_class_folder, tmp_path, epochs=2, early_stopping_patience=2, early_stopping_min_delta=0.5)
     first = train(cfg)
-    assert first.metrics["stopped"]["reason"] == "max_epochs" and first.best["epoch"] == 1
-    best_dir = tmp_path / "checkpoints" / first.best["checkpoint"]
+    assert first.metrics.stopped.reason == "max_epochs" and first.best.epoch == 1
+    best_dir = tmp_path / "checkpoints" / first.best.checkpoint
     exported = load_file(str(tmp_path / "model.safetensors"))
     best = load_file(str(best_dir / "model.safetensors"))
     last = latest_weights(tmp_path)
     assert all(torch.equal(exported[k], best[k]) for k in exported)
     assert any(not torch.equal(exported[k], last[k]) for k in exported)
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["best"]["epoch"] == 1 and m["best"]["checkpoint"] == first.best["checkpoint"]
+    assert m["best"]["epoch"] == 1 and m["best"]["checkpoint"] == first.best.checkpoint
     # one evaluation without improvement was counted; resumed with more epochs, the second one stops the run
     again = train(tiny(two_class_folder, tmp_path, epochs=6, early_stopping_patience=2, early_stopping_min_delta=0.5,
                        resume="latest"))
-    assert again.metrics["stopped"]["reason"] == "early_stopping" and again.metrics["stopped"]["epoch"] == 3
-    assert [h["epoch"] for h in again.history] == [1, 2, 3]
+    assert again.metrics.stopped.reason == "early_stopping" and again.metrics.stopped.epoch == 3
+    assert [h.epoch for h in again.history] == [1, 2, 3]
 
 
 def test_resume_with_a_different_run_is_refused_naming_each_difference(two_class_folder, two_class_parquet, reference, tmp_path):
@@ -262,7 +265,7 @@ def test_resume_with_a_different_run_is_refused_naming_each_difference(two_class
 
 def test_resume_latest_without_checkpoints_starts_fresh(two_class_folder, tmp_path):
     result = train(tiny(two_class_folder, tmp_path, epochs=1, resume="latest"))
-    assert result.metrics["global_step"] > 0
+    assert result.metrics.global_step > 0
 
 
 @pytest.mark.slow
@@ -288,8 +291,9 @@ def test_a_different_process_count_is_refused(reference):
 def loader(path, persistent=False):
     """A 2-worker loader whose pixel values are seeded random draws: they change with the epoch, as augmentation."""
     from hubtune import data, stream
+    from hubtune.job import dataset_source
 
-    train_src, _, info = data.open_splits(TrainConfig(dataset=str(path)))
+    train_src, _, info = data.open_splits(dataset_source(TrainConfig(dataset=str(path))))
     source = data.process_source(train_src, info, rank=0, world_size=1, shuffle_seed=1)
     s = stream.ExampleStream(source, lambda img: torch.randint(0, 2**31, ()), keep_val=False, val_fraction=0.1,
                              seed=1, shuffle_buffer=16)
@@ -297,7 +301,7 @@ def loader(path, persistent=False):
 
 
 def values(batches) -> list[int]:
-    return [v for b in batches for v in b["pixel_values"].tolist()]
+    return [v for b in batches for v in b.pixel_values.tolist()]
 
 
 def test_loader_position_restores_exactly_with_two_workers_over_two_row_groups(two_row_groups):
@@ -345,11 +349,11 @@ def test_persistent_workers_report_a_new_pass_from_its_start(two_row_groups):
 
 def test_persistent_workers_are_replaced_when_the_stream_settings_change(two_row_groups):
     persistent = loader(two_row_groups, persistent=True)
-    keys = {k for b in persistent for k in b["keys"]}
+    keys = {k for b in persistent for k in b.keys}
     persistent.dataset.images, persistent.dataset.known_keys = False, frozenset(keys)  # a feature-cache replay
     replay = list(persistent)
-    assert {k for b in replay for k in b["keys"]} == keys
-    assert all(b["pixel_values"] is None for b in replay)
+    assert {k for b in replay for k in b.keys} == keys
+    assert all(b.pixel_values is None for b in replay)
 
 
 def flip_byte(path: Path, offset: int = -100) -> None:
@@ -367,7 +371,7 @@ def test_a_damaged_best_checkpoint_is_never_exported(damage, two_class_folder, t
     # epoch 1 stays the best (nothing improves val_accuracy by 0.5); its checkpoint is damaged before the run ends
     cfg = tiny(two_class_folder, tmp_path, epochs=2, early_stopping_min_delta=0.5)
     first = train(cfg)
-    best_dir = tmp_path / "checkpoints" / first.best["checkpoint"]
+    best_dir = tmp_path / "checkpoints" / first.best.checkpoint
     if damage == "truncated":
         with (best_dir / checkpoint.MODEL_FILE).open("r+b") as f:
             f.truncate(1000)
@@ -378,14 +382,14 @@ def test_a_damaged_best_checkpoint_is_never_exported(damage, two_class_folder, t
     exported = (tmp_path / "model.safetensors").read_bytes()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     fallback = metrics["export_fallback"]
-    assert fallback["wanted"] == first.best["checkpoint"] and "damaged" in fallback["reason"]
-    assert metrics["best"]["checkpoint"] == fallback["exported"] != first.best["checkpoint"]
+    assert fallback["wanted"] == first.best.checkpoint and "damaged" in fallback["reason"]
+    assert metrics["best"]["checkpoint"] == fallback["exported"] != first.best.checkpoint
     intact = load_file(str(tmp_path / "checkpoints" / fallback["exported"] / checkpoint.MODEL_FILE))
     assert all(torch.equal(v, load_file(str(tmp_path / "model.safetensors"))[k]) for k, v in intact.items())
     assert exported != damaged
-    assert again.metrics["best"]["epoch"] == metrics["best"]["epoch"] != 1
+    assert again.metrics.best.epoch == metrics["best"]["epoch"] != 1
     card = (tmp_path / "README.md").read_text()
-    assert f"**Not the best epoch's weights:** the checkpoint of epoch 1 (`{first.best['checkpoint']}`)" in card
+    assert f"**Not the best epoch's weights:** the checkpoint of epoch 1 (`{first.best.checkpoint}`)" in card
 
 
 def test_manifests_that_list_nothing_or_garbage_mark_the_checkpoint_damaged(reference, tmp_path):
@@ -399,7 +403,9 @@ def test_manifests_that_list_nothing_or_garbage_mark_the_checkpoint_damaged(refe
     with pytest.raises(checkpoint.CheckpointError, match="does not list model.safetensors"):
         checkpoint.verify(newest)
     assert checkpoint.find_resume(out, "latest") == previous
-    rows = {row[0]: row for row in checkpoint.describe(out)}
+    from hubtune.commands import local_checkpoint_rows
+
+    rows = {row[0]: row for row in local_checkpoint_rows(out)}
     assert rows[newest.name][-1].startswith("DAMAGED: ") and "latest" in rows[previous.name][-1]
 
 

@@ -10,6 +10,7 @@ import json
 import random
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +23,8 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from hubtune import checkpoint, hub, hub_calls, stream
 from hubtune.config import UPPER_BOUNDS, TrainConfig
 from hubtune.errors import CheckpointError, ConfigError, PushError
-from hubtune.run_state import EpochProgress, RunState, resume_differences, update_best
+from hubtune.records import EpochRow
+from hubtune.run_state import BestPolicy, EpochProgress, RunState, resume_differences, update_best
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
 
@@ -130,13 +132,15 @@ def test_resume_discovery_retention_and_the_best_intact_checkpoint(tmp_path, cap
     assert gone == [paths[1]] and [p.name for p in checkpoint.listing(tmp_path)] == [
         "step-000005", "step-999999", "step-1000000"] and not stale.exists()
     # best intact: by the metric over end-of-epoch checkpoints, the named damaged one skipped
-    history = [{"epoch": 1, "step": 5, "val_loss": 0.5}, {"epoch": 2, "step": 999999, "val_loss": 0.3},
-               {"epoch": 3, "step": 7, "val_loss": 0.1}]
+    history = [EpochRow.from_json(r) for r in ({"epoch": 1, "step": 5, "val_loss": 0.5},
+                                               {"epoch": 2, "step": 999999, "val_loss": 0.3},
+                                               {"epoch": 3, "step": 7, "val_loss": 0.1})]
     found = checkpoint.best_intact(tmp_path, history, "val_loss", False, set())
     assert found == (paths[2], history[1])
     assert checkpoint.best_intact(tmp_path, history, "val_loss", True, set()) == (paths[0], history[0])
     assert checkpoint.best_intact(tmp_path, history, "val_loss", False, {"step-999999"}) == (paths[0], history[0])
-    tie = [{**history[0], "val_loss": 0.3}, history[1]]  # equal metric: the earlier epoch, as update_best keeps it
+    tie = [replace(history[0], val=replace(history[0].val, loss=0.3)), history[1]]  # equal metric: the earlier
+    # epoch, as update_best keeps it
     assert checkpoint.best_intact(tmp_path, tie, "val_loss", False, set()) == (paths[0], tie[0])
     (paths[2] / "state.json").write_text("{}")
     caplog.clear()
@@ -161,12 +165,15 @@ def test_ema_weights_are_saved_beside_the_model_and_merged_on_load(tmp_path):
 def test_the_better_of_the_model_and_its_ema_is_the_best():
     cfg = TrainConfig(metric="val_loss")
     state = RunState()
-    row = {"epoch": 1, "step": 5, "val_loss": 0.5, "val_f1": 0.4, "ema": {"val_loss": 0.4, "val_f1": 0.6}}
+    cfg = BestPolicy.from_config(cfg)
+    row = EpochRow.from_json({"epoch": 1, "step": 5, "val_loss": 0.5, "val_f1": 0.4,
+                              "ema": {"val_loss": 0.4, "val_f1": 0.6}})
     assert update_best(state, row, cfg)
-    assert state.best["weights"] == "ema" and state.best["val_loss"] == 0.4 and state.best["val_f1"] == 0.6
-    tie = {"epoch": 2, "step": 10, "val_loss": 0.3, "ema": {"val_loss": 0.3}}
-    assert update_best(state, tie, cfg) and state.best["weights"] == "model"  # equal: the training weights
-    assert not update_best(state, {"epoch": 3, "step": 15, "val_loss": 0.35, "ema": {"val_loss": 0.31}}, cfg)
+    assert state.best.weights == "ema" and state.best.metrics.loss == 0.4 and state.best.metrics.f1 == 0.6
+    tie = EpochRow.from_json({"epoch": 2, "step": 10, "val_loss": 0.3, "ema": {"val_loss": 0.3}})
+    assert update_best(state, tie, cfg) and state.best.weights == "model"  # equal: the training weights
+    assert not update_best(state, EpochRow.from_json({"epoch": 3, "step": 15, "val_loss": 0.35,
+                                                      "ema": {"val_loss": 0.31}}), cfg)
     assert state.bad_evals == 1
 
 
@@ -216,14 +223,15 @@ def rows(metric: str, values: list[float]) -> list[dict]:
 def test_best_and_early_stopping(metric, values, delta, patience, best, stopped):
     cfg = TrainConfig(metric=metric, early_stopping_min_delta=delta, early_stopping_patience=patience)
     state = RunState()
-    improvements = [update_best(state, row, cfg) for row in rows(metric, values) if state.stopped is None]
-    assert improvements[0] is True and state.best["epoch"] == best
-    assert state.best[metric] == values[best - 1]
+    improvements = [update_best(state, EpochRow.from_json(row), BestPolicy.from_config(cfg))
+                    for row in rows(metric, values) if state.stopped is None]
+    assert improvements[0] is True and state.best.epoch == best
+    assert state.best.metrics.score(metric) == values[best - 1]
     if stopped is None:
         assert state.stopped is None
     else:
-        assert state.stopped["reason"] == "early_stopping" and state.stopped["epoch"] == stopped
-        assert state.stopped["step"] == 10 * stopped and f"for {patience} evaluation(s)" in state.stopped["detail"]
+        assert state.stopped.reason == "early_stopping" and state.stopped.epoch == stopped
+        assert state.stopped.step == 10 * stopped and f"for {patience} evaluation(s)" in state.stopped.detail
         assert state.bad_evals == patience
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from hubtune import data, stream
 from hubtune.config import TrainConfig
+from hubtune.job import dataset_source
 
 
 def test_odd_modes_become_rgb_and_exif_orientation_is_applied():
@@ -35,14 +36,14 @@ def test_broken_images_decode_to_none():
 
 
 def _cfg(dataset, **kw):
-    return TrainConfig(dataset=str(dataset), **kw)
+    return dataset_source(TrainConfig(dataset=str(dataset), **kw))
 
 
 @pytest.mark.parametrize("fixture", ["two_class_parquet", "two_class_folder"])
 def test_columns_and_classes_found_by_feature_type(fixture, request):
     train, val, info = data.open_splits(_cfg(request.getfixturevalue(fixture)))
     assert info.class_names == list(CLASSES)
-    assert info.val_source == "hash:0.1"
+    assert info.val_source.to_json() == "hash:0.1"
     assert info.label_column in ("labels", "label")
 
 
@@ -87,16 +88,16 @@ def test_existing_validation_split_is_used_as_is(tmp_path):
     for split, per_class in (("train", 20), ("validation", 5)):
         make_image_dataset(tmp_path / split, "imagefolder", per_class=per_class, seed=len(split))
     _, val, info = data.open_splits(_cfg(tmp_path))
-    assert info.val_source == "split:validation"
+    assert info.val_source.to_json() == "split:validation"
     assert sum(1 for _ in val) == 2 * 5 + 6
 
 
 def test_collate_drops_and_counts_bad_examples():
     good = {"pixel_values": torch.zeros(3, 4, 4), "label": 1, "key": 7, "ok": True}
     batch = stream.collate([good, {"pixel_values": None, "label": 0, "key": 9, "ok": False}, good])
-    assert batch["pixel_values"].shape == (2, 3, 4, 4) and batch["n_bad"] == 1
-    assert batch["labels"].tolist() == [1, 1]
-    assert batch["keys"] == [7, 7]
+    assert batch.pixel_values.shape == (2, 3, 4, 4) and batch.n_bad == 1
+    assert batch.labels.tolist() == [1, 1]
+    assert batch.keys == [7, 7]
 
 
 def test_jpeg_draft_decodes_large_photos_at_a_reduced_scale_never_below_the_target():
@@ -122,11 +123,8 @@ def test_jpeg_draft_decodes_large_photos_at_a_reduced_scale_never_below_the_targ
 
 LOADER_SCRIPT = """
 import gc, sys
-from types import SimpleNamespace
 from hubtune import data, stream
-cfg = SimpleNamespace(dataset=sys.argv[1], dataset_revision=None, image_column=None, label_column=None,
-                      val_fraction=0.1)
-train, _, info = data.open_splits(cfg)
+train, _, info = data.open_splits(data.DatasetSource(sys.argv[1], val_fraction=0.1))
 ds = stream.ExampleStream(data.process_source(train, info, rank=0, world_size=1, shuffle_seed=0), lambda im: None,
                           keep_val=False, val_fraction=0.1, seed=0, shuffle_buffer=8)
 loader = stream.make_loader(ds, 4, 2, False, persistent_workers=sys.argv[2] == "persistent")
@@ -201,8 +199,9 @@ SPLIT_MEMBERS = """
 import hashlib, json, sys
 from hubtune import data, stream
 from hubtune.config import TrainConfig
+from hubtune.job import dataset_source
 path, world = sys.argv[1], int(sys.argv[2])
-train, _, info = data.open_splits(TrainConfig(dataset=path))
+train, _, info = data.open_splits(dataset_source(TrainConfig(dataset=path)))
 members = []
 for rank in range(world):
     source = data.process_source(train, info, rank=rank, world_size=world, shuffle_seed=rank)

@@ -17,6 +17,7 @@ from hubtune import data, device_decode, stream
 from hubtune import model as model_lib
 from hubtune.config import TrainConfig
 from hubtune.errors import ConfigError
+from hubtune.job import dataset_source
 
 # the documented tolerance (README): with the train transform (PIL's crop-resize and jitter vs torch's), the mean
 # absolute difference per image in 0-255 levels (measured: median 0.18, max 0.53); the eval transform is identical
@@ -74,7 +75,7 @@ def transforms(size: int = 64):
 
 def loader(path, planned: bool, train: bool = True, workers: int = 0, batch_size: int = 8):
     train_tf, eval_tf = transforms()
-    train_src, _, info = data.open_splits(TrainConfig(dataset=str(path), val_fraction=0.0))
+    train_src, _, info = data.open_splits(dataset_source(TrainConfig(dataset=str(path), val_fraction=0.0)))
     source = data.process_source(train_src, info, rank=0, world_size=1, shuffle_seed=5 if train else None)
     s = stream.ExampleStream(source, train_tf if train else eval_tf, keep_val=None, val_fraction=0.0,
                              seed=5 if train else None, shuffle_buffer=16)
@@ -87,11 +88,11 @@ def loader(path, planned: bool, train: bool = True, workers: int = 0, batch_size
 def by_key(batches) -> tuple[list[int], list[int], dict[int, torch.Tensor], int]:
     keys, labels, pixels, bad = [], [], {}, 0
     for b in batches:
-        bad += b["n_bad"]
-        keys += b["keys"]
-        labels += b["labels"].tolist()
-        if b["pixel_values"] is not None:
-            pixels.update(zip(b["keys"], b["pixel_values"]))
+        bad += b.n_bad
+        keys += b.keys
+        labels += b.labels.tolist()
+        if b.pixel_values is not None:
+            pixels.update(zip(b.keys, b.pixel_values))
     return keys, labels, pixels, bad
 
 
@@ -133,8 +134,8 @@ def test_a_position_restores_exactly_and_worker_counts_do_not_change_the_pixels(
     restored = loader(image_set, planned=True, workers=2)
     restored.load_state_dict(state)
     again = list(restored)
-    assert [b["keys"] for b in again] == [b["keys"] for b in rest] and rest
-    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(again, rest))
+    assert [b.keys for b in again] == [b.keys for b in rest] and rest
+    assert all(torch.equal(a.pixel_values, b.pixel_values) for a, b in zip(again, rest))
     _, _, two, _ = by_key(loader(image_set, planned=True, workers=2))
     _, _, none, _ = by_key(loader(image_set, planned=True, workers=0))
     assert two.keys() == none.keys() and all(torch.equal(two[k], none[k]) for k in two)
@@ -185,7 +186,7 @@ def test_a_run_on_the_device_path_resumes_from_a_mid_epoch_checkpoint_exactly(tw
                 save_every="4", keep_last=50, report_to="none")
     full = train(TrainConfig(**base, output_dir=str(tmp_path / "full")))
     assert "images on cpu, " in caplog.text and " on the CPU (not JPEG" in caplog.text
-    assert full.history[-1]["skipped_images"]["train"] + full.history[-1]["skipped_images"]["val"] == 3
+    assert full.history[-1].skipped.train + full.history[-1].skipped.val == 3
     names = [p.name for p in checkpoint.listing(tmp_path / "full")]
     mid = next(n for n in names  # the first checkpoint saved within an epoch
                if json.loads((tmp_path / "full" / "checkpoints" / n / "state.json").read_text())["run_state"]["in_epoch"])

@@ -86,7 +86,7 @@ def test_exports_load_in_transformers_exactly_as_in_timm(hub, export, tmp_path):
     from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
     repo_id = f"alice/tf-{uuid.uuid4().hex[:8]}"
-    commit = hub_lib.push(export, repo_id, token=TOKEN).rsplit("/", 1)[1]
+    commit = hub_lib.push(export, hub_lib.PushTarget(repo_id, token=TOKEN)).rsplit("/", 1)[1]
     reference = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
     image = tmp_path / "dog.png"
     make_rgb(1, random.Random(11)).resize((50, 38)).save(image)
@@ -119,7 +119,7 @@ def test_exports_of_the_old_format_still_load_and_a_push_rewrites_their_config(h
     assert ImageClassifier.from_pretrained(old).label_names == ["cat", "dog"]
     assert timm.create_model(f"local-dir:{old}", pretrained=True).num_classes == 2
     repo_id = f"alice/migrated-{uuid.uuid4().hex[:8]}"
-    hub_lib.push(old, repo_id, token=TOKEN)
+    hub_lib.push(old, hub_lib.PushTarget(repo_id, token=TOKEN))
     assert AutoModelForImageClassification.from_pretrained(repo_id).config.id2label == {0: "cat", 1: "dog"}
     assert json.loads((old / "config.json").read_text()) == config  # the local folder is left as it was
 
@@ -151,7 +151,7 @@ def test_evaluate_matches_labels_by_name_skips_broken_images_and_refuses_unknown
     # the bad-image rule of training applies
     from hubtune.errors import BadDataError
 
-    with pytest.raises(BadDataError, match="3 of 29 images could not be decoded, over --max-bad-fraction 0.01"):
+    with pytest.raises(BadDataError, match=r"3 of 29 evaluation images \(10.3%\) could not be decoded, over --max-bad-fraction 0.01"):
         evaluate(str(export), "--dataset", str(same), "--output-dir", str(tmp_path / "strict"))
 
 
@@ -177,7 +177,7 @@ def test_two_processes_count_every_example_once(export, renamed_test_set, tmp_pa
 def test_evaluate_push_adds_model_index_entries_and_keeps_the_card(hub, export, renamed_test_set, tmp_path,
                                                                    monkeypatch):
     repo_id = f"alice/evaluated-{uuid.uuid4().hex[:8]}"
-    hub_lib.push(export, repo_id, token=TOKEN)
+    hub_lib.push(export, hub_lib.PushTarget(repo_id, token=TOKEN))
     before = ModelCard.load(repo_id)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     for split_map in ("kitty=cat,puppy=dog", "puppy=cat,kitty=dog"):  # two results (the second one swaps labels)

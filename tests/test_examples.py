@@ -25,5 +25,5 @@ def test_flagship_yaml_runs_on_tiny_fixture_with_overrides(two_class_parquet, tm
                  "--max-steps", "2", "--num-workers", "0", "--mixed-precision", "no",
                  "--max-bad-fraction", "0.05", "--warmup-steps", "1", "--output-dir", str(tmp_path)])
     result = train(cfg)
-    assert result.metrics["global_step"] == 2
+    assert result.metrics.global_step == 2
     assert (tmp_path / "model.safetensors").is_file()

@@ -173,7 +173,7 @@ def _card(repo_id: str) -> str:
 @pytest.mark.parametrize("arch,size", ARCHITECTURES)
 def test_push_adds_onnx_in_one_verified_commit_and_the_card_snippet_runs(hub, arch, size, tmp_path, monkeypatch):
     repo_id = f"alice/onnx-{uuid.uuid4().hex[:8]}"
-    hub_lib.push(make_model_dir(tmp_path / "run", arch, size, repo_id), repo_id, token=TOKEN)
+    hub_lib.push(make_model_dir(tmp_path / "run", arch, size, repo_id), hub_lib.PushTarget(repo_id, token=TOKEN))
     api = HfApi(token=TOKEN)
     before, commits = _card(repo_id), len(api.list_repo_commits(repo_id))
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -209,7 +209,7 @@ def test_push_adds_onnx_in_one_verified_commit_and_the_card_snippet_runs(hub, ar
 @pytest.mark.slow
 def test_a_second_export_replaces_the_section_keeps_human_edits_and_removes_a_stale_int8(hub, tmp_path, monkeypatch):
     repo_id = f"alice/onnx-again-{uuid.uuid4().hex[:8]}"
-    hub_lib.push(make_model_dir(tmp_path / "run", "test_resnet", 32, repo_id), repo_id, token=TOKEN)
+    hub_lib.push(make_model_dir(tmp_path / "run", "test_resnet", 32, repo_id), hub_lib.PushTarget(repo_id, token=TOKEN))
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     assert export(repo_id, "--output-dir", str(tmp_path / "onnx"), "--push", "--quantize", "int8") == 0
     api = HfApi(token=TOKEN)

@@ -13,6 +13,7 @@ from test_train import _launch, tiny_config
 
 from hubtune import data, features
 from hubtune import model as model_lib
+from hubtune.job import cache_key
 from hubtune.train import train
 
 
@@ -52,8 +53,8 @@ def test_cached_epochs_replay_without_decoding_and_equal_the_uncached_run(two_cl
                            **kw))
     assert_same_run(uncached, replayed)
     # undecodable images are still skipped and counted, as in the image pass
-    assert replayed.history[0]["skipped_images"] == uncached.history[0]["skipped_images"]
-    assert sum(replayed.history[0]["skipped_images"].values()) > 0
+    assert replayed.history[0].skipped == uncached.history[0].skipped
+    assert sum(replayed.history[0].skipped.to_json().values()) > 0
 
 
 @pytest.mark.slow
@@ -82,7 +83,7 @@ def _spec(backbone, dataset="some/dataset", **kw):
     model_lib.freeze(net, model_lib.resolve_freeze(net, cfg.freeze), cfg.freeze_bn)
     data_cfg = model_lib.data_config(net, cfg.image_size)
     train_tf, eval_tf = model_lib.transforms(data_cfg)
-    return features.fingerprint(cfg, net, data_cfg, train_tf, eval_tf), net
+    return features.fingerprint(cache_key(cfg), net, data_cfg, train_tf, eval_tf), net
 
 
 def _digest(spec) -> str:
@@ -153,8 +154,8 @@ def test_two_processes_share_the_work_and_any_process_count_replays_it(two_class
     single = train(probe(two_class_parquet, tmp_path / "single", backbone, augment=False, epochs=1))
     monkeypatch.setattr("hubtune.stream.decode", no_decoding)
     replayed = train(probe(two_class_parquet, tmp_path / "one", backbone, cache, augment=False, epochs=1))
-    assert replayed.history[0]["train_examples"] == single.history[0]["train_examples"]
-    assert replayed.history[0]["skipped_images"] == single.history[0]["skipped_images"]
+    assert replayed.history[0].train_examples == single.history[0].train_examples
+    assert replayed.history[0].skipped == single.history[0].skipped
 
 
 def test_a_damaged_cache_part_is_recomputed_not_trusted(two_class_parquet, backbone, tmp_path, caplog):

@@ -14,6 +14,7 @@ import yaml
 
 from hubtune import preflight
 from hubtune.config import TrainConfig
+from hubtune.hub import PushTarget
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -62,7 +63,7 @@ def test_a_run_that_could_not_push_lists_it_with_every_other_problem_before_trai
 ])
 def test_a_token_that_cannot_write_is_named_before_training(hub, monkeypatch, token, expected):
     monkeypatch.setenv("HF_TOKEN", token)
-    problems = preflight.write_access(TrainConfig(push_to_hub="alice/first-hour", hub_checkpoints=True))
+    problems = preflight.write_access(PushTarget("alice/first-hour"), hub_checkpoints=True)
     assert len(problems) == 1
     message = str(problems[0])
     assert message.startswith("--push-to-hub 'alice/first-hour' with --hub-checkpoints: ") and expected in message
@@ -71,10 +72,10 @@ def test_a_token_that_cannot_write_is_named_before_training(hub, monkeypatch, to
 
 def test_a_token_that_can_write_passes(hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "tok-alice-write")
-    assert preflight.write_access(TrainConfig(push_to_hub="alice/first-hour")) == []
-    assert preflight.write_access(TrainConfig(push_to_hub="first-hour")) == []  # created in the token's namespace
-    assert preflight.write_access(TrainConfig(push_to_hub="Alice/first-hour")) == []  # namespaces ignore case
-    assert preflight.write_access(TrainConfig()) == []  # nothing to push, nothing to check
+    assert preflight.write_access(PushTarget("alice/first-hour")) == []
+    assert preflight.write_access(PushTarget("first-hour")) == []  # created in the token's namespace
+    assert preflight.write_access(PushTarget("Alice/first-hour")) == []  # namespaces ignore case
+    assert preflight.write_access(None) == []  # nothing to push, nothing to check
 
 
 @pytest.mark.slow

@@ -118,7 +118,7 @@ def test_bad_model_repo_ids_are_refused_before_any_download(finished_run):
         assert str(err.value).startswith(f"{source!r}: ") and says in str(err.value)
         assert str(err.value).endswith("expected org/name[@revision] or an existing local directory")
     with pytest.raises(ConfigError, match=r"'\.\.' is not a Hub repo id .*; expected ORG/NAME"):
-        hub_lib.push(finished_run, "..")
+        hub_lib.push(finished_run, hub_lib.PushTarget(".."))
 
 
 # ---- 2. checkpoints that match their manifest but hold what no run saves -----------------------------------------
@@ -221,7 +221,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_falls_back_when_latest_and_is_
     assert f"checkpoint {newest.name} cannot be loaded: {newest}: its model weights do not fit" in caplog.text
     assert f"trying the previous one, {previous.name}" in caplog.text
     assert f"resumed from {previous}" in caplog.text
-    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert [row.epoch for row in result.history] == [1, 2, 3]
 
 
 def test_resume_hub_passes_over_a_hostile_newest_checkpoint_on_the_branch_for_the_previous_one(
@@ -244,7 +244,7 @@ def test_resume_hub_passes_over_a_hostile_newest_checkpoint_on_the_branch_for_th
     assert f"--resume hub: skipping {newest}: {out / 'checkpoints' / newest}: state.json: run_state.best.checkpoint " \
            "is '../..'" in caplog.text
     assert f"resumed from {out / 'checkpoints' / previous}" in caplog.text
-    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert [row.epoch for row in result.history] == [1, 2, 3]
     with pytest.raises(CheckpointError, match=r"run_state\.best\.checkpoint is '\.\./\.\.'"):  # named: refused
         train(tiny(small_folder, tmp_path / "named", resume=f"hf://{repo}/checkpoints/{newest}"))
 
@@ -279,7 +279,7 @@ def test_resume_latest_continues_a_run_killed_before_its_first_checkpoint_by_sta
     killed_before_first_checkpoint(out)
     with caplog.at_level(logging.INFO, logger="hubtune"):
         result = train(tiny(small_folder, out, epochs=1, resume="latest"))
-    assert result.metrics["global_step"] > 0
+    assert result.metrics.global_step > 0
     assert (f"--resume latest: {out} holds only what a run writes before its first checkpoint (checkpoints, "
             "train_config.yaml, runs); replacing it and starting fresh") in caplog.text
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [p.name for p in checkpoint.listing(out)]
@@ -294,7 +294,7 @@ def test_resume_hub_with_nothing_on_the_hub_continues_a_run_killed_before_its_fi
     killed_before_first_checkpoint(out)
     with caplog.at_level(logging.INFO, logger="hubtune"):
         result = train(tiny(small_folder, out, epochs=1, resume="hub", push_to_hub=repo))
-    assert result.metrics["global_step"] > 0
+    assert result.metrics.global_step > 0
     assert f"--resume hub: no checkpoint on {repo}@checkpoints yet, starting fresh" in caplog.text
     assert "holds only what a run writes before its first checkpoint" in caplog.text
 

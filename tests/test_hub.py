@@ -17,6 +17,7 @@ from huggingface_hub import HfApi
 
 from hubtune import hub as hub_lib
 from hubtune.background import BackgroundPusher
+from hubtune.hub import PushTarget
 from hubtune.localhub import LocalHub
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,13 +144,13 @@ def finished_run(published, tmp_path_factory):
 def test_push_is_verified_idempotent_and_never_ships_checkpoints(hub, finished_run, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     target = unique("pushed")
-    url = hub_lib.push(finished_run, target, token=TOKEN)
+    url = hub_lib.push(finished_run, PushTarget(target, token=TOKEN))
     assert f"/{target}/commit/" in url
     api = HfApi(token=TOKEN)
     files = set(api.list_repo_files(target))
     assert "model.safetensors" in files and not any(f.startswith("checkpoints") for f in files)
     mark = hub.request_count
-    hub_lib.push(finished_run, target, token=TOKEN)
+    hub_lib.push(finished_run, PushTarget(target, token=TOKEN))
     again = hub.requests_since(mark)
     assert not [r for r in again if r[0] == "PUT"], "unchanged files were uploaded again"
     assert not [r for r in again if r[0] == "POST" and "/commit/" in r[1]], "a no-op push made a commit"
@@ -159,11 +160,11 @@ def test_push_is_verified_idempotent_and_never_ships_checkpoints(hub, finished_r
 
 def test_push_refusals_name_the_fix(hub, finished_run):
     with pytest.raises(hub_lib.PushError, match=r"\(403\): your token cannot write to 'bob'.*run the same push again"):
-        hub_lib.push(finished_run, "bob/not-yours", token=TOKEN, retries=0)
+        hub_lib.push(finished_run, PushTarget("bob/not-yours", token=TOKEN, retries=0))
     with pytest.raises(hub_lib.PushError, match=r"\(401\): set HF_TOKEN"):
-        hub_lib.push(finished_run, unique("anon"), token=False, retries=0)
+        hub_lib.push(finished_run, PushTarget(unique("anon"), token=False, retries=0))
     with pytest.raises(ValueError, match="not a hubtune export: config.json is missing"):
-        hub_lib.push(finished_run / "checkpoints", unique("x"), token=TOKEN)
+        hub_lib.push(finished_run / "checkpoints", PushTarget(unique("x"), token=TOKEN))
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -188,12 +189,13 @@ def test_server_dying_mid_push_then_rerun_completes(finished_run, tmp_path):
     target = unique("interrupted")
     before = _digests(finished_run)
     with pytest.raises(hub_lib.PushError, match="run the same push again to complete it"):
-        hub_lib.push(finished_run, target, token=TOKEN, endpoint=server.url, retries=1, retry_wait=0.01)
+        hub_lib.push(finished_run, PushTarget(target, token=TOKEN, endpoint=server.url, retries=1, retry_wait=0.01))
     assert _digests(finished_run) == before  # nothing local was touched
     stopping.join()
     restarted = LocalHub(tmp_path / "hub", port=port, tokens=tokens).start()
     try:
-        url = hub_lib.push(finished_run, target, token=TOKEN, endpoint=restarted.url, retries=1, retry_wait=0.01)
+        url = hub_lib.push(finished_run, PushTarget(target, token=TOKEN, endpoint=restarted.url, retries=1,
+                                                    retry_wait=0.01))
         assert f"{target}/commit/" in url
         files = set(HfApi(endpoint=restarted.url, token=TOKEN).list_repo_files(target))
         assert {"model.safetensors", "config.json", "metrics.json"} <= files
@@ -203,13 +205,13 @@ def test_server_dying_mid_push_then_rerun_completes(finished_run, tmp_path):
 
 def test_card_edited_on_the_hub_is_kept_unless_overwrite(hub, finished_run):
     target = unique("carded")
-    hub_lib.push(finished_run, target, token=TOKEN)
+    hub_lib.push(finished_run, PushTarget(target, token=TOKEN))
     api = HfApi(token=TOKEN)
     api.upload_file(path_or_fileobj=b"---\nlicense: mit\n---\n# My own words\n", path_in_repo="README.md",
                     repo_id=target)
-    hub_lib.push(finished_run, target, token=TOKEN)
+    hub_lib.push(finished_run, PushTarget(target, token=TOKEN))
     assert "My own words" in Path(api.hf_hub_download(target, "README.md")).read_text()
-    hub_lib.push(finished_run, target, token=TOKEN, overwrite_card=True)
+    hub_lib.push(finished_run, PushTarget(target, token=TOKEN, overwrite_card=True))
     assert "My own words" not in Path(api.hf_hub_download(target, "README.md")).read_text()
 
 
@@ -277,7 +279,7 @@ def test_push_to_a_private_branch_and_the_card_loads_back(hub, finished_run):
     from huggingface_hub import ModelCard
 
     target = unique("private")
-    hub_lib.push(finished_run, target, token=TOKEN, private=True, revision="dev", commit_message="first cut")
+    hub_lib.push(finished_run, PushTarget(target, token=TOKEN, private=True, revision="dev", commit_message="first cut"))
     api = HfApi(token=TOKEN)
     assert api.model_info(target).private is True
     assert "model.safetensors" in api.list_repo_files(target, revision="dev")
@@ -288,7 +290,7 @@ def test_push_to_a_private_branch_and_the_card_loads_back(hub, finished_run):
     local = (finished_run / "README.md").read_text()
     assert pushed.startswith(local.rstrip("\n"))
     public = unique("public-card")
-    hub_lib.push(finished_run, public, token=TOKEN)
+    hub_lib.push(finished_run, PushTarget(public, token=TOKEN))
     card = ModelCard.load(public)
     assert card.data.to_dict() == ModelCard(local).data.to_dict()
     assert card.data.base_model == json.loads((finished_run / "metrics.json").read_text())["run_info"]["base_model"]["id"]
@@ -315,7 +317,7 @@ def test_push_retries_every_call_that_fails_once_and_completes(hub, finished_run
                   proxy.drop("*", rf"/{target}/resolve/main/README\.md$"),  # is the card on the Hub edited?
                   proxy.fail("POST", rf"/api/models/{target}/commit/", status=500),
                   proxy.fail("POST", rf"/api/models/{target}/paths-info/", status=503)]  # the verification read
-        url = hub_lib.push(finished_run, target, token=TOKEN, endpoint=proxy.url, retry_wait=0.01)
+        url = hub_lib.push(finished_run, PushTarget(target, token=TOKEN, endpoint=proxy.url, retry_wait=0.01))
     assert [f.applied for f in faults] == [1, 1, 1, 1]
     retried = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
     for step in ("create_repo", "reading the card on the Hub", "upload", "verification"):
@@ -332,7 +334,7 @@ def test_push_that_keeps_failing_says_where_and_how_often_and_changes_nothing(hu
     with FaultProxy(hub.url) as proxy:
         proxy.fail("POST", rf"/api/models/{target}/commit/", status=500, times=None)
         with pytest.raises(hub_lib.PushError) as err:
-            hub_lib.push(finished_run, target, token=TOKEN, endpoint=proxy.url, retries=2, retry_wait=0.01)
+            hub_lib.push(finished_run, PushTarget(target, token=TOKEN, endpoint=proxy.url, retries=2, retry_wait=0.01))
     assert str(err.value).startswith(f"push to {target} failed at upload after 3 attempts (HTTP 500)")
     assert str(err.value).endswith("run the same push again to complete it") and "\n" not in str(err.value)
     assert _digests(finished_run) == before
@@ -343,14 +345,14 @@ def test_a_corrupted_object_on_the_server_fails_verification_naming_the_file(hub
 
     # the server already stores metrics.json's content; damaged on its disk, a new commit of it reuses the damage
     sha = hashlib.sha256((finished_run / "metrics.json").read_bytes()).hexdigest()
-    hub_lib.push(finished_run, unique("first"), token=TOKEN)
+    hub_lib.push(finished_run, PushTarget(unique("first"), token=TOKEN))
     stored = hub.store.object_path(sha)
     original = stored.read_bytes()
     try:
         stored.write_bytes(original.replace(b'"history"', b'"HISTORY"'))
         with pytest.raises(hub_lib.PushError, match=r"verification failed: metrics\.json on alice/second-\w+@\w+ "
                                                     r"differs from the local file"):
-            hub_lib.push(finished_run, unique("second"), token=TOKEN)
+            hub_lib.push(finished_run, PushTarget(unique("second"), token=TOKEN))
     finally:
         stored.write_bytes(original)
 
@@ -434,7 +436,7 @@ def test_the_cards_timm_snippet_sees_images_as_hubtune_does(hub, finished_run, t
     target, export = unique("snippets"), tmp_path / "export"
     shutil.copytree(finished_run, export, ignore=shutil.ignore_patterns("checkpoints"))
     write_card(export, repo_id=target)
-    hub_lib.push(export, target, token=TOKEN)
+    hub_lib.push(export, PushTarget(target, token=TOKEN))
     snippet = _python_blocks((export / "README.md").read_text())["With timm:"]
     rotated = make_rgb(1, random.Random(3)).resize((40, 24))
     exif = Image.Exif()
@@ -493,7 +495,7 @@ def test_every_usage_snippet_of_the_card_runs_against_the_hub(hub, finished_run,
     target, export = unique("usage"), tmp_path / "export"
     shutil.copytree(finished_run, export, ignore=shutil.ignore_patterns("checkpoints"))
     write_card(export, repo_id=target)
-    hub_lib.push(export, target, token=TOKEN)
+    hub_lib.push(export, PushTarget(target, token=TOKEN))
     card = (export / "README.md").read_text()
     blocks = _python_blocks(card)
     assert sorted(blocks) == ["With hubtune:", "With timm:",
@@ -533,8 +535,8 @@ def test_upload_urls_signed_before_a_server_restart_are_renewed_and_the_token_is
 
             def push() -> None:
                 try:
-                    result["url"] = hub_lib.push(finished_run, target, token=TOKEN, endpoint=proxy.url, retries=2,
-                                                 retry_wait=0.01)
+                    result["url"] = hub_lib.push(finished_run, PushTarget(target, token=TOKEN, endpoint=proxy.url,
+                                                                          retries=2, retry_wait=0.01))
                 except Exception as err:  # noqa: BLE001 - asserted below
                     result["error"] = err
 
@@ -556,7 +558,7 @@ def test_upload_urls_signed_before_a_server_restart_are_renewed_and_the_token_is
 def test_a_403_on_a_signed_url_is_transient_but_a_403_on_the_api_blames_the_token(hub, finished_run):
     """The classification itself: the same status, two causes."""
     with pytest.raises(hub_lib.PushError, match=r"refused \(403\): your token cannot write to 'bob'"):
-        hub_lib.push(finished_run, "bob/not-yours", token=TOKEN, retries=0)
+        hub_lib.push(finished_run, PushTarget("bob/not-yours", token=TOKEN, retries=0))
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from test_checkpoint import assert_same_run, flags
 from hubtune import checkpoint, hub_checkpoints
 from hubtune import hub as hub_lib
 from hubtune.errors import ConfigError
+from hubtune.files import CHECKPOINTS_DIR
 from hubtune.localhub import LocalHub
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def assert_branch_is_the_retention_and_main_only_the_export(repo: str, out: Path
     on_hub = branch_checkpoints(repo)
     assert sorted(on_hub) == [p.name for p in checkpoint.listing(out)]
     for name, files in on_hub.items():
-        assert files == {p.name for p in (out / checkpoint.CHECKPOINTS / name).iterdir()}, name
+        assert files == {p.name for p in (out / CHECKPOINTS_DIR / name).iterdir()}, name
     api = HfApi(token=TOKEN)
     assert not any(f.startswith("checkpoints/") for f in api.list_repo_files(repo))
     assert not any(c.title.startswith("hubtune checkpoint") for c in api.list_repo_commits(repo))
@@ -205,9 +206,9 @@ def on_the_hub(hub, reference):
     model.safetensors uploaded over it (same size, one byte differs)."""
     repo = unique("damaged")
     names = [p.name for p in checkpoint.listing(reference)]
-    hub_lib.push_files(repo, {f"checkpoints/{name}/{f.name}": f for name in names
-                              for f in (reference / "checkpoints" / name).iterdir()},
-                       revision="checkpoints", token=TOKEN, commit_message="checkpoints")
+    hub_lib.push_files(hub_lib.PushTarget(repo, revision="checkpoints", token=TOKEN, commit_message="checkpoints"),
+                       {f"checkpoints/{name}/{f.name}": f for name in names
+                        for f in (reference / "checkpoints" / name).iterdir()})
     bad = bytearray((reference / "checkpoints" / names[-1] / checkpoint.MODEL_FILE).read_bytes())
     bad[-100] ^= 0xFF
     HfApi(token=TOKEN).upload_file(path_or_fileobj=bytes(bad), path_in_repo=f"checkpoints/{names[-1]}/model.safetensors",

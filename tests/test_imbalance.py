@@ -24,7 +24,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from hubtune import checkpoint, data, stream
 from hubtune.config import TrainConfig
 from hubtune.errors import ConfigError, DataError
-from hubtune.job import build_job
+from hubtune.job import build_job, dataset_source
 from hubtune.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def test_auto_weights_refuse_a_class_without_training_examples(tmp_path):
 
 def balanced_loader(dataset: Path, workers: int, rates: tuple[float, ...] | None) -> StatefulDataLoader:
     """The training stream with draw rates, whose 'pixels' are random draws from the example's augmentation seed."""
-    train_src, _, info = data.open_splits(TrainConfig(dataset=str(dataset)))
+    train_src, _, info = data.open_splits(dataset_source(TrainConfig(dataset=str(dataset))))
     source = data.process_source(train_src, info, rank=0, world_size=1, shuffle_seed=3)
     ds = stream.ExampleStream(source, lambda img: torch.randint(0, 2**31, ()), keep_val=False, val_fraction=0.1,
                               seed=3, shuffle_buffer=16)
@@ -136,7 +136,7 @@ def balanced_loader(dataset: Path, workers: int, rates: tuple[float, ...] | None
 
 
 def draws(loader) -> list[tuple[int, int, int]]:
-    return [(k, y, v) for b in loader for k, y, v in zip(b["keys"], b["labels"].tolist(), b["pixel_values"].tolist())]
+    return [(k, y, v) for b in loader for k, y, v in zip(b.keys, b.labels.tolist(), b.pixel_values.tolist())]
 
 
 def test_balanced_sampling_draws_classes_about_equally_the_same_with_zero_or_one_worker(three_to_one):

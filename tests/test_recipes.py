@@ -56,19 +56,19 @@ def test_mixed_and_erased_batch_equals_timms_random_erasing_then_mixup_for_the_s
     of the normalized batch, built from the flags as timm's train.py builds them."""
     job = recipe_job
     batch = next(iter(job.train_loader))
-    assert len(batch["labels"]) == 8
+    assert len(batch.labels) == 8
     for seed in range(6):  # mixup and cutmix draws both occur
         seed_all(seed)
         x, targets = job.train_inputs(batch, "0")
         seed_all(seed)
-        expected = job.normalize(batch["pixel_values"])
+        expected = job.normalize(batch.pixel_values)
         expected = RandomErasing(probability=0.5, mode="pixel", max_count=2, device="cpu")(expected)
         timm_mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode="batch",
                            label_smoothing=0.1, num_classes=2)
-        expected, expected_targets = timm_mixup(expected, batch["labels"])
+        expected, expected_targets = timm_mixup(expected, batch.labels)
         assert torch.equal(x, expected)
         assert torch.equal(targets, expected_targets)
-        assert not torch.equal(x, job.normalize(batch["pixel_values"]))  # something was mixed
+        assert not torch.equal(x, job.normalize(batch.pixel_values))  # something was mixed
         assert targets.dtype.is_floating_point and targets.shape == (8, 2)
         assert torch.allclose(targets.sum(1), torch.ones(8))
 
@@ -252,5 +252,5 @@ def test_a_training_batch_of_one_image_is_passed_over_instead_of_failing_in_batc
         result = train(TrainConfig(model="test_resnet", pretrained=False, dataset=str(tmp_path / "data"), image_size=32,
                                    epochs=2, batch_size=8, num_workers=0, progress=False, output_dir=str(out),
                                    report_to="none", **extra))
-        assert [row["train_examples"] for row in result.history] == [8, 8]
-        assert result.metrics["global_step"] == 2
+        assert [row.train_examples for row in result.history] == [8, 8]
+        assert result.metrics.global_step == 2

@@ -42,7 +42,7 @@ def test_dry_run_prints_command_and_downloads(original, tmp_path, capsys):
 def test_reproduce_from_the_hub_gives_the_same_metrics(hub, original, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     repo = f"alice/repro-{uuid.uuid4().hex[:8]}"
-    hub_lib.push(original, repo, token=TOKEN)
+    hub_lib.push(original, hub_lib.PushTarget(repo, token=TOKEN))
     assert "README.md" in HfApi(token=TOKEN).list_repo_files(repo)
     assert run_reproduce(args(repo, "--output-dir", tmp_path / "again")) == 0
     out = capsys.readouterr().out

@@ -17,14 +17,18 @@ def test_confusion_matrix_rows_are_true_classes_and_columns_predictions():
     from accelerate import Accelerator
 
     # three cats (two called cat, one dog), one dog called dog
-    batch = {"labels": torch.tensor([0, 0, 0, 1]), "n_bad": 0,
-             "logits": torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 2.0]])}
-    out = metrics.evaluate(lambda b: b["logits"], [batch], Accelerator(cpu=True), ["cat", "dog"])
-    assert out["confusion_matrix"] == [[2, 1], [0, 1]]
-    assert out["per_class"]["cat"] == {"precision": 1.0, "recall": pytest.approx(2 / 3), "f1": pytest.approx(0.8),
-                                       "support": 3}
-    assert out["per_class"]["dog"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 1}
-    assert out["accuracy"] == 0.75 and out["examples"] == 4
+    from hubtune.stream import Batch
+
+    # (the "images" are the logits: the model is the identity)
+    batch = Batch(pixel_values=torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 2.0]]),
+                  labels=torch.tensor([0, 0, 0, 1]), keys=[0, 1, 2, 3], n_bad=0)
+    out = metrics.evaluate(lambda b: b.pixel_values, [batch], Accelerator(cpu=True), ["cat", "dog"])
+    assert out.confusion_matrix == [[2, 1], [0, 1]]
+    assert out.per_class["cat"].to_json() == {"precision": 1.0, "recall": pytest.approx(2 / 3),
+                                              "f1": pytest.approx(0.8), "support": 3}
+    assert out.per_class["dog"].to_json() == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3),
+                                              "support": 1}
+    assert out.accuracy == 0.75 and out.examples == 4
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +54,10 @@ def test_class_names_are_exported_in_the_classifiers_index_order_not_sorted(dog_
                                batch_size=16, num_workers=0, progress=False, output_dir=str(out), report_to="none"))
     config = json.loads((out / "config.json").read_text())
     assert config["label_names"] == ["dog", "cat"]
-    assert list(result.best["per_class"]) == ["dog", "cat"]
+    assert list(result.best.metrics.per_class) == ["dog", "cat"]
     # row 0 of the confusion matrix counts the dogs: as many as the validation split holds
-    val_dogs = result.best["per_class"]["dog"]["support"]
-    assert sum(result.best["confusion_matrix"][0]) == val_dogs
+    val_dogs = result.best.metrics.per_class["dog"].support
+    assert sum(result.best.metrics.confusion_matrix[0]) == val_dogs
 
 
 def test_layer_decay_and_ema_decay_reach_the_optimizer_and_the_ema(two_class_folder, tmp_path):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from hubtune import checkpoint, data, stream
 from hubtune import model as model_lib
 from hubtune.config import TrainConfig
+from hubtune.job import dataset_source
 from hubtune.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +38,8 @@ def frozen_run(tmp_path_factory, two_class_parquet, backbone):
 
 def test_tiny_model_learns_the_two_class_task(frozen_run):
     result, _ = frozen_run
-    assert result.best["val_accuracy"] >= 0.9
-    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.best.metrics.accuracy >= 0.9
+    assert result.history[-1].train_loss < result.history[0].train_loss
 
 
 def test_channels_last_defaults_to_cuda_only_and_the_resolved_choice_is_recorded(frozen_run):
@@ -139,7 +140,7 @@ def test_two_process_run_matches_single_process_eval_of_its_export(two_class_fol
     assert m["num_processes"] == 2
     # the same examples are held out as in a one-process run, and each is evaluated exactly once
     cfg = tiny_config(two_class_folder, out)
-    _, val_src, info = data.open_splits(cfg)
+    _, val_src, info = data.open_splits(dataset_source(cfg))
     net = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     _, eval_tf = model_lib.transforms(model_lib.data_config(net, 32))
     source = data.process_source(val_src, info, rank=0, world_size=1, shuffle_seed=None)
@@ -151,18 +152,18 @@ def test_two_process_run_matches_single_process_eval_of_its_export(two_class_fol
 
     accelerator = Accelerator(cpu=True)
     prepare = model_lib.Normalize(model_lib.data_config(net, 32), accelerator.device)
-    single = evaluate(lambda b: net(prepare(b["pixel_values"])), stream.make_loader(val, 8, 0, False), accelerator,
+    single = evaluate(lambda b: net(prepare(b.pixel_values)), stream.make_loader(val, 8, 0, False), accelerator,
                       info.class_names)
-    assert single["examples"] == m["val_examples"]
+    assert single.examples == m["val_examples"]
     # the export is the best epoch's weights
-    assert single["accuracy"] == pytest.approx(m["best"]["val_accuracy"], abs=1e-9)
-    assert single["confusion_matrix"] == m["best"]["confusion_matrix"]
+    assert single.accuracy == pytest.approx(m["best"]["val_accuracy"], abs=1e-9)
+    assert single.confusion_matrix == m["best"]["confusion_matrix"]
 
 
 def test_gradient_accumulation_counts_optimizer_steps(two_class_folder, tmp_path):
     result = train(tiny_config(two_class_folder, tmp_path, epochs=1, batch_size=8, grad_accum=2))
-    batches = -(-result.history[0]["train_examples"] // 8)
-    assert result.metrics["global_step"] == -(-batches // 2)  # the last partial group still steps
+    batches = -(-result.history[0].train_examples // 8)
+    assert result.metrics.global_step == -(-batches // 2)  # the last partial group still steps
 
 
 ACTIVATION_DTYPES = """
@@ -211,7 +212,7 @@ def test_compiled_channels_last_run_writes_plain_checkpoints_that_resume_uncompi
     latest = checkpoint.find_resume(tmp_path, "latest")
     assert load_file(str(latest / checkpoint.MODEL_FILE)).keys() == plain.keys()
     resumed = train(tiny_config(two_class_folder, tmp_path, epochs=2, resume="latest"))
-    assert [row["epoch"] for row in resumed.history] == [1, 2]
+    assert [row.epoch for row in resumed.history] == [1, 2]
 
 
 @pytest.mark.slow
@@ -219,8 +220,8 @@ def test_jpeg_draft_validation_uses_the_eval_resize_as_the_floor(two_class_folde
     plain = train(tiny_config(two_class_folder, tmp_path / "plain", epochs=1))
     drafted = train(tiny_config(two_class_folder, tmp_path / "draft", epochs=1, jpeg_draft=True))
     # the test images are smaller than twice the eval size, so no JPEG may be scaled down: identical evaluations
-    assert drafted.history[0]["confusion_matrix"] == plain.history[0]["confusion_matrix"]
-    assert drafted.history[0]["val_loss"] == plain.history[0]["val_loss"]
+    assert drafted.history[0].val.confusion_matrix == plain.history[0].val.confusion_matrix
+    assert drafted.history[0].val.loss == plain.history[0].val.loss
 
 
 @pytest.mark.slow
@@ -268,7 +269,7 @@ def test_an_empty_validation_split_is_refused_before_training(two_class_folder, 
 
 def test_classes_with_few_validation_images_are_named_in_the_log_metrics_and_card(two_class_folder, tmp_path, caplog):
     result = train(tiny_config(two_class_folder, tmp_path, epochs=1))
-    validation = result.metrics["run_info"]["validation"]
+    validation = result.metrics.run_info.validation
     assert validation["small_classes"] == ["cat", "dog"] and sum(validation["per_class"].values()) == 11
     assert any("few validation images for 2 class(es) ('cat': 6, 'dog': 5" in r.getMessage() for r in caplog.records)
     card = (tmp_path / "README.md").read_text()
@@ -331,13 +332,13 @@ def test_trackers_that_are_missing_or_cannot_start_cost_a_warning_not_the_run(tw
 
     missing = next(n for n in ("wandb", "aim", "comet_ml", "mlflow", "trackio") if not importlib.util.find_spec(n))
     result = train(tiny_config(two_class_folder, tmp_path, epochs=1, report_to=f"tensorboard,{missing}"))
-    assert result.metrics["history"] and list((tmp_path / "runs" / "hubtune").glob("events.out.tfevents.*"))
+    assert result.metrics.history and list((tmp_path / "runs" / "hubtune").glob("events.out.tfevents.*"))
     assert f"--report-to {missing}: the {missing} package is not installed (pip install {missing}); training goes " \
            "on without it" in caplog.text
     shutil.rmtree(tmp_path / "runs")
     (tmp_path / "runs").write_text("not a folder")  # TensorBoard cannot create its log directory
     again = train(tiny_config(two_class_folder, tmp_path, epochs=2, report_to="tensorboard", resume="latest"))
-    assert [row["epoch"] for row in again.history] == [1, 2]
+    assert [row.epoch for row in again.history] == [1, 2]
     assert "--report-to tensorboard: could not start (" in caplog.text and "training goes on without it" in caplog.text
 
 

@@ -30,6 +30,7 @@ from hubtune.demo.steps import (
     run_steps,
 )
 from hubtune.errors import run_guarded
+from hubtune.files import CHECKPOINTS_DIR, PLOTS_DIR
 
 if TYPE_CHECKING:
     from hubtune.localhub import LocalHub
@@ -118,8 +119,8 @@ def print_summary(summary: dict[str, Any]) -> None:
          f"{summary['epochs']}); interrupted after {summary['interrupt']['after_checkpoint']} and resumed from step "
          f"{summary['resumed_from_step']}; {summary['heldout_correct']}/{summary['heldout_total']} held-out images "
          f"right; {', '.join(summary['libraries'])} {'agree' if summary['loaders_agree'] else 'DISAGREE'}.\n"
-         f"  model card   {paths['model_card']} (plots in {Path(paths['output_dir']) / 'plots'})\n"
-         f"  checkpoints  {Path(paths['output_dir']) / 'checkpoints'}\n"
+         f"  model card   {paths['model_card']} (plots in {Path(paths['output_dir']) / PLOTS_DIR})\n"
+         f"  checkpoints  {Path(paths['output_dir']) / CHECKPOINTS_DIR}\n"
          f"  Hub repo     {summary['hub_url']}/{summary['repo_id']} (storage {paths['hub_storage']})\n"
          f"  commit       {summary['commit_url']}\n"
          f"  summary      {Path(summary['workdir']) / SUMMARY_FILE}\n"

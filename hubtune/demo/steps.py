@@ -21,6 +21,8 @@ import hubtune
 from hubtune.demo.children import DEMO_USER, Children, ExitWatch, child_pids, signal_group
 from hubtune.demo.narration import RESULT_PREFIX, say, step
 from hubtune.errors import DemoError
+from hubtune.files import CARD_FILE, CHECKPOINTS_DIR, METRICS_FILE, PLOTS_DIR, STEP_GLOB
+from hubtune.records import RunRecord
 
 BACKBONE_REPO = f"{DEMO_USER}/tiny-texture-resnet"
 DATASET_REPO = f"{DEMO_USER}/synthetic-cats-vs-dogs"
@@ -249,13 +251,14 @@ def run_steps(workdir: Path, size: DemoSize, children: Children, timings: dict[s
 
     step(4, "The result")
     out = workdir / "run"
-    metrics = json.loads((out / "metrics.json").read_text())
-    best = metrics["best"]
-    plots = sorted(str(p) for p in (out / "plots").glob("*.png"))
-    checkpoints = sorted(str(p) for p in (out / "checkpoints").glob("step-*"))
+    metrics = RunRecord.from_json(json.loads((out / "metrics.json").read_text()))
+    best = metrics.best
+    assert best is not None  # the resumed run finished and exported its best checkpoint
+    plots = sorted(str(p) for p in (out / PLOTS_DIR).glob("*.png"))
+    checkpoints = sorted(str(p) for p in (out / CHECKPOINTS_DIR).glob(STEP_GLOB))
     say(f"The resumed run went on from step {resumed['resumed_from_step']} (epoch {resumed['resumed_from_epoch']}), "
-         f"finished {len(metrics['history'])} epochs, exported the best checkpoint ({best.get('checkpoint')}, epoch "
-         f"{best['epoch']}, val_accuracy {best['val_accuracy']:.4f}), wrote the model card with {len(plots)} plots "
+         f"finished {len(metrics.history)} epochs, exported the best checkpoint ({best.checkpoint}, epoch "
+         f"{best.epoch}, val_accuracy {best.metrics.accuracy:.4f}), wrote the model card with {len(plots)} plots "
          f"and pushed it all in one verified commit:\n  {resumed['commit_url']}\n"
          f"  model card   {out / 'README.md'}\n  plots        {', '.join(plots)}\n"
          f"  checkpoints  {', '.join(Path(p).name for p in checkpoints)} in {out / 'checkpoints'}\n"
@@ -273,15 +276,16 @@ def run_steps(workdir: Path, size: DemoSize, children: Children, timings: dict[s
         mark = "ok" if p["hubtune"]["label"] == p["truth"] else "WRONG"
         say(f"  {Path(p['image']).name:<12} {p['truth']:<6} {cells} {mark}")
     return {
-        "val_accuracy": best["val_accuracy"], "min_accuracy": MIN_ACCURACY, "epochs": len(metrics["history"]),
-        "best": {k: best.get(k) for k in ("epoch", "step", "checkpoint", "val_accuracy", "val_loss", "val_f1")},
+        "val_accuracy": best.metrics.accuracy, "min_accuracy": MIN_ACCURACY, "epochs": len(metrics.history),
+        "best": {"epoch": best.epoch, "step": best.row.step, "checkpoint": best.checkpoint,
+                 "val_accuracy": best.metrics.accuracy, "val_loss": best.metrics.loss, "val_f1": best.metrics.f1},
         **resumed, "interrupt": interrupt, "repo_id": MODEL_REPO, "revision": predictions[0]["revision"],
         "backbone": published["backbone"], "dataset": published["dataset"], "predictions": predictions,
         "libraries": libraries, "loaders_agree": agree(predictions, libraries),
         "heldout_correct": sum(p["hubtune"]["label"] == p["truth"] for p in predictions),
         "heldout_total": len(predictions),
-        "paths": {"output_dir": str(out), "model_card": str(out / "README.md"), "plots": plots,
-                  "checkpoints": checkpoints, "metrics": str(out / "metrics.json"),
+        "paths": {"output_dir": str(out), "model_card": str(out / CARD_FILE), "plots": plots,
+                  "checkpoints": checkpoints, "metrics": str(out / METRICS_FILE),
                   "hub_storage": str(workdir / "hub"), "heldout": str(workdir / "heldout")},
         "train_command": shlex.join(cmd), "real_hub_command": REAL_HUB_COMMAND,
     }
