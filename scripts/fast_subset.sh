@@ -49,7 +49,7 @@ PY
 
 run_fast_tests() {
   local rc=0
-  "$py" -m pytest -q -p no:cacheprovider "${FAST_TESTS[@]}" || rc=$?
+  "$py" -m pytest -q -p no:cacheprovider -n 2 --dist loadfile "${FAST_TESTS[@]}" || rc=$?
   status=$([ $rc -eq 0 ] && echo passed || echo "FAILED (pytest exit $rc)")
   return $rc
 }
