@@ -26,7 +26,7 @@ from hubtune import plots
 from hubtune.config import TrainConfig, policy_fields
 from hubtune.data import ValSplit
 from hubtune.errors import ConfigError
-from hubtune.files import CARD_FILE, METRICS_FILE, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE
+from hubtune.files import CARD_FILE, CHECKPOINTS_DIR, METRICS_FILE, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE
 from hubtune.records import BestRecord, CheckpointUploads, RunInfo, RunRecord
 from hubtune.sources import parse_model_spec
 from hubtune.tracking import RUNS_DIR
@@ -284,7 +284,7 @@ def _hub_checkpoints(record: CheckpointUploads | None) -> dict[str, Any] | None:
     """Where --hub-checkpoints put the run's checkpoints, for the card (None without it)."""
     if record is None:
         return None
-    return {**record.to_json(), "url": f"{HUB_URL}/{record.repo}/tree/{quote(record.branch, safe='')}/checkpoints"}
+    return {**record.to_json(), "url": f"{HUB_URL}/{record.repo}/tree/{quote(record.branch, safe='')}/{CHECKPOINTS_DIR}"}
 
 
 def render(card_data: ModelCardData, context: dict[str, Any], template: str = TEMPLATE) -> str:

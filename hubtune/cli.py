@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from hubtune.config import ArgumentParser
 from hubtune.errors import quiet_broken_pipes, run_guarded, setup_logging
+from hubtune.files import CHECKPOINTS_BRANCH
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -86,7 +87,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                            "branch): step, epoch, metric, size, best, latest, verified")
     p.add_argument("source", metavar="OUTPUT_DIR|REPO[@BRANCH]",
                    help="the run's --output-dir, or the --push-to-hub repo of a --hub-checkpoints run")
-    p.add_argument("--branch", default="checkpoints", help="the checkpoint branch of REPO (default: checkpoints)")
+    p.add_argument("--branch", default=CHECKPOINTS_BRANCH, help=f"the checkpoint branch of REPO (default: {CHECKPOINTS_BRANCH})")
     p.set_defaults(func=_delegate("hubtune.commands", "checkpoints"))
 
     import importlib

@@ -94,9 +94,9 @@ def summary(args: argparse.Namespace) -> int:
 
 def checkpoints(args: argparse.Namespace) -> int:
     """`hubtune checkpoints OUTPUT_DIR|REPO[@BRANCH]`: one line per checkpoint, local or on the Hub."""
-    from hubtune.sources import is_local
+    from hubtune.sources import is_hub_id
 
-    if is_local(args.source) or args.source.count("/") != 1:
+    if not is_hub_id(args.source):
         root = Path(args.source)
         rows, where = local_checkpoint_rows(root), str(root / CHECKPOINTS_DIR)
     else:

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 import yaml
 
-from hubtune.errors import ConfigError, did_you_mean
+from hubtune.errors import MAX_BAD_FRACTION, ConfigError, did_you_mean
+from hubtune.files import CHECKPOINTS_BRANCH
 from hubtune.sources import repo_id_problem, revision_problem
 from hubtune.tracking import default_report_to, parse_report_to
 
@@ -66,7 +67,7 @@ class TrainConfig:
     image_column: str | None = _f(None, "image column (default: the column with the Image feature)", cache_key=True)
     label_column: str | None = _f(None, "label column (default: the column with the ClassLabel feature)")
     val_fraction: float = _f(0.1, "fraction held out for validation when the dataset has no validation/test split", resume=MUST_MATCH)
-    max_bad_fraction: float = _f(0.01, "stop if more than this fraction of images cannot be decoded")
+    max_bad_fraction: float = _f(MAX_BAD_FRACTION, "stop if more than this fraction of images cannot be decoded")
     image_size: int | None = _f(None, "train/eval resolution in pixels (default: the model's pretrained_cfg)", resume=MUST_MATCH)
     shuffle_buffer: int = _f(1000, "examples held in the streaming shuffle buffer", resume=MUST_MATCH)
     epochs: int = _f(3, "passes over the training split")
@@ -123,7 +124,7 @@ class TrainConfig:
     push_checkpoints: bool = _f(False, "also push checkpoints/ (optimizer state included)", card=False, reproduce=False)
     push_every_save: bool = _f(False, "also push each new best model in the background while training", card=False, reproduce=False)
     hub_checkpoints: bool = _f(False, "upload every checkpoint in the background to a branch of --push-to-hub, so another machine can --resume hub", card=False, reproduce=False)
-    hub_checkpoints_branch: str = _f("checkpoints", "branch of --push-to-hub that --hub-checkpoints uploads to and --resume hub reads", card=False)
+    hub_checkpoints_branch: str = _f(CHECKPOINTS_BRANCH, "branch of --push-to-hub that --hub-checkpoints uploads to and --resume hub reads", card=False)
     hub_checkpoints_timeout: float = _f(120.0, "seconds a run stopped by SIGTERM/Ctrl-C (or ending) waits for its last checkpoint to reach the Hub", card=False)
     overwrite_card: bool = _f(False, "replace a README.md that was edited on the Hub", card=False)
     license: str | None = _f(None, "license for the card when the base model's card declares none", card=False)

@@ -17,7 +17,7 @@ from datasets.utils.file_utils import xopen
 from PIL import Image, ImageOps
 
 from hubtune.errors import DataError
-from hubtune.sources import is_local
+from hubtune.sources import is_hub_id
 
 logger = logging.getLogger("hubtune")
 
@@ -108,7 +108,7 @@ def _load(source: DatasetSource) -> tuple[datasets.IterableDatasetDict, str | No
         if not all(f.endswith(".parquet") for f in files):
             raise DataError(f"--dataset {dataset!r}: local files must be .parquet; or give an imagefolder directory")
         return datasets.load_dataset("parquet", data_files={"train": files}, streaming=True), None
-    if is_local(dataset) or dataset.count("/") != 1:
+    if not is_hub_id(dataset):
         raise DataError(f"--dataset {dataset!r}: no such local file or directory, and not a Hub dataset id "
                         "(org/name)")
     from huggingface_hub.constants import is_offline_mode

@@ -51,6 +51,9 @@ class BadDataError(HubtuneError, RuntimeError):
     """More images than --max-bad-fraction allows could not be decoded."""
 
 
+MAX_BAD_FRACTION = 0.01  # --max-bad-fraction's default, for `hubtune train` and `hubtune evaluate` alike
+
+
 def check_bad_fraction(bad: int, seen: int, limit: float, what: str) -> None:
     """Stop when more than `limit` (--max-bad-fraction) of the `seen` `what` images (counted over all processes)
     were unreadable: the one rule `hubtune train` and `hubtune evaluate` apply.

@@ -17,17 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from hubtune.errors import ConfigError, DataError, OutputDirError, check_bad_fraction
+from hubtune.errors import MAX_BAD_FRACTION, ConfigError, DataError, OutputDirError, check_bad_fraction
 from hubtune.files import CARD_FILE, atomic_write, unwritable
 from hubtune.records import EvalMetrics, per_class_json
-from hubtune.sources import parse_model_spec
+from hubtune.sources import is_commit, parse_model_spec
 
 logger = logging.getLogger("hubtune")
 
@@ -86,7 +85,7 @@ class EvalRequest:
     label_map: Mapping[str, str] = field(default_factory=dict)  # {dataset label: model label} (parse_label_map)
     batch_size: int = 64
     num_workers: int = 2
-    max_bad_fraction: float = 0.01
+    max_bad_fraction: float = MAX_BAD_FRACTION
     output_dir: str = "evaluation"
     tta: bool = False
     push: bool = False  # add the result to the model repo's card
@@ -152,7 +151,7 @@ def evaluate_model(args: EvalRequest) -> dict[str, Any]:
         print(f"wrote {out / RESULTS_FILE}, {out / CONFUSION_PLOT} and {out / RELIABILITY_PLOT}")
         if args.push:
             spec = parse_model_spec(args.model, args.revision)
-            branch = spec.revision if spec.revision and not re.fullmatch(r"[0-9a-f]{40}", spec.revision) else None
+            branch = spec.revision if spec.revision and not is_commit(spec.revision) else None
             print(push_result(record, spec.hub_repo_id, branch))
     accelerator.wait_for_everyone()
     return record

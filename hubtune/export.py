@@ -298,7 +298,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     """Export args.model, print the parity numbers, and push when asked."""
-    from hubtune.sources import parse_model_spec
+    from hubtune.sources import is_commit, parse_model_spec
 
     problems = []
     if args.opset is not None and args.opset < MIN_OPSET:
@@ -311,7 +311,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.push and spec.kind != "hub":
         problems.append(f"--push adds the export to a Hub model repo; {args.model!r} is not one (push the model "
                         "with `hubtune push` first, then export it from the Hub)")
-    if args.push and spec.revision and re.fullmatch(r"[0-9a-f]{40}", spec.revision):
+    if args.push and is_commit(spec.revision):
         problems.append(f"--push needs a branch to add the export to, not the commit {spec.revision!r}: give "
                         f"{spec.repo_id} or {spec.repo_id}@BRANCH")
     if problems:

@@ -21,6 +21,7 @@ WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "README.md"
 CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINTS_BRANCH = "checkpoints"  # the Hub branch --hub-checkpoints uploads to (and `hubtune checkpoints` reads) by default
 PLOTS_DIR = "plots"  # here, not in plots.py: listing a run's files must not import matplotlib
 # a checkpoint folder in CHECKPOINTS_DIR: its name (step_name), the pattern that reads it back, a glob for listings
 STEP_PREFIX = "step-"

@@ -14,7 +14,7 @@ from hubtune.config import TrainConfig, policy_fields
 from hubtune.errors import ConfigError
 from hubtune.files import CARD_FILE, METRICS_FILE, TRAIN_CONFIG_FILE
 from hubtune.records import EpochRow, RunRecord
-from hubtune.sources import is_local, parse_model_spec
+from hubtune.sources import is_hub_id, is_local, parse_model_spec
 
 logger = logging.getLogger("hubtune")
 COMPARED = ("val_accuracy", "val_f1", "val_loss", "train_loss")
@@ -76,7 +76,7 @@ def plan(config: dict, metrics: RunRecord, output_dir: str) -> tuple[TrainConfig
     spec = parse_model_spec(cfg.model)
     if spec.kind == "hub" and cfg.pretrained:
         downloads.append(f"model {spec.repo_id}@{cfg.model_revision or spec.revision or 'main'}")
-    if not is_local(cfg.dataset):
+    if is_hub_id(cfg.dataset):
         downloads.append(f"dataset {cfg.dataset}@{cfg.dataset_revision or 'main'} (streamed)")
     return cfg, command, downloads
 

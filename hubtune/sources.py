@@ -77,6 +77,16 @@ def is_local(source: str | Path) -> bool:
     return text.startswith((".", "/", "~", "\\")) or (bool(text) and Path(text).expanduser().exists())
 
 
+def is_hub_id(source: str | Path) -> bool:
+    """Whether `source` reads as a Hub repo id: not local (`is_local`) and `org/name`, one slash."""
+    return not is_local(source) and str(source).count("/") == 1
+
+
+def is_commit(revision: str | None) -> bool:
+    """Whether `revision` names a commit (a full 40-digit sha) rather than a branch or tag."""
+    return revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision) is not None
+
+
 def parse_model_spec(spec: str | Path, revision: str | None = None) -> ModelSpec:
     """Parse a model spec; `revision` is the separately given one (`--model-revision`, `revision=`).
 

@@ -17,7 +17,7 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNot
 from hubtune import checkpoint, hub
 from hubtune.errors import BadDataError, ModelSourceError, PushError, check_bad_fraction
 from hubtune.files import CHECKPOINTS_DIR, STEP_GLOB, TMP_PREFIX, newest_first, step_name, step_of
-from hubtune.sources import is_local, parse_model_spec
+from hubtune.sources import is_commit, is_hub_id, is_local, parse_model_spec
 
 
 def _answer(status: int) -> httpx2.Response:
@@ -41,6 +41,28 @@ def test_an_existing_file_or_folder_is_local_even_when_shaped_like_a_hub_id(tmp_
 def test_anything_else_is_for_the_caller_to_read_as_a_hub_id(source, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert not is_local(source)
+
+
+def test_a_hub_id_is_org_slash_name_and_not_local_and_a_commit_is_a_full_sha(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert is_hub_id("org/name") and not is_hub_id("name") and not is_hub_id("org/name/extra")
+    assert not is_hub_id("./org/name") and not is_hub_id(tmp_path)
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    assert not is_hub_id("org/name")  # a folder here wins, as is_local says
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    assert is_commit(sha) and not is_commit(sha[:12]) and not is_commit("main") and not is_commit(None)
+    assert not is_commit(sha.upper())
+
+
+def test_defaults_named_in_two_places_come_from_one(tmp_path):
+    from hubtune.config import TrainConfig
+    from hubtune.errors import MAX_BAD_FRACTION
+    from hubtune.evaluation import EvalRequest
+    from hubtune.files import CHECKPOINTS_BRANCH
+
+    assert TrainConfig().max_bad_fraction == EvalRequest.__dataclass_fields__["max_bad_fraction"].default
+    assert TrainConfig().max_bad_fraction == MAX_BAD_FRACTION
+    assert TrainConfig().hub_checkpoints_branch == CHECKPOINTS_BRANCH
 
 
 def test_checkpoint_folder_names_are_made_read_and_listed_by_one_owner(tmp_path):

@@ -260,9 +260,9 @@ def run_steps(workdir: Path, size: DemoSize, children: Children, timings: dict[s
          f"finished {len(metrics.history)} epochs, exported the best checkpoint ({best.checkpoint}, epoch "
          f"{best.epoch}, val_accuracy {best.metrics.accuracy:.4f}), wrote the model card with {len(plots)} plots "
          f"and pushed it all in one verified commit:\n  {resumed['commit_url']}\n"
-         f"  model card   {out / 'README.md'}\n  plots        {', '.join(plots)}\n"
-         f"  checkpoints  {', '.join(Path(p).name for p in checkpoints)} in {out / 'checkpoints'}\n"
-         f"  metrics      {out / 'metrics.json'}\n  Hub storage  {workdir / 'hub'}")
+         f"  model card   {out / CARD_FILE}\n  plots        {', '.join(plots)}\n"
+         f"  checkpoints  {', '.join(Path(p).name for p in checkpoints)} in {out / CHECKPOINTS_DIR}\n"
+         f"  metrics      {out / METRICS_FILE}\n  Hub storage  {workdir / 'hub'}")
 
     step(5, "Loading the pushed model in a clean process (empty HF cache, no token)")
     say(f"The three load snippets printed at the end, run as they are: hubtune's ImageClassifier.from_pretrained, "
